@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Each creates or refreshes .venv from a clean clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+
+.PHONY: install demo test clean
+
+# Re-installs whenever pyproject.toml changes. torch goes first so pip takes the pinned CPU/CUDA build the
+# machine offers instead of resolving a plain `torch` to several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m jobs.pipeline --workdir $(DEMO_DIR)
+
+test: install
+	$(PY) -m pip check
+	$(PY) -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

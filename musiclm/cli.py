@@ -1,0 +1,34 @@
+"""The ``musiclm`` command: ``musiclm <verb> [options]``, one verb per module in ``jobs/``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "synth": "write the synthetic music corpus",
+    "init-token-system": "create a token-system directory (tiny offline encoders, or pretrained ones)",
+    "fit-rvq": "fit the CLAP RVQ on a folder of audio (Ray Data)",
+    "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
+    "pipeline": "run every step end to end, skipping finished ones (make demo)",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        width = max(map(len, VERBS))
+        print("usage: musiclm <verb> [options]   (musiclm <verb> --help for its options)\n\nverbs:")
+        for verb, text in VERBS.items():
+            print(f"  {verb:<{width}}  {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown verb {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        return
+    module = importlib.import_module(f"jobs.{argv[0].replace('-', '_')}")
+    from jobs.common import run
+
+    run(lambda: module.main(argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

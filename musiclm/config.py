@@ -1,0 +1,286 @@
+"""Typed configuration: token system, the three stage models, training and data.
+
+``ModelConfig`` has exactly the sections and keys of open-musiclm's model JSON (``configs/model/*.json``:
+``global_cfg``, ``clap_rvq_cfg``, ``hubert_kmeans_cfg``, ``encodec_cfg``, ``semantic_cfg``, ``coarse_cfg``,
+``fine_cfg``), so those files load as they are; fields that open-musiclm does not have are ours and have
+defaults. ``Config`` bundles model, training and data settings and is what jobs and Tune read and override.
+
+Presets: ``tiny`` (CPU tests, seconds; random small encoders built offline), ``small`` (open-musiclm's
+``musiclm_small``: depth 6, 8 heads) and ``large`` (``musiclm_large_small_context``: depth 24, 16 heads,
+the released checkpoints' shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config_io import ConfigError, apply_overrides, check, from_dict, load_json, save_json, to_dict
+
+Stage = Literal["semantic", "coarse", "fine"]
+STAGES: tuple[str, ...] = ("semantic", "coarse", "fine")
+TINY = "tiny"  # model_name value meaning "random weights of the same architecture at a small size, built offline"
+
+
+@dataclass
+class GlobalConfig:
+    """Window lengths per stage and the split of EnCodec's codebooks (open-musiclm ``global_cfg``)."""
+
+    semantic_audio_length_seconds: float = 10.0
+    coarse_audio_length_seconds: float = 4.0
+    fine_audio_length_seconds: float = 2.0
+    clap_audio_length_seconds: float = 10.0
+    num_coarse_quantizers: int = 3
+    num_fine_quantizers: int = 5
+
+    def __post_init__(self):
+        for name in ("semantic", "coarse", "fine", "clap"):
+            check(getattr(self, f"{name}_audio_length_seconds") > 0, f"{name}_audio_length_seconds", "must be > 0")
+        check(self.num_coarse_quantizers >= 1, "num_coarse_quantizers", "must be >= 1")
+        check(self.num_fine_quantizers >= 1, "num_fine_quantizers", "must be >= 1")
+
+
+@dataclass
+class ClapRVQConfig:
+    """CLAP encoder and the residual VQ over its embedding (open-musiclm ``clap_rvq_cfg`` plus ours)."""
+
+    rq_num_quantizers: int = 12
+    codebook_size: int = 1024
+    enable_fusion: bool = False
+    rq_ema_decay: float = 0.95
+    threshold_ema_dead_code: float = 0.5
+    checkpoint_path: str | None = None  # open-musiclm's laion_clap .pt; we load transformers-format weights instead
+    amodel_type: str = "HTSAT-tiny"
+    # ours
+    model_name: str = "laion/clap-htsat-unfused"  # hub id, local directory, or "tiny"
+    dim: int = 512
+    sample_rate: int = 48000
+    hop_seconds: float = 1.0  # hop between 10 s CLAP windows when tokenizing a track
+    text_max_tokens: int = 77  # CLAP's text context (the tiny byte-level tokenizer uses one token per byte)
+
+    def __post_init__(self):
+        check(self.rq_num_quantizers >= 1, "rq_num_quantizers", "must be >= 1")
+        check(self.codebook_size >= 2, "codebook_size", "must be >= 2")
+        check(0.0 < self.rq_ema_decay < 1.0, "rq_ema_decay", "must be in (0, 1)")
+        check(self.threshold_ema_dead_code >= 0, "threshold_ema_dead_code", "must be >= 0")
+        check(self.hop_seconds > 0, "hop_seconds", "must be > 0")
+
+
+@dataclass
+class HubertKmeansConfig:
+    """Semantic encoder (MERT/HuBERT) layer + k-means (open-musiclm ``hubert_kmeans_cfg``)."""
+
+    model_name: str = "m-a-p/MERT-v0"  # hub id, local directory, or "tiny"
+    normalize_embeds: bool = True  # per-frame zero mean / unit variance of the layer features, as open-musiclm
+    embed_layer: int = 7
+    target_sample_hz: int = 16000
+    seq_len_multiple_of: int = 320
+    codebook_size: int = 1024
+    output_hz: int = 50
+
+    def __post_init__(self):
+        check(self.embed_layer >= 1, "embed_layer", "must be >= 1")
+        check(self.codebook_size >= 2, "codebook_size", "must be >= 2")
+        check(self.target_sample_hz % self.output_hz == 0, "output_hz",
+              "must divide target_sample_hz")
+
+
+@dataclass
+class EncodecConfig:
+    """Acoustic codec (open-musiclm ``encodec_cfg``): EnCodec 24 kHz at 6 kbps = 8 codebooks at 75 Hz."""
+
+    bandwidth: float = 6.0
+    codebook_size: int = 1024
+    output_hz: int = 75
+    model_name: str = "facebook/encodec_24khz"  # hub id, local directory, or "tiny"
+
+    def __post_init__(self):
+        check(self.bandwidth > 0, "bandwidth", "must be > 0")
+
+
+@dataclass
+class TransformerConfig:
+    """One stage's decoder (open-musiclm ``semantic_cfg`` / ``coarse_cfg`` / ``fine_cfg``)."""
+
+    dim: int = 1024
+    depth: int = 6
+    heads: int = 8
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.1
+    use_conv_ff: bool = True
+    grad_shrink_alpha: float = 0.1
+    non_causal_prefix_size: int = 0
+    relative_position_bias_type: Literal["continuous", "t5", "none"] = "continuous"
+    use_memory_efficient_attention: bool = False
+    use_absolute_position_embeddings: bool = False
+    max_absolute_position_embeddings: int = 262
+    # ours
+    dim_head: int = 64
+
+    def __post_init__(self):
+        check(self.dim >= 8, "dim", "must be >= 8")
+        check(self.depth >= 1, "depth", "must be >= 1")
+        check(self.heads >= 1, "heads", "must be >= 1")
+        check(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+        check(0.0 <= self.ff_dropout < 1.0, "ff_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class TokenSystemConfig:
+    """Everything that determines the tokens: the three tokenizers' settings and the CLAP window/hop."""
+
+    clap_rvq_cfg: ClapRVQConfig = field(default_factory=ClapRVQConfig)
+    hubert_kmeans_cfg: HubertKmeansConfig = field(default_factory=HubertKmeansConfig)
+    encodec_cfg: EncodecConfig = field(default_factory=EncodecConfig)
+    clap_audio_length_seconds: float = 10.0
+    num_coarse_quantizers: int = 3
+    num_fine_quantizers: int = 5
+
+
+@dataclass
+class ModelConfig:
+    """open-musiclm's model config, key for key (``MusicLMModelConfig``)."""
+
+    global_cfg: GlobalConfig = field(default_factory=GlobalConfig)
+    clap_rvq_cfg: ClapRVQConfig = field(default_factory=ClapRVQConfig)
+    hubert_kmeans_cfg: HubertKmeansConfig = field(default_factory=HubertKmeansConfig)
+    encodec_cfg: EncodecConfig = field(default_factory=EncodecConfig)
+    semantic_cfg: TransformerConfig = field(default_factory=TransformerConfig)
+    coarse_cfg: TransformerConfig = field(default_factory=lambda: TransformerConfig(max_absolute_position_embeddings=712))
+    fine_cfg: TransformerConfig = field(default_factory=lambda: TransformerConfig(max_absolute_position_embeddings=1212))
+
+    def token_system(self) -> TokenSystemConfig:
+        g = self.global_cfg
+        return TokenSystemConfig(
+            clap_rvq_cfg=self.clap_rvq_cfg,
+            hubert_kmeans_cfg=self.hubert_kmeans_cfg,
+            encodec_cfg=self.encodec_cfg,
+            clap_audio_length_seconds=g.clap_audio_length_seconds,
+            num_coarse_quantizers=g.num_coarse_quantizers,
+            num_fine_quantizers=g.num_fine_quantizers,
+        )
+
+    def stage(self, name: str) -> TransformerConfig:
+        check(name in STAGES, "stage", f"{name!r} is not one of {', '.join(STAGES)}")
+        return getattr(self, f"{name}_cfg")
+
+
+@dataclass
+class TrainConfig:
+    """One stage's training run. Names follow open-musiclm's trainer config where it has them."""
+
+    stage: Stage = "semantic"
+    lr: float = 3e-4
+    lr_warmup: int = 3000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    batch_size: int = 4  # per worker
+    grad_accum_every: int = 8
+    wd: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    max_grad_norm: float = 0.5
+    num_train_steps: int = 200_000
+    save_results_every: int = 250  # validation interval (steps)
+    save_model_every: int = 1000
+    keep_best: int = 3
+    valid_batches: int = 8
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.lr_warmup >= 0, "lr_warmup", "must be >= 0")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.grad_accum_every >= 1, "grad_accum_every", "must be >= 1")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        check(len(self.betas) == 2, "betas", "must be two numbers")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """How audio becomes token rows (preprocessing) and how rows are split."""
+
+    clip_seconds: float = 30.0  # longest stretch of a track tokenized as one row
+    valid_frac: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.clip_seconds > 0, "clip_seconds", "must be > 0")
+        check(0.0 <= self.valid_frac < 1.0, "valid_frac", "must be in [0, 1)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------- presets
+
+STAGE_TRAIN_DEFAULTS = {  # open-musiclm's per-stage trainer settings (REFERENCE.md)
+    "semantic": dict(lr_warmup=3000, batch_size=4),
+    "coarse": dict(lr_warmup=6000, batch_size=2),
+    "fine": dict(lr_warmup=0, batch_size=2),
+}
+PRESETS = ("tiny", "small", "large")
+
+
+def _stages(**kw) -> dict:
+    return dict(
+        semantic_cfg=TransformerConfig(**kw, max_absolute_position_embeddings=262),
+        coarse_cfg=TransformerConfig(**kw, max_absolute_position_embeddings=712),
+        fine_cfg=TransformerConfig(**kw, max_absolute_position_embeddings=1212),
+    )
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name == "tiny":
+        return ModelConfig(
+            clap_rvq_cfg=ClapRVQConfig(model_name=TINY, text_max_tokens=256),
+            hubert_kmeans_cfg=HubertKmeansConfig(model_name=TINY),
+            encodec_cfg=EncodecConfig(model_name=TINY),
+            **_stages(dim=64, depth=2, heads=2, dim_head=32, ff_dropout=0.0),
+        )
+    if name == "small":  # open-musiclm configs/model/musiclm_small.json
+        return ModelConfig(**_stages(dim=1024, depth=6, heads=8))
+    if name == "large":  # open-musiclm configs/model/musiclm_large_small_context.json (released checkpoints)
+        return ModelConfig(**_stages(dim=1024, depth=24, heads=16))
+    raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def preset(name: str, stage: str = "semantic") -> Config:
+    """A full Config for preset ``name`` with the training defaults of ``stage``."""
+    check(stage in STAGES, "train.stage", f"{stage!r} is not one of {', '.join(STAGES)}")
+    train = TrainConfig(stage=stage, **STAGE_TRAIN_DEFAULTS[stage])
+    if name == "tiny":
+        train = dataclasses.replace(train, lr_warmup=10, batch_size=4, grad_accum_every=1, num_train_steps=200,
+                                    save_results_every=50, save_model_every=100, zero_stage=2)
+    return Config(model=model_preset(name), train=train, data=DataConfig())
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load a model config JSON: open-musiclm's files or ours (same keys)."""
+    return load_json(ModelConfig, path)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a full Config JSON. A bare open-musiclm model JSON (no ``model`` section) is accepted too."""
+    import json
+
+    data = json.loads(Path(path).read_text()) if Path(path).exists() else None
+    if isinstance(data, dict) and "global_cfg" in data:
+        return Config(model=load_model_config(path))
+    return load_json(Config, path)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EncodecConfig", "GlobalConfig", "HubertKmeansConfig", "ClapRVQConfig",
+    "ModelConfig", "TokenSystemConfig", "TrainConfig", "TransformerConfig", "STAGES", "PRESETS", "TINY",
+    "apply_overrides", "from_dict", "to_dict", "load_json", "save_json", "load_config", "load_model_config",
+    "model_preset", "preset",
+]

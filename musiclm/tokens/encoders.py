@@ -1,0 +1,159 @@
+"""The three pretrained encoders: loading them, building offline ``tiny`` stand-ins, and naming their weights.
+
+Real weights come from a local directory or a model-hub id, in transformers' format:
+``ClapModel`` + ``ClapProcessor`` (e.g. ``laion/clap-htsat-unfused``), ``HubertModel`` (``m-a-p/MERT-v0``
+loads as one), ``EncodecModel`` (``facebook/encodec_24khz``). We use the transformers ports rather than the
+``laion-clap`` and ``encodec`` packages: those pull torchaudio/torchvision and pin numpy < 2 (README).
+
+``tiny`` builds the same architectures at small sizes with seeded random weights, offline; the token system
+saves them with ``save_pretrained`` and from then on loads them through the same code as real weights.
+A random EnCodec has all-zero codebooks (every frame codes to 0), so the tiny one gets codebooks fitted by
+residual k-means on its own encoder's latents of rendered synthetic music.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import synth
+from ..audio import resample
+from .kmeans import nearest
+from .rvq import ResidualVQ
+
+
+class EncoderLoadError(RuntimeError):
+    """Encoder weights could not be loaded from the given source."""
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load(kind: str, source: str, loader):
+    _quiet_transformers()
+    try:
+        return loader(source)
+    except Exception as e:  # OSError (missing files, no network), ValueError (wrong model type), ...
+        hint = {"clap": "a transformers ClapModel with its processor files (e.g. laion/clap-htsat-unfused)",
+                "semantic": "a transformers HubertModel (e.g. m-a-p/MERT-v0)",
+                "encodec": "a transformers EncodecModel (e.g. facebook/encodec_24khz)"}[kind]
+        raise EncoderLoadError(
+            f"cannot load the {kind} encoder from {source!r}: {str(e).splitlines()[0][:300]}. Give a local "
+            f"directory or a reachable hub id holding {hint}, or use the 'tiny' preset for offline tests.") from None
+
+
+def load_clap(source: str):
+    from transformers import ClapModel, ClapProcessor
+
+    def loader(src):
+        model = ClapModel.from_pretrained(src).eval()
+        if getattr(model.config.audio_config, "enable_fusion", False):
+            raise ValueError("this CLAP uses feature fusion; open-musiclm's released set uses an unfused CLAP")
+        return model, ClapProcessor.from_pretrained(src)
+
+    return _load("clap", source, loader)
+
+
+def load_hubert(source: str):
+    from transformers import HubertModel
+
+    return _load("semantic", source, lambda src: HubertModel.from_pretrained(src).eval())
+
+
+def load_encodec(source: str):
+    from transformers import EncodecModel
+
+    return _load("encodec", source, lambda src: EncodecModel.from_pretrained(src).eval())
+
+
+def weights_identity(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): which weights these are."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- tiny builders
+
+def _byte_level_tokenizer():
+    """A RoBERTa tokenizer over the 256 byte symbols with no merges: CLAP's tokenizer class, built offline."""
+    from tokenizers import pre_tokenizers
+    from transformers import RobertaTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    return RobertaTokenizer(vocab=vocab, merges=[])
+
+
+def build_tiny_clap(seed: int = 0, projection_dim: int = 512):
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    _quiet_transformers()
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = ClapConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=514, projection_dim=projection_dim),
+        audio_config=dict(hidden_size=128, patch_embeds_hidden_size=16, depths=[1, 1, 1, 1],
+                          num_attention_heads=[1, 1, 2, 4], projection_dim=projection_dim, enable_fusion=False),
+        projection_dim=projection_dim,
+    )
+    model = ClapModel(config).eval()
+    processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer)
+    return model, processor
+
+
+def build_tiny_hubert(seed: int = 0, embed_layer: int = 7):
+    from transformers import HubertConfig, HubertModel
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    config = HubertConfig(hidden_size=64, num_hidden_layers=max(embed_layer, 2), num_attention_heads=2,
+                          intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=4)
+    return HubertModel(config).eval()
+
+
+def build_tiny_encodec(seed: int = 0, bandwidth: float = 6.0, codebook_size: int = 1024,
+                       num_clips: int = 12, clip_seconds: float = 6.0):
+    """Random small EnCodec whose first codebooks are fitted on its latents of synthetic music."""
+    from transformers import EncodecConfig, EncodecModel
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    model = EncodecModel(EncodecConfig(num_filters=8, hidden_size=32, codebook_dim=32, num_lstm_layers=1,
+                                       codebook_size=codebook_size)).eval()
+    rate = model.config.sampling_rate
+    clips = [resample(synth.render(synth.sample_params(i, seed, clip_seconds)).mean(axis=1), synth.SAMPLE_RATE, rate)
+             for i in range(num_clips)]
+    with torch.no_grad():
+        latents = model.encoder(torch.from_numpy(np.stack(clips))[:, None])  # (B, D, T)
+    vectors = latents.transpose(1, 2).reshape(-1, latents.shape[1])
+    n_q = model.quantizer.get_num_quantizers_for_bandwidth(bandwidth)
+    rvq = ResidualVQ(num_quantizers=n_q, codebook_size=codebook_size, dim=vectors.shape[1])
+    rvq.init_kmeans(vectors, iters=8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for q, layer in enumerate(model.quantizer.layers[:n_q]):
+            book = layer.codebook
+            book.embed.copy_(rvq.codebooks[q])
+            book.embed_avg.copy_(rvq.codebooks[q])
+            book.cluster_size.copy_(torch.bincount(nearest(vectors, rvq.codebooks[q]), minlength=codebook_size).float())
+            book.inited.fill_(1.0)
+            vectors = vectors - rvq.codebooks[q][nearest(vectors, rvq.codebooks[q])]
+    return model
+
+
+def save_clap(model, processor, out: Path) -> None:
+    model.save_pretrained(out)
+    processor.save_pretrained(out)

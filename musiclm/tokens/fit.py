@@ -1,0 +1,191 @@
+"""Fitting the token system's quantizers from a folder of audio, with Ray Data.
+
+decode (CPU tasks, per-file errors become rows) -> encoder actor pool (CLAP audio tower, or the semantic
+encoder; GPU when the cluster has one) -> vectors streamed back to the driver -> fit (RVQ with EMA, or
+MiniBatchKMeans) -> written into the token-system directory with its new fingerprint, plus a report JSON.
+
+The caller connects to Ray; nothing here calls ``ray.init``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..audio import AudioDecodeError, decode_audio, list_audio_files
+from ..raycompute import ActorPlan
+from .kmeans import fit_minibatch_kmeans
+from .system import TokenSystem, TokenSystemError, _new_rvq
+
+CLAP, SEMANTIC = "clap", "semantic"
+
+
+@dataclass
+class Extracted:
+    vectors: np.ndarray
+    tracks: int
+    seconds: float
+    errors: list[dict] = field(default_factory=list)
+
+
+def _decode_row(row: dict, sample_rate: int, max_seconds: float) -> dict:
+    try:
+        audio, _ = decode_audio(row["path"], sample_rate, max_seconds=max_seconds)
+        return {"path": row["path"], "audio": audio, "error": ""}
+    except AudioDecodeError as e:
+        return {"path": row["path"], "audio": np.zeros(0, np.float32), "error": e.reason}
+
+
+class _Encoder:
+    """Ray Data actor: loads the token system once, turns decoded audio into vectors (one array per track)."""
+
+    def __init__(self, token_system: str, kind: str, device: str, threads: int, frames_per_track: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.system = TokenSystem.load(token_system, device=device)
+        self.kind, self.frames_per_track = kind, frames_per_track
+
+    def _vectors(self, path: str, audio: np.ndarray) -> np.ndarray:
+        if self.kind == CLAP:
+            return self.system.clap.audio_embeddings(audio).numpy()
+        feats = self.system.semantic.features(audio).numpy()
+        if len(feats) > self.frames_per_track:  # a fixed random subset per track, same on every run
+            rng = np.random.default_rng(int(hashlib.sha1(path.encode()).hexdigest()[:8], 16))
+            feats = feats[np.sort(rng.choice(len(feats), self.frames_per_track, replace=False))]
+        return feats
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"path": [], "error": [], "seconds": [], "vectors": []}
+        rate = self.system.clap.sample_rate if self.kind == CLAP else self.system.semantic.sample_rate
+        for path, audio, error in zip(batch["path"], batch["audio"], batch["error"]):
+            vectors = np.zeros((0, 0), np.float32)
+            if not error:
+                try:
+                    vectors = self._vectors(str(path), np.asarray(audio, dtype=np.float32)).astype(np.float32)
+                except Exception as e:  # one bad track must not end the job: it becomes an error row
+                    error = f"{self.kind} encoder failed: {type(e).__name__}: {e}"
+            out["path"].append(str(path))
+            out["error"].append(error)
+            out["seconds"].append(len(audio) / rate)
+            out["vectors"].append(vectors.reshape(-1))
+        return out
+
+
+def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *, max_seconds: float = 30.0,
+            frames_per_track: int = 100, max_vectors: int | None = None, log=print) -> Extracted:
+    """Run the decode -> encoder pipeline on Ray Data and gather the vectors on the driver."""
+    import ray
+
+    if kind == CLAP:
+        rate, dim = system.clap.sample_rate, system.config.clap_rvq_cfg.dim
+    else:
+        rate, dim = system.semantic.sample_rate, system.semantic.hubert.config.hidden_size
+    log(f"extracting {kind} vectors from {len(paths)} files: {plan.describe()}")
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 64)))
+    ds = ds.map(_decode_row, fn_kwargs={"sample_rate": rate, "max_seconds": max_seconds}, num_cpus=plan.decode_cpus)
+    ds = ds.map_batches(_Encoder, batch_size=4,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+                        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                        fn_constructor_kwargs={"token_system": str(system.root), "kind": kind,
+                                               "device": plan.device, "threads": plan.threads_per_actor,
+                                               "frames_per_track": frames_per_track})
+    chunks, errors, tracks, seconds, total = [], [], 0, 0.0, 0
+    for row in ds.iter_rows():
+        if row["error"]:
+            errors.append({"path": row["path"], "stage": f"fit_{kind}", "message": row["error"]})
+            continue
+        tracks += 1
+        seconds += float(row["seconds"])
+        if max_vectors is None or total < max_vectors:
+            flat = np.asarray(row["vectors"], dtype=np.float32).reshape(-1, dim)
+            chunks.append(flat)
+            total += len(flat)
+    if not chunks:
+        raise TokenSystemError(f"no {kind} vectors could be extracted: all {len(paths)} files failed "
+                               f"({errors[0]['message'] if errors else 'no files'})")
+    vectors = np.concatenate(chunks)
+    return Extracted(vectors[:max_vectors] if max_vectors else vectors, tracks, seconds, errors)
+
+
+def _select(folder: str | Path, max_tracks: int | None, seed: int) -> list[str]:
+    paths = list_audio_files(folder)
+    if not paths:
+        raise FileNotFoundError(f"no audio files (mp3, wav, flac, ogg, ...) found under {folder}")
+    if max_tracks and len(paths) > max_tracks:
+        rng = np.random.default_rng(seed)
+        paths = sorted(rng.choice(paths, max_tracks, replace=False).tolist())
+    return paths
+
+
+def _guard(system: TokenSystem, fitted: bool, what: str, overwrite: bool) -> None:
+    if fitted and not overwrite:
+        raise TokenSystemError(f"the {what} of {system.root} is already fitted; re-fitting changes the fingerprint "
+                               f"and every dataset made with it stops matching. Pass --overwrite to re-fit anyway.")
+
+
+def _write_report(system: TokenSystem, name: str, report: dict) -> Path:
+    path = Path(system.root) / f"{name}.report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, steps: int = 1000,
+            batch_size: int = 2048, max_tracks: int | None = None, max_seconds: float = 30.0,
+            max_vectors: int = 200_000, seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """Fit the CLAP RVQ on the audio under ``folder`` and save it into ``token_system``."""
+    start = time.time()
+    system = TokenSystem.load(token_system)
+    _guard(system, system.rvq_fitted, "CLAP RVQ", overwrite)
+    paths = _select(folder, max_tracks, seed)
+    data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, log=log)
+    log(f"fitting RVQ {system.rvq.num_quantizers}x{system.rvq.codebook_size} on {len(data.vectors)} CLAP embeddings")
+    rvq = _new_rvq(system.config)
+    fit = rvq.fit(data.vectors, steps=steps, batch_size=batch_size, seed=seed, log=log)
+    system.set_rvq(rvq)
+    system.save()
+    report = {"kind": "clap_rvq", "fingerprint": system.fingerprint, "tracks": data.tracks,
+              "seconds_of_audio": round(data.seconds, 1), "embeddings": int(len(data.vectors)),
+              "fit": asdict(fit), "failed": data.errors, "wall_seconds": round(time.time() - start, 1)}
+    _write_report(system, "fit_rvq", report)
+    log(fit.summary())
+    _log_errors(data.errors, log)
+    return report
+
+
+def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, frames_per_track: int = 100,
+               max_tracks: int | None = None, max_seconds: float = 30.0, max_vectors: int = 1_000_000,
+               seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """Fit the semantic k-means on the audio under ``folder`` and save its centers into ``token_system``."""
+    start = time.time()
+    system = TokenSystem.load(token_system)
+    _guard(system, system.kmeans_fitted, "semantic k-means", overwrite)
+    paths = _select(folder, max_tracks, seed)
+    data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
+                   max_vectors=max_vectors, log=log)
+    k = system.config.hubert_kmeans_cfg.codebook_size
+    log(f"fitting MiniBatchKMeans k={k} on {len(data.vectors)} feature frames")
+    centers = fit_minibatch_kmeans(data.vectors, k, seed=seed)
+    system.set_kmeans(centers)
+    system.save()
+    tokens = system.semantic.tokens_of_features(torch.from_numpy(data.vectors))
+    used = int(np.unique(tokens).size)
+    report = {"kind": "semantic_kmeans", "fingerprint": system.fingerprint, "tracks": data.tracks,
+              "seconds_of_audio": round(data.seconds, 1), "frames": int(len(data.vectors)), "clusters_used": used,
+              "failed": data.errors, "wall_seconds": round(time.time() - start, 1)}
+    _write_report(system, "fit_kmeans", report)
+    log(f"k-means fit: {used}/{k} clusters used on the fit frames; token system now {system.fingerprint[:12]}")
+    _log_errors(data.errors, log)
+    return report
+
+
+def _log_errors(errors: list[dict], log) -> None:
+    if errors:
+        log(f"{len(errors)} file(s) could not be used (listed in the report):")
+        for e in errors[:20]:
+            log(f"  {e['path']}: {e['message']}")

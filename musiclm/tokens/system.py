@@ -1,0 +1,274 @@
+"""The token system: CLAP + RVQ, semantic encoder + k-means, EnCodec, saved as one directory.
+
+    DIR/token_system.json            settings, where each encoder's weights come from, fingerprint (and its parts)
+    DIR/clap_rvq.safetensors         RVQ codebooks (absent until `fit-rvq`)
+    DIR/semantic_kmeans.safetensors  k-means centers (absent until `fit-kmeans`)
+    DIR/encoders/{clap,semantic,encodec}/   only for `tiny` encoders: their random weights (save_pretrained)
+
+The fingerprint is a sha256 over the canonical settings (without weight locations), an identity of each
+encoder's weights (sha256 of its tensors), and the bytes of the RVQ codebooks and k-means centers. Datasets
+and checkpoints carry it; anything made with another token system is refused. Loading recomputes it from the
+files and refuses a directory whose files no longer match what was written. Nothing here is pickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..audio import resample
+from ..config import TINY, TokenSystemConfig, from_dict, to_dict
+from . import encoders
+from .acoustic import AcousticCodec
+from .clap import ClapTokenizer
+from .rvq import ResidualVQ
+from .semantic import SemanticTokenizer
+
+CONFIG_FILE = "token_system.json"
+RVQ_FILE = "clap_rvq.safetensors"
+KMEANS_FILE = "semantic_kmeans.safetensors"
+FORMAT_VERSION = 1
+ENCODER_KEYS = {"clap": "clap_rvq_cfg", "semantic": "hubert_kmeans_cfg", "encodec": "encodec_cfg"}
+
+
+class TokenSystemError(RuntimeError):
+    """A token system directory is missing, inconsistent, or does not match what it is used with."""
+
+
+def _tensor_hash(tensor: torch.Tensor | None) -> str:
+    if tensor is None:
+        return "unfitted"
+    t = tensor.detach().cpu().contiguous().float()
+    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+
+
+def _settings_hash(config: TokenSystemConfig) -> str:
+    data = to_dict(config)
+    for section in ENCODER_KEYS.values():  # where weights live is not what they are: identities cover that
+        data[section].pop("model_name", None)
+        data[section].pop("checkpoint_path", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class TokenSystem:
+    def __init__(self, config: TokenSystemConfig, *, clap_model, clap_processor, hubert, encodec,
+                 rvq: ResidualVQ, centers: torch.Tensor | None, root: Path | None = None,
+                 device: str | torch.device = "cpu"):
+        self.config, self.root, self.device = config, root, torch.device(device)
+        self._models = {"clap": clap_model.to(self.device), "semantic": hubert.to(self.device),
+                        "encodec": encodec.to(self.device)}
+        self._identities = {k: encoders.weights_identity(m) for k, m in self._models.items()}
+        self.rvq = rvq.to(self.device)
+        self.clap = ClapTokenizer(self._models["clap"], clap_processor, self.rvq, config.clap_rvq_cfg,
+                                  config.clap_audio_length_seconds, self.device)
+        self.semantic = SemanticTokenizer(self._models["semantic"], None, config.hubert_kmeans_cfg, self.device)
+        self.acoustic = AcousticCodec(self._models["encodec"], config.encodec_cfg, self.device)
+        self.set_kmeans(centers)
+        self._validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, config: TokenSystemConfig, out: str | Path, device: str = "cpu", seed: int = 0,
+               overwrite: bool = False) -> "TokenSystem":
+        """Build a token system from ``config`` (encoders from hub ids / local dirs, or ``tiny``) into ``out``.
+
+        RVQ and k-means start unfitted; `fit-rvq` and `fit-kmeans` fill them in.
+        """
+        out = Path(out)
+        if (out / CONFIG_FILE).exists() and not overwrite:
+            raise TokenSystemError(f"{out} already holds a token system; datasets made with it would no longer "
+                                   f"match. Choose another directory, or pass --overwrite if that is intended.")
+        if config.clap_rvq_cfg.enable_fusion:
+            raise TokenSystemError("clap_rvq_cfg.enable_fusion: fusion CLAP is not supported; use an unfused "
+                                   "CLAP, as open-musiclm's released checkpoints do")
+        if config.clap_rvq_cfg.checkpoint_path:
+            raise TokenSystemError(
+                f"clap_rvq_cfg.checkpoint_path={config.clap_rvq_cfg.checkpoint_path!r} is open-musiclm's laion_clap "
+                "file, which is not read here: set clap_rvq_cfg.model_name to a transformers-format CLAP instead")
+        out.mkdir(parents=True, exist_ok=True)
+        sections = {}
+        models = {}
+        for name, key in ENCODER_KEYS.items():
+            section = getattr(config, key)
+            if section.model_name == TINY:
+                built = _build_tiny(name, config, seed)
+                rel = f"encoders/{name}"
+                if name == "clap":
+                    encoders.save_clap(*built, out / rel)
+                else:
+                    built.save_pretrained(out / rel)
+                models[name] = built
+                sections[key] = dataclasses.replace(section, model_name=rel)
+            else:
+                source = str(Path(section.model_name).resolve()) if Path(section.model_name).exists() else section.model_name
+                models[name] = _loader(name)(source)
+                sections[key] = dataclasses.replace(section, model_name=source)
+        config = dataclasses.replace(config, **sections)
+        clap_model, clap_processor = models["clap"]
+        system = cls(config, clap_model=clap_model, clap_processor=clap_processor, hubert=models["semantic"],
+                     encodec=models["encodec"], rvq=_new_rvq(config), centers=None, root=out, device=device)
+        system.save()
+        return system
+
+    @classmethod
+    def load(cls, root: str | Path, device: str = "cpu", verify: bool = True) -> "TokenSystem":
+        root = Path(root)
+        meta_path = root / CONFIG_FILE
+        if not meta_path.exists():
+            raise TokenSystemError(f"{root} is not a token system (no {CONFIG_FILE}); create one with "
+                                   f"`musiclm init-token-system --preset tiny --out {root}` or import a released one")
+        try:
+            meta = json.loads(meta_path.read_text())
+            config = from_dict(TokenSystemConfig, meta["config"])
+        except (json.JSONDecodeError, KeyError, ValueError) as e:
+            raise TokenSystemError(f"{meta_path} is unreadable: {e}") from None
+        if meta.get("format") != FORMAT_VERSION:
+            raise TokenSystemError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+
+        def source(key: str) -> str:
+            name = getattr(config, key).model_name
+            return str(root / name) if not os.path.isabs(name) and (root / name).exists() else name
+
+        clap_model, clap_processor = encoders.load_clap(source("clap_rvq_cfg"))
+        rvq = _new_rvq(config)
+        if (root / RVQ_FILE).exists():
+            rvq.load_tensors(load_file(str(root / RVQ_FILE)), str(root / RVQ_FILE))
+        centers = load_file(str(root / KMEANS_FILE))["centers"] if (root / KMEANS_FILE).exists() else None
+        system = cls(config, clap_model=clap_model, clap_processor=clap_processor,
+                     hubert=encoders.load_hubert(source("hubert_kmeans_cfg")),
+                     encodec=encoders.load_encodec(source("encodec_cfg")), rvq=rvq, centers=centers, root=root,
+                     device=device)
+        if verify and system.fingerprint != meta.get("fingerprint"):
+            now, then = system.fingerprint_parts(), meta.get("fingerprint_parts", {})
+            changed = sorted(k for k in now if now[k] != then.get(k)) or ["fingerprint"]
+            raise TokenSystemError(
+                f"token system {root} was modified after it was written: {', '.join(changed)} differ. "
+                f"{CONFIG_FILE} says fingerprint {str(meta.get('fingerprint'))[:12]} but the files give "
+                f"{system.fingerprint[:12]}. Restore the original files, or re-fit (fit-rvq / fit-kmeans) and "
+                f"re-tokenize: data made with the old files will not match.")
+        return system
+
+    # ------------------------------------------------------------------ state
+    def set_rvq(self, rvq: ResidualVQ) -> None:
+        self.rvq.load_tensors(rvq.tensors(), "fitted RVQ")
+
+    def set_kmeans(self, centers: torch.Tensor | np.ndarray | None) -> None:
+        if centers is not None:
+            centers = torch.as_tensor(np.asarray(centers, dtype=np.float32) if not torch.is_tensor(centers) else centers)
+            k, d = self.config.hubert_kmeans_cfg.codebook_size, self._models["semantic"].config.hidden_size
+            if tuple(centers.shape) != (k, d):
+                raise TokenSystemError(f"k-means centers have shape {tuple(centers.shape)} but this token system "
+                                       f"needs ({k}, {d}) (codebook_size x semantic encoder width)")
+            centers = centers.float().to(self.device)
+        self.semantic.centers = centers
+
+    @property
+    def rvq_fitted(self) -> bool:
+        return bool(self.rvq.initialized)
+
+    @property
+    def kmeans_fitted(self) -> bool:
+        return self.semantic.centers is not None
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        return {"settings": _settings_hash(self.config), **{f"{k}_weights": v for k, v in self._identities.items()},
+                "clap_rvq": _tensor_hash(self.rvq.codebooks if self.rvq_fitted else None),
+                "semantic_kmeans": _tensor_hash(self.semantic.centers)}
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint_parts(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, root: str | Path | None = None) -> Path:
+        root = Path(root or self.root)
+        root.mkdir(parents=True, exist_ok=True)
+        if self.rvq_fitted:
+            _atomic(root / RVQ_FILE, lambda p: save_file(self.rvq.tensors(), str(p)))
+        if self.kmeans_fitted:
+            _atomic(root / KMEANS_FILE, lambda p: save_file({"centers": self.semantic.centers.cpu().contiguous()}, str(p)))
+        meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "fingerprint_parts": self.fingerprint_parts(),
+                "fitted": {"clap_rvq": self.rvq_fitted, "semantic_kmeans": self.kmeans_fitted},
+                "config": to_dict(self.config)}
+        _atomic(root / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        self.root = root
+        return root
+
+    # ------------------------------------------------------------------ tokenizing
+    def require_fitted(self) -> None:
+        missing = [n for n, ok in (("fit-rvq", self.rvq_fitted), ("fit-kmeans", self.kmeans_fitted)) if not ok]
+        if missing:
+            raise TokenSystemError(f"token system {self.root} is not fitted yet: run `musiclm {' and '.join(missing)}`")
+
+    def tokenize(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        """All tokens of one mono clip: ``clap`` (windows, 12), ``semantic`` (T,), ``coarse`` (T', 3), ``fine`` (T', 5)."""
+        self.require_fitted()
+        acoustic = self.acoustic.encode(resample(audio, sample_rate, self.acoustic.sample_rate))
+        n_coarse = self.config.num_coarse_quantizers
+        return {
+            "clap": self.clap.audio_tokens(resample(audio, sample_rate, self.clap.sample_rate)),
+            "semantic": self.semantic.tokens(resample(audio, sample_rate, self.semantic.sample_rate)),
+            "coarse": acoustic[:, :n_coarse],
+            "fine": acoustic[:, n_coarse: n_coarse + self.config.num_fine_quantizers],
+        }
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"token system {self.root} fingerprint {self.fingerprint[:12]}: "
+                f"clap {c.clap_rvq_cfg.rq_num_quantizers}x{c.clap_rvq_cfg.codebook_size} "
+                f"({'fitted' if self.rvq_fitted else 'unfitted'}), semantic k-means {c.hubert_kmeans_cfg.codebook_size} "
+                f"({'fitted' if self.kmeans_fitted else 'unfitted'}), encodec {self.acoustic.num_quantizers} codebooks")
+
+    def _validate(self) -> None:
+        c = self.config
+        clap_dim = self._models["clap"].config.projection_dim
+        hub = self._models["semantic"].config
+        enc = self._models["encodec"].config
+        problems = []
+        if clap_dim != c.clap_rvq_cfg.dim:
+            problems.append(f"clap_rvq_cfg.dim is {c.clap_rvq_cfg.dim} but the CLAP model embeds to {clap_dim}")
+        if hub.num_hidden_layers < c.hubert_kmeans_cfg.embed_layer:
+            problems.append(f"hubert_kmeans_cfg.embed_layer is {c.hubert_kmeans_cfg.embed_layer} but the semantic "
+                            f"encoder has {hub.num_hidden_layers} layers")
+        if enc.codebook_size != c.encodec_cfg.codebook_size:
+            problems.append(f"encodec_cfg.codebook_size is {c.encodec_cfg.codebook_size} but EnCodec has {enc.codebook_size}")
+        if round(enc.frame_rate) != c.encodec_cfg.output_hz:
+            problems.append(f"encodec_cfg.output_hz is {c.encodec_cfg.output_hz} but EnCodec runs at {enc.frame_rate} Hz")
+        if enc.chunk_length_s is not None:
+            problems.append("only a non-chunked EnCodec (the 24 kHz model) is supported")
+        if self.acoustic.num_quantizers != c.num_coarse_quantizers + c.num_fine_quantizers:
+            problems.append(f"EnCodec at {c.encodec_cfg.bandwidth} kbps gives {self.acoustic.num_quantizers} codebooks, "
+                            f"not num_coarse_quantizers + num_fine_quantizers = "
+                            f"{c.num_coarse_quantizers + c.num_fine_quantizers}")
+        if problems:
+            raise TokenSystemError("token system settings do not match its encoders: " + "; ".join(problems))
+
+
+def _new_rvq(config: TokenSystemConfig) -> ResidualVQ:
+    c = config.clap_rvq_cfg
+    return ResidualVQ(c.rq_num_quantizers, c.codebook_size, c.dim, c.rq_ema_decay, c.threshold_ema_dead_code)
+
+
+def _build_tiny(name: str, config: TokenSystemConfig, seed: int):
+    if name == "clap":
+        return encoders.build_tiny_clap(seed, config.clap_rvq_cfg.dim)
+    if name == "semantic":
+        return encoders.build_tiny_hubert(seed, config.hubert_kmeans_cfg.embed_layer)
+    return encoders.build_tiny_encodec(seed, config.encodec_cfg.bandwidth, config.encodec_cfg.codebook_size)
+
+
+def _loader(name: str):
+    if name == "clap":
+        return encoders.load_clap
+    return encoders.load_hubert if name == "semantic" else encoders.load_encodec
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

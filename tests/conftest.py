@@ -1,0 +1,48 @@
+"""Shared fixtures: a small synthetic corpus and a fitted tiny token system (built once per test session)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from musiclm import synth
+from musiclm.audio import list_audio_files, load_audio
+from musiclm.config import model_preset
+from musiclm.tokens.kmeans import fit_minibatch_kmeans
+from musiclm.tokens.system import TokenSystem, _new_rvq
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    synth.write_corpus(root, num_tracks=6, seconds=11.0, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_system_dir(corpus, tmp_path_factory):
+    """A tiny token system, RVQ and k-means fitted in-process on the corpus (the Ray path has its own test)."""
+    out = tmp_path_factory.mktemp("ts") / "tiny"
+    system = TokenSystem.create(model_preset("tiny").token_system(), out)
+    paths = list_audio_files(corpus)
+    emb = torch.cat([system.clap.audio_embeddings(load_audio(p, 48000)) for p in paths])
+    rvq = _new_rvq(system.config)
+    rvq.fit(emb, steps=20, batch_size=64)
+    system.set_rvq(rvq)
+    feats = np.concatenate([system.semantic.features(load_audio(p, 16000)).numpy() for p in paths])
+    system.set_kmeans(fit_minibatch_kmeans(feats, 1024, n_init=1))
+    system.save()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_system(tiny_system_dir):
+    return TokenSystem.load(tiny_system_dir)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()

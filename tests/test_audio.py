@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musiclm.audio import (AudioDecodeError, crop_or_pad, decode_audio, list_audio_files, load_audio,
+                           window_starts, write_wav)
+
+
+@pytest.fixture(scope="module")
+def mp3(corpus):
+    return list_audio_files(corpus)[0]
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 48000])
+def test_synthetic_mp3_decodes_at_requested_rate(mp3, rate):
+    audio = load_audio(mp3, rate)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - 11.0 * rate) <= 0.01 * rate  # the corpus tracks are 11 s long
+    assert 0.01 < np.abs(audio).max() <= 1.0
+
+
+def test_max_seconds_keeps_the_start(mp3):
+    full = load_audio(mp3, 16000)
+    head = load_audio(mp3, 16000, max_seconds=4.0)
+    assert abs(len(head) - 64000) <= 16
+    assert np.allclose(head[:60000], full[:60000], atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt,ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg")])
+def test_other_formats_decode(tmp_path, fmt, ext):
+    t = np.arange(44100 * 2) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1).astype(np.float32) * 0.5
+    path = tmp_path / f"x.{ext}"
+    sf.write(str(path), stereo, 44100, format=fmt)
+    audio, rate = decode_audio(path)
+    assert rate == 44100 and audio.ndim == 1 and abs(len(audio) - len(t)) < 2000
+    assert abs(len(load_audio(path, 24000)) - 48000) < 1200
+
+
+def test_bytes_input_names_the_path(mp3):
+    data = open(mp3, "rb").read()
+    audio, _ = decode_audio(data, 16000, path=mp3)
+    assert len(audio) > 16000
+    with pytest.raises(AudioDecodeError, match="tracks/bad.mp3"):
+        decode_audio(b"", 16000, path="tracks/bad.mp3")
+
+
+def _bad_files(tmp_path, mp3):
+    data = open(mp3, "rb").read()
+    (tmp_path / "truncated.mp3").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    (tmp_path / "text.mp3").write_text("this is not audio\n" * 50)
+    return {"truncated.mp3": "truncated", "empty.mp3": "empty", "text.mp3": "not a decodable audio file"}
+
+
+def test_bad_files_raise_one_clear_error(tmp_path, mp3):
+    for name, reason in _bad_files(tmp_path, mp3).items():
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(tmp_path / name, 16000)
+        assert info.value.path == str(tmp_path / name)
+        assert reason in info.value.reason and str(tmp_path / name) in str(info.value)
+    with pytest.raises(AudioDecodeError, match="cannot read file"):
+        load_audio(tmp_path / "missing.mp3", 16000)
+
+
+def test_crop_pad_and_windows():
+    x = np.arange(10, dtype=np.float32)
+    assert crop_or_pad(x, 4, offset=3).tolist() == [3, 4, 5, 6]
+    assert crop_or_pad(x, 6, offset=7).tolist() == [7, 8, 9, 0, 0, 0]
+    assert window_starts(100, 40, 20) == [0, 20, 40, 60]
+    assert window_starts(30, 40, 20) == [0]
+
+
+def test_write_wav_round_trip(tmp_path):
+    x = (0.5 * np.sin(np.arange(24000) / 10)).astype(np.float32)
+    path = write_wav(tmp_path / "sub" / "a.wav", x, 24000)
+    y, rate = decode_audio(path)
+    assert rate == 24000 and np.allclose(x, y, atol=1e-4)

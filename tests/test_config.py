@@ -1,0 +1,85 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from musiclm.config import (Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config,
+                            load_json, load_model_config, model_preset, preset, save_json, to_dict)
+
+OPEN_MUSICLM = Path(__file__).parent / "data" / "open_musiclm_large_small_context.json"
+
+
+def test_open_musiclm_model_json_loads_as_is_and_matches_large_preset():
+    cfg = load_model_config(OPEN_MUSICLM)
+    large = model_preset("large")
+    for stage in ("semantic", "coarse", "fine"):
+        assert (cfg.stage(stage).dim, cfg.stage(stage).depth, cfg.stage(stage).heads) == (1024, 24, 16)
+        assert cfg.stage(stage).depth == large.stage(stage).depth
+    assert cfg.hubert_kmeans_cfg.model_name == "m-a-p/MERT-v0" and cfg.hubert_kmeans_cfg.embed_layer == 7
+    ts = cfg.token_system()
+    assert ts.clap_rvq_cfg.rq_num_quantizers == 12 and ts.encodec_cfg.bandwidth == 6.0
+    assert (ts.num_coarse_quantizers, ts.num_fine_quantizers) == (3, 5)
+    assert isinstance(load_config(OPEN_MUSICLM), Config)  # a bare model JSON is accepted as a full config
+
+
+def test_presets_have_open_musiclm_sizes():
+    assert model_preset("small").semantic_cfg.depth == 6 and model_preset("small").semantic_cfg.heads == 8
+    assert model_preset("large").fine_cfg.depth == 24 and model_preset("large").fine_cfg.heads == 16
+    tiny = preset("tiny", "coarse")
+    assert tiny.model.coarse_cfg.dim < 256 and tiny.train.stage == "coarse"
+    assert preset("large", "coarse").train.lr_warmup == 6000 and preset("large", "fine").train.lr_warmup == 0
+    with pytest.raises(ConfigError, match="preset"):
+        model_preset("huge")
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = json.loads(OPEN_MUSICLM.read_text())
+    data["semantic_cfg"]["dept"] = 4
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"semantic_cfg\.dept.*did you mean 'depth'"):
+        load_model_config(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("section,key,value,pattern", [
+    ("semantic_cfg", "depth", "four", r"semantic_cfg\.depth: expected an integer"),
+    ("semantic_cfg", "depth", 0, r"semantic_cfg\.depth: must be >= 1"),
+    ("coarse_cfg", "relative_position_bias_type", "rotary", r"coarse_cfg\.relative_position_bias_type"),
+    ("clap_rvq_cfg", "rq_ema_decay", 1.5, r"clap_rvq_cfg\.rq_ema_decay"),
+    ("global_cfg", "num_fine_quantizers", True, r"global_cfg\.num_fine_quantizers: expected an integer"),
+])
+def test_wrong_value_is_named(section, key, value, pattern):
+    data = json.loads(OPEN_MUSICLM.read_text())
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict(ModelConfig, data)
+
+
+def test_overrides_from_cli_strings_and_tune_dicts():
+    cfg = preset("tiny")
+    out = apply_overrides(cfg, ["train.lr=1e-4", "model.semantic_cfg.depth=3",
+                                "model.coarse_cfg.relative_position_bias_type=none"])
+    assert out.train.lr == 1e-4 and out.model.semantic_cfg.depth == 3
+    assert out.model.coarse_cfg.relative_position_bias_type == "none"
+    assert cfg.train.lr != 1e-4  # the original is untouched
+    assert apply_overrides(cfg, {"train.zero_stage": 3}).train.zero_stage == 3
+    with pytest.raises(ConfigError, match=r"train\.lrr.*did you mean 'train\.lr'"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train\.zero_stage: must be 0, 1, 2 or 3"):
+        apply_overrides(cfg, {"train.zero_stage": 4})
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(cfg, ["train.lr"])
+
+
+def test_json_round_trip(tmp_path):
+    cfg = apply_overrides(preset("small", "fine"), ["train.lr=2e-4"])
+    save_json(cfg, tmp_path / "c.json")
+    assert load_json(Config, tmp_path / "c.json") == cfg
+    assert to_dict(load_config(tmp_path / "c.json")) == to_dict(cfg)
+
+
+def test_missing_and_malformed_files_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model_config(tmp_path / "nope.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model_config(tmp_path / "broken.json")

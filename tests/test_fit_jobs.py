@@ -1,0 +1,39 @@
+"""fit-rvq and fit-kmeans as a user runs them: the jobs on a local Ray, over a folder with a broken file."""
+import json
+import shutil
+
+import pytest
+
+from jobs import fit_kmeans, fit_rvq, init_token_system
+from musiclm.audio import list_audio_files, load_audio
+from musiclm.tokens.system import TokenSystem, TokenSystemError
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+
+def test_fit_jobs_on_local_ray(local_ray, corpus, tmp_path):
+    audio = tmp_path / "audio"
+    shutil.copytree(corpus / "fma_synth", audio)
+    (audio / "broken.mp3").write_text("not audio at all\n" * 20)
+    ts = tmp_path / "ts"
+    init_token_system.main(["--preset", "tiny", "--out", str(ts)])
+    assert not TokenSystem.load(ts).rvq_fitted
+
+    fit_rvq.main(["--token-system", str(ts), "--audio", str(audio), "--steps", "30"])
+    rvq_report = json.loads((ts / "fit_rvq.report.json").read_text())
+    assert rvq_report["tracks"] == 6 and rvq_report["embeddings"] == 12  # 11 s tracks: 2 windows each
+    assert [e["path"] for e in rvq_report["failed"]] == [str(audio / "broken.mp3")]
+    assert "not a decodable audio file" in rvq_report["failed"][0]["message"]
+
+    fit_kmeans.main(["--token-system", str(ts), "--audio", str(audio), "--frames-per-track", "400"])
+    km_report = json.loads((ts / "fit_kmeans.report.json").read_text())
+    assert km_report["frames"] == 6 * 400 and km_report["clusters_used"] > 900
+    assert len(km_report["failed"]) == 1
+
+    system = TokenSystem.load(ts)
+    assert system.rvq_fitted and system.kmeans_fitted and system.fingerprint == km_report["fingerprint"]
+    tokens = system.tokenize(load_audio(list_audio_files(corpus)[0], 24000), 24000)
+    assert tokens["clap"].shape == (2, 12) and tokens["semantic"].shape == (549,)
+
+    with pytest.raises(TokenSystemError, match="already fitted.*--overwrite"):
+        fit_rvq.main(["--token-system", str(ts), "--audio", str(audio)])
