@@ -20,6 +20,16 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
 
 
+def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """Arguments shared by the jobs that fit one of the token system's quantizers."""
+    parser.add_argument("--token-system", required=True, help="token-system directory (see init-token-system)")
+    parser.add_argument("--audio", required=True, help="folder of audio files (searched recursively)")
+    parser.add_argument("--max-tracks", type=int, default=None, help="use a random subset of this many files")
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="use at most this much of each track")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help=f"re-fit {what} that is already fitted")
+
+
 def connect(args: argparse.Namespace) -> dict:
     """Connect to the cluster named by --address / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1.
     Returns the cluster's resources."""

@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_ray_args, connect, log, run
+from jobs.common import add_fit_args, add_ray_args, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm fit-kmeans", description=__doc__)
-    p.add_argument("--token-system", required=True, help="token-system directory (see init-token-system)")
-    p.add_argument("--audio", required=True, help="folder of audio files (searched recursively)")
+    add_fit_args(p, "a k-means")
     p.add_argument("--frames-per-track", type=int, default=100, help="random feature frames kept per track")
-    p.add_argument("--max-tracks", type=int, default=None, help="use a random subset of this many files")
-    p.add_argument("--max-seconds", type=float, default=30.0, help="use at most this much of each track")
     p.add_argument("--max-frames", type=int, default=1_000_000, help="cap on feature frames kept in memory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="re-fit a k-means that is already fitted")
     add_ray_args(p)
     return p
 

@@ -12,6 +12,7 @@ the released checkpoints' shape).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -270,8 +271,6 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 def load_config(path: str | Path) -> Config:
     """Load a full Config JSON. A bare open-musiclm model JSON (no ``model`` section) is accepted too."""
-    import json
-
     data = json.loads(Path(path).read_text()) if Path(path).exists() else None
     if isinstance(data, dict) and "global_cfg" in data:
         return Config(model=load_model_config(path))

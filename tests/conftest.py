@@ -9,7 +9,7 @@ from musiclm import synth
 from musiclm.audio import list_audio_files, load_audio
 from musiclm.config import model_preset
 from musiclm.tokens.kmeans import fit_minibatch_kmeans
-from musiclm.tokens.system import TokenSystem, _new_rvq
+from musiclm.tokens.system import TokenSystem, new_rvq
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def tiny_system_dir(corpus, tmp_path_factory):
     system = TokenSystem.create(model_preset("tiny").token_system(), out)
     paths = list_audio_files(corpus)
     emb = torch.cat([system.clap.audio_embeddings(load_audio(p, 48000)) for p in paths])
-    rvq = _new_rvq(system.config)
+    rvq = new_rvq(system.config)
     rvq.fit(emb, steps=20, batch_size=64)
     system.set_rvq(rvq)
     feats = np.concatenate([system.semantic.features(load_audio(p, 16000)).numpy() for p in paths])

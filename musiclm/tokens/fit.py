@@ -20,7 +20,7 @@ import torch
 from ..audio import AudioDecodeError, decode_audio, list_audio_files
 from ..raycompute import ActorPlan
 from .kmeans import fit_minibatch_kmeans
-from .system import TokenSystem, TokenSystemError, _new_rvq
+from .system import TokenSystem, TokenSystemError, new_rvq
 
 CLAP, SEMANTIC = "clap", "semantic"
 
@@ -45,8 +45,6 @@ class _Encoder:
     """Ray Data actor: loads the token system once, turns decoded audio into vectors (one array per track)."""
 
     def __init__(self, token_system: str, kind: str, device: str, threads: int, frames_per_track: int):
-        import torch
-
         torch.set_num_threads(threads)
         self.system = TokenSystem.load(token_system, device=device)
         self.kind, self.frames_per_track = kind, frames_per_track
@@ -145,7 +143,7 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
     paths = _select(folder, max_tracks, seed)
     data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, log=log)
     log(f"fitting RVQ {system.rvq.num_quantizers}x{system.rvq.codebook_size} on {len(data.vectors)} CLAP embeddings")
-    rvq = _new_rvq(system.config)
+    rvq = new_rvq(system.config)
     fit = rvq.fit(data.vectors, steps=steps, batch_size=batch_size, seed=seed, log=log)
     system.set_rvq(rvq)
     system.save()

@@ -112,7 +112,7 @@ class TokenSystem:
         config = dataclasses.replace(config, **sections)
         clap_model, clap_processor = models["clap"]
         system = cls(config, clap_model=clap_model, clap_processor=clap_processor, hubert=models["semantic"],
-                     encodec=models["encodec"], rvq=_new_rvq(config), centers=None, root=out, device=device)
+                     encodec=models["encodec"], rvq=new_rvq(config), centers=None, root=out, device=device)
         system.save()
         return system
 
@@ -136,7 +136,7 @@ class TokenSystem:
             return str(root / name) if not os.path.isabs(name) and (root / name).exists() else name
 
         clap_model, clap_processor = encoders.load_clap(source("clap_rvq_cfg"))
-        rvq = _new_rvq(config)
+        rvq = new_rvq(config)
         if (root / RVQ_FILE).exists():
             rvq.load_tensors(load_file(str(root / RVQ_FILE)), str(root / RVQ_FILE))
         centers = load_file(str(root / KMEANS_FILE))["centers"] if (root / KMEANS_FILE).exists() else None
@@ -249,7 +249,8 @@ class TokenSystem:
             raise TokenSystemError("token system settings do not match its encoders: " + "; ".join(problems))
 
 
-def _new_rvq(config: TokenSystemConfig) -> ResidualVQ:
+def new_rvq(config: TokenSystemConfig) -> ResidualVQ:
+    """An unfitted RVQ shaped by the token system's settings."""
     c = config.clap_rvq_cfg
     return ResidualVQ(c.rq_num_quantizers, c.codebook_size, c.dim, c.rq_ema_decay, c.threshold_ema_dead_code)
 
