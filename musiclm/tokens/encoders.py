@@ -148,9 +148,10 @@ def build_tiny_encodec(seed: int = 0, bandwidth: float = 6.0, codebook_size: int
             book = layer.codebook
             book.embed.copy_(rvq.codebooks[q])
             book.embed_avg.copy_(rvq.codebooks[q])
-            book.cluster_size.copy_(torch.bincount(nearest(vectors, rvq.codebooks[q]), minlength=codebook_size).float())
+            idx = nearest(vectors, rvq.codebooks[q])
+            book.cluster_size.copy_(torch.bincount(idx, minlength=codebook_size).float())
             book.inited.fill_(1.0)
-            vectors = vectors - rvq.codebooks[q][nearest(vectors, rvq.codebooks[q])]
+            vectors = vectors - rvq.codebooks[q][idx]
     return model
 
 
