@@ -121,7 +121,7 @@ class ResidualVQ(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("RVQ fit got no embeddings: no audio could be embedded")
         g = torch.Generator().manual_seed(seed)
-        self.init_kmeans(sample_rows(x, min(init_size, x.shape[0]), g) if x.shape[0] > init_size else x,
+        self.init_kmeans(sample_rows(x, init_size, g) if x.shape[0] > init_size else x,
                          iters=init_iters, generator=g)
         init_error = self.quantization_error(x)
         replaced = 0
