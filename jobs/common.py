@@ -56,8 +56,13 @@ def run(main) -> None:
     from musiclm.tokens.encoders import EncoderLoadError
     from musiclm.tokens.system import TokenSystemError
 
+    from musiclm.data.dataset import DatasetError
+
     try:
         main()
-    except (ConfigError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        print("interrupted: work already written is kept; run the same command again to continue", file=sys.stderr)
+        sys.exit(130)
+    except (DatasetError, ConfigError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

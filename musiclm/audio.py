@@ -21,15 +21,17 @@ _TRUNCATION_TOLERANCE = 2 * 1152
 
 
 class AudioDecodeError(Exception):
-    """The file could not be decoded. ``path`` names it, ``reason`` says why."""
+    """The file could not be decoded. ``path`` names it, ``reason`` says why, ``kind`` is a short category
+    for summaries: unreadable, empty, truncated, not_audio, no_samples, non_finite."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str = "not_audio"):
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"cannot decode audio file {self.path}: {reason}")
 
     def __reduce__(self):  # picklable across Ray workers
-        return (AudioDecodeError, (self.path, self.reason))
+        return (AudioDecodeError, (self.path, self.reason, self.kind))
 
 
 def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
@@ -81,24 +83,24 @@ def decode_audio(source: str | os.PathLike | bytes, sample_rate: int | None = No
         try:
             data = Path(source).read_bytes()
         except OSError as e:
-            raise AudioDecodeError(name, f"cannot read file: {e.strerror or e}") from None
+            raise AudioDecodeError(name, f"cannot read file: {e.strerror or e}", "unreadable") from None
     if len(data) == 0:
-        raise AudioDecodeError(name, "file is empty (0 bytes)")
+        raise AudioDecodeError(name, "file is empty (0 bytes)", "empty")
     try:
         audio, rate = _decode_soundfile(data)
     except _Truncated as e:
-        raise AudioDecodeError(name, str(e)) from None
+        raise AudioDecodeError(name, str(e), "truncated") from None
     except Exception as sf_error:  # libsndfile cannot read it: try FFmpeg
         try:
             audio, rate = _decode_pyav(data)
         except Exception as av_error:
             raise AudioDecodeError(name, f"not a decodable audio file (soundfile: {_short(sf_error)}; "
-                                         f"FFmpeg: {_short(av_error)})") from None
+                                         f"FFmpeg: {_short(av_error)})", "not_audio") from None
     if audio.shape[0] == 0:
-        raise AudioDecodeError(name, "file decodes to no audio samples")
+        raise AudioDecodeError(name, "file decodes to no audio samples", "no_samples")
     mono = audio.mean(axis=1, dtype=np.float32)
     if not np.isfinite(mono).all():
-        raise AudioDecodeError(name, "file decodes to non-finite sample values")
+        raise AudioDecodeError(name, "file decodes to non-finite sample values", "non_finite")
     if max_seconds is not None:
         mono = mono[: int(round(max_seconds * rate))]
     if sample_rate is not None and sample_rate != rate:

@@ -9,6 +9,7 @@ VERBS = {
     "init-token-system": "create a token-system directory (tiny offline encoders, or pretrained ones)",
     "fit-rvq": "fit the CLAP RVQ on a folder of audio (Ray Data)",
     "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
+    "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

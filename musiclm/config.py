@@ -203,15 +203,31 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """How audio becomes token rows (preprocessing) and how rows are split."""
+    """How audio becomes token rows (preprocessing) and how rows are split into train and valid.
 
-    clip_seconds: float = 30.0  # longest stretch of a track tokenized as one row
+    Each track gives ``crops`` rows of at most ``clip_seconds`` (one row from the start of the track when
+    ``crops`` is 1). As open-musiclm, a clip shorter than ``pad_to_seconds`` (its semantic window) is filled
+    by repeating it and then zero-padded to exactly that length; a longer clip is zero-padded to a whole
+    number of seconds. Tracks shorter than ``min_seconds`` are recorded as errors instead: repeating a
+    fragment that short would train on a loop, not on music.
+    """
+
+    clip_seconds: int = 30  # longest stretch of a track tokenized as one row
+    crops: int = 1  # rows per track: 1 = the first clip_seconds; N > 1 = N clips at seeded random offsets
+    min_seconds: float = 2.0  # shorter tracks become error rows (default: the fine stage's window)
+    pad_to_seconds: int = 10  # shorter clips are repeat-padded to this (open-musiclm: the semantic window)
     valid_frac: float = 0.05
-    seed: int = 0
+    seed: int = 0  # seeds the train/valid split and the crop offsets
+    rows_per_shard: int = 128
 
     def __post_init__(self):
-        check(self.clip_seconds > 0, "clip_seconds", "must be > 0")
+        check(self.clip_seconds >= 1, "clip_seconds", "must be a whole number of seconds >= 1")
+        check(self.crops >= 1, "crops", "must be >= 1")
+        check(self.min_seconds > 0, "min_seconds", "must be > 0")
+        check(1 <= self.pad_to_seconds <= self.clip_seconds, "pad_to_seconds",
+              f"must be a whole number of seconds between 1 and clip_seconds ({self.clip_seconds})")
         check(0.0 <= self.valid_frac < 1.0, "valid_frac", "must be in [0, 1)")
+        check(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
 
 
 @dataclass

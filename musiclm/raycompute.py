@@ -29,8 +29,10 @@ class ActorPlan:
 
 def plan_actors(resources: dict, actors: int | None = None, gpus_per_actor: float | None = None,
                 decode_cpus: float = 0.25) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; else one actor per 4 CPUs (at least one), leaving a
-    quarter of the CPUs (at least one decode task's worth) to decoding."""
+    """One actor per GPU when the cluster has GPUs. On CPUs, one single-threaded actor per CPU up to 4 CPUs,
+    else one two-threaded actor per 2 CPUs: separate processes scale better than torch's intra-op threads
+    for these models (benchmarks/RESULTS.md). Actors ask for three quarters of the CPUs in all, leaving
+    room for the decode tasks so that Ray never waits forever on a small machine."""
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
     if gpus_per_actor is None:
@@ -41,7 +43,8 @@ def plan_actors(resources: dict, actors: int | None = None, gpus_per_actor: floa
         n = actors or max(1, int(gpus // gpus_per_actor))
         per = max(0.25, min(2.0, (cpus - decode_cpus) / n))
         return ActorPlan(n, per, gpus_per_actor, max(1, int(per)), decode_cpus)
-    n = actors or max(1, int(cpus // 4))
+    threads = 1 if cpus <= 4 else 2
+    n = actors or max(1, int(cpus // threads))
     budget = max(0.25, cpus * 0.75 if cpus > 1 else cpus - decode_cpus)
     per = max(0.25, min(budget / n, cpus - decode_cpus))
-    return ActorPlan(n, round(per, 2), 0.0, max(1, int(round(cpus / n))), decode_cpus)
+    return ActorPlan(n, round(per, 2), 0.0, max(1, int(round(cpus / n))) if actors else threads, decode_cpus)

@@ -212,7 +212,8 @@ def _write_metadata(root: Path, tracks: list[TrackParams]) -> None:
     meta.mkdir(parents=True, exist_ok=True)
     columns = [("album", "title"), ("artist", "name"), ("set", "split"), ("set", "subset"),
                ("track", "duration"), ("track", "genre_top"), ("track", "genres"), ("track", "genres_all"),
-               ("track", "tags"), ("track", "title"), ("track", "bit_rate"), ("track", "synth_params")]
+               ("track", "tags"), ("track", "title"), ("track", "bit_rate"), ("track", "listens"), ("track", "favorites"),
+               ("track", "synth_params")]
     with open(meta / "tracks.csv", "w", newline="") as f:  # FMA's header: section row, field row, index row
         w = csv.writer(f)
         w.writerow([""] + [c[0] for c in columns])
@@ -225,7 +226,7 @@ def _write_metadata(root: Path, tracks: list[TrackParams]) -> None:
             w.writerow([p.track_id, f"Synthetic album {p.track_id % 7}", f"Synth artist {p.track_id % 5}", split,
                         "small", f"{p.seconds:.0f}", p.genre, str([gid]), str(all_ids),
                         str([p.mood, p.instrument, p.drums]), f"{p.mood.title()} {p.genre} #{p.track_id}", 128000,
-                        json.dumps(asdict(p))])
+                        (p.track_id * 137) % 5000, (p.track_id * 7) % 40, json.dumps(asdict(p))])
     with open(meta / "genres.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["genre_id", "#tracks", "parent", "title", "top_level"])

@@ -60,6 +60,12 @@ def load_clap(source: str):
     return _load("clap", source, loader)
 
 
+def load_clap_feature_extractor(source: str):
+    from transformers import ClapFeatureExtractor
+
+    return _load("clap", source, ClapFeatureExtractor.from_pretrained)
+
+
 def load_hubert(source: str):
     from transformers import HubertModel
 
@@ -70,6 +76,12 @@ def load_encodec(source: str):
     from transformers import EncodecModel
 
     return _load("encodec", source, lambda src: EncodecModel.from_pretrained(src).eval())
+
+
+def load_encodec_config(source: str):
+    from transformers import EncodecConfig
+
+    return _load("encodec", source, EncodecConfig.from_pretrained)
 
 
 def weights_identity(model: torch.nn.Module) -> str:

@@ -88,7 +88,7 @@ def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 64)))
     ds = ds.map(_decode_row, fn_kwargs={"sample_rate": rate, "max_seconds": max_seconds}, num_cpus=plan.decode_cpus)
     ds = ds.map_batches(_Encoder, batch_size=4,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+                        compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                         fn_constructor_kwargs={"token_system": str(system.root), "kind": kind,
                                                "device": plan.device, "threads": plan.threads_per_actor,

@@ -26,7 +26,7 @@ from ..audio import resample
 from ..config import TINY, TokenSystemConfig, from_dict, to_dict
 from . import encoders
 from .acoustic import AcousticCodec
-from .clap import ClapTokenizer
+from .clap import ClapFeaturizer, ClapTokenizer
 from .rvq import ResidualVQ
 from .semantic import SemanticTokenizer
 
@@ -119,21 +119,10 @@ class TokenSystem:
     @classmethod
     def load(cls, root: str | Path, device: str = "cpu", verify: bool = True) -> "TokenSystem":
         root = Path(root)
-        meta_path = root / CONFIG_FILE
-        if not meta_path.exists():
-            raise TokenSystemError(f"{root} is not a token system (no {CONFIG_FILE}); create one with "
-                                   f"`musiclm init-token-system --preset tiny --out {root}` or import a released one")
-        try:
-            meta = json.loads(meta_path.read_text())
-            config = from_dict(TokenSystemConfig, meta["config"])
-        except (json.JSONDecodeError, KeyError, ValueError) as e:
-            raise TokenSystemError(f"{meta_path} is unreadable: {e}") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise TokenSystemError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+        meta, config = read_meta(root)
 
         def source(key: str) -> str:
-            name = getattr(config, key).model_name
-            return str(root / name) if not os.path.isabs(name) and (root / name).exists() else name
+            return encoder_source(root, config, key)
 
         clap_model, clap_processor = encoders.load_clap(source("clap_rvq_cfg"))
         rvq = new_rvq(config)
@@ -247,6 +236,49 @@ class TokenSystem:
                             f"{c.num_coarse_quantizers + c.num_fine_quantizers}")
         if problems:
             raise TokenSystemError("token system settings do not match its encoders: " + "; ".join(problems))
+
+
+def read_meta(root: str | Path) -> tuple[dict, TokenSystemConfig]:
+    """The contents of ``token_system.json`` and its config, without loading any weights."""
+    root = Path(root)
+    meta_path = root / CONFIG_FILE
+    if not meta_path.exists():
+        raise TokenSystemError(f"{root} is not a token system (no {CONFIG_FILE}); create one with "
+                               f"`musiclm init-token-system --preset tiny --out {root}` or import a released one")
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = from_dict(TokenSystemConfig, meta["config"])
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        raise TokenSystemError(f"{meta_path} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise TokenSystemError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    return meta, config
+
+
+def encoder_source(root: Path, config: TokenSystemConfig, key: str) -> str:
+    """Where the encoder of config section ``key`` loads from: a directory inside ``root``, or as written."""
+    name = getattr(config, key).model_name
+    return str(root / name) if not os.path.isabs(name) and (root / name).exists() else name
+
+
+def require_fitted_files(root: str | Path) -> None:
+    """``require_fitted`` without loading any weights."""
+    missing = [verb for verb, name in (("fit-rvq", RVQ_FILE), ("fit-kmeans", KMEANS_FILE)) if not (Path(root) / name).exists()]
+    if missing:
+        raise TokenSystemError(f"token system {root} is not fitted yet: run `musiclm {' and '.join(missing)}`")
+
+
+def acoustic_sample_rate(root: str | Path) -> int:
+    """EnCodec's sample rate, from its config alone."""
+    _, config = read_meta(root)
+    return int(encoders.load_encodec_config(encoder_source(Path(root), config, "encodec_cfg")).sampling_rate)
+
+
+def load_clap_featurizer(root: str | Path) -> ClapFeaturizer:
+    """CLAP's feature extraction for this token system, without loading any model weights."""
+    _, config = read_meta(root)
+    extractor = encoders.load_clap_feature_extractor(encoder_source(Path(root), config, "clap_rvq_cfg"))
+    return ClapFeaturizer(extractor, config.clap_rvq_cfg, config.clap_audio_length_seconds)
 
 
 def new_rvq(config: TokenSystemConfig) -> ResidualVQ:

@@ -1,0 +1,77 @@
+"""musiclm preprocess: tokenize an audio corpus into a token dataset (Parquet shards + manifest) on Ray Data.
+
+Sources: FMA (audio folder + fma_metadata), a plain folder with an optional captions file, or the synthetic
+set. Re-running the same command resumes an interrupted run and does nothing once every track is done.
+Row settings (DataConfig): clip_seconds, crops, min_seconds, pad_to_seconds, valid_frac, seed, rows_per_shard;
+set them with --set KEY=VALUE or the data section of a --config JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import add_ray_args, connect, log, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musiclm preprocess", description=__doc__)
+    g = p.add_argument_group("source")
+    g.add_argument("--source", required=True, help="audio folder (FMA audio folder, synthetic set, any folder)")
+    g.add_argument("--source-kind", default="auto", choices=["auto", "fma", "folder", "synth"])
+    g.add_argument("--captions", help="captions file for a folder source: JSONL or CSV with path|id and caption")
+    g.add_argument("--metadata", help="FMA metadata folder with tracks.csv and genres.csv "
+                                      "(default: fma_metadata beside the audio folder)")
+    g.add_argument("--subset", choices=["small", "medium", "large"], help="FMA: keep this subset's tracks")
+    g.add_argument("--genre", action="append", default=[], help="FMA: keep tracks of this genre (id or title; "
+                                                                 "repeatable)")
+    g.add_argument("--min-duration", type=float, help="FMA: keep tracks whose metadata duration is at least this")
+    g.add_argument("--filter-fma", action="store_true",
+                   help="FMA: open-musiclm's rule, drop Experimental tracks with <= 1000 listens or <= 5 favorites")
+    p.add_argument("--token-system", required=True, help="fitted token-system directory")
+    p.add_argument("--out", required=True, help="token dataset directory (created, or resumed)")
+    p.add_argument("--config", help="Config JSON whose data section gives the row settings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override row settings, e.g. clip_seconds=20 crops=3 valid_frac=0.1")
+    p.add_argument("--retry-errors", action="store_true", help="try the tracks of the errors table again")
+    p.add_argument("--threads-per-actor", type=int, default=None, help="torch threads in each tokenizer actor")
+    add_ray_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    import dataclasses
+
+    from musiclm.config import DataConfig, apply_overrides, load_config
+    from musiclm.data.preprocess import finish, prepare
+    from musiclm.data.preprocess import run as run_preprocess
+    from musiclm.data.sources import open_source
+    from musiclm.raycompute import plan_actors
+
+    cfg = load_config(args.config).data if args.config else DataConfig()
+    cfg = apply_overrides(cfg, args.set)
+    source = open_source(args.source, args.source_kind, captions=args.captions, metadata=args.metadata,
+                         subset=args.subset, genres=args.genre, min_duration=args.min_duration,
+                         filter_fma=args.filter_fma)
+    log(source.describe())
+    if not source.tracks:
+        raise FileNotFoundError(f"no tracks to tokenize in {source.root} (after filters)")
+    job = prepare(source, args.token_system, args.out, cfg, retry_errors=args.retry_errors, log=log)
+    if not job.pending:
+        log(f"nothing to do: all {len(source.tracks)} tracks of {source.root} are already in {job.out} "
+            f"({job.scan.counts()['errors']} of them as errors; --retry-errors tries those again)")
+        if job.status != "complete":  # a run that stopped after its last shard: record that it is done
+            finish(job, None, log)
+        return
+    plan = plan_actors(connect(args), args.actors, args.gpus_per_actor)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # else our progress lines
+    if args.threads_per_actor:
+        plan = dataclasses.replace(plan, threads_per_actor=args.threads_per_actor)
+    summary = run_preprocess(job, plan, log=log)
+    (job.out / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,331 @@
+"""Audio corpus -> token dataset, on Ray Data.
+
+    list tracks (driver) -> skip those already on disk
+      -> decode (CPU tasks): read, decode, cut clips, pad short ones, resample to 48/16/24 kHz, CLAP features;
+         a file that fails becomes an error row, never a failed task
+      -> tokenize (actor pool, GPU when the cluster has one): CLAP tower + RVQ, semantic encoder + k-means,
+         EnCodec
+      -> write (small CPU tasks): Parquet shards under train/, valid/ and errors/, each written atomically
+      -> summary rows streamed back to the driver for progress and the final report.
+
+CLAP's feature extraction (a mel spectrogram per 10 s window, 10 windows per second of audio with the 1 s
+hop) runs in the decode tasks: it needs no weights, and it keeps the actors, which hold the models and
+the GPUs, busy with model work only.
+
+Each track is tokenized on its own (its CLAP windows batched together): a track's tokens then do not
+depend on which other tracks shared its batch, so an interrupted run that is resumed writes exactly the
+rows an uninterrupted run would. The caller connects to Ray; nothing here calls ``ray.init``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..audio import AudioDecodeError, crop_or_pad, decode_audio, resample
+from ..config import DataConfig
+from ..raycompute import ActorPlan
+from . import dataset as ds_layout
+from .clips import clip_spans, pad_clip, row_id, split_of
+from .sources import Source, Track
+
+# settings that change what the rows contain; a resumed run must use the same ones
+ROW_SETTINGS = ("clip_seconds", "crops", "min_seconds", "pad_to_seconds", "valid_frac", "seed")
+
+
+@dataclass
+class PreprocessJob:
+    source: Source
+    token_system: Path
+    out: Path
+    cfg: DataConfig
+    manifest: dict  # what this run writes into manifest.json (without counts and status)
+    pending: list[Track]
+    scan: ds_layout.Scan
+    rates: dict  # sample rate each tokenizer reads: clap, semantic, acoustic
+    created: str | None = None
+    status: str | None = None  # the manifest's status before this run
+
+
+def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: DataConfig, *,
+            retry_errors: bool = False, log=print) -> PreprocessJob:
+    """Check the token system and the output folder, and work out which tracks still need tokenizing."""
+    from ..tokens.system import acoustic_sample_rate, read_meta, require_fitted_files
+
+    out = Path(out).expanduser().resolve()
+    # The driver reads the token system's description only; each tokenizer actor loads the models, checks the
+    # files still give this fingerprint, and refuses to run otherwise (Tokenizer.__init__).
+    meta, tcfg = read_meta(token_system)
+    require_fitted_files(token_system)
+    if cfg.pad_to_seconds < tcfg.clap_audio_length_seconds:
+        raise ds_layout.DatasetError(
+            f"pad_to_seconds ({cfg.pad_to_seconds} s) is shorter than the CLAP window "
+            f"({tcfg.clap_audio_length_seconds:g} s): every row needs at least one full CLAP window")
+    manifest = {
+        "token_system": str(Path(token_system).resolve()), "fingerprint": meta["fingerprint"],
+        "source": {"kind": source.kind, "root": source.root, **source.settings},
+        "settings": {k: getattr(cfg, k) for k in ROW_SETTINGS},
+        "windows": {"clap_seconds": tcfg.clap_audio_length_seconds, "clap_hop_seconds": tcfg.clap_rvq_cfg.hop_seconds,
+                    "clip_seconds": cfg.clip_seconds, "pad_to_seconds": cfg.pad_to_seconds},
+        "tokens": {  # arrays are flattened time-major with the codebook fastest
+            "clap": {"codebooks": tcfg.clap_rvq_cfg.rq_num_quantizers, "codebook_size": tcfg.clap_rvq_cfg.codebook_size,
+                     "per": "CLAP window"},
+            "semantic": {"codebooks": 1, "codebook_size": tcfg.hubert_kmeans_cfg.codebook_size,
+                         "hz": tcfg.hubert_kmeans_cfg.output_hz},
+            "coarse": {"codebooks": tcfg.num_coarse_quantizers, "codebook_size": tcfg.encodec_cfg.codebook_size,
+                       "hz": tcfg.encodec_cfg.output_hz},
+            "fine": {"codebooks": tcfg.num_fine_quantizers, "codebook_size": tcfg.encodec_cfg.codebook_size,
+                     "hz": tcfg.encodec_cfg.output_hz},
+        },
+    }
+    existing = ds_layout.read_manifest(out)
+    if existing is not None:
+        ds_layout.check_compatible(out, existing, manifest)
+    elif out.exists() and any(out.iterdir()):
+        raise ds_layout.DatasetError(f"output folder {out} is not empty and holds no {ds_layout.MANIFEST}: "
+                                     f"choose an empty or new folder for the token dataset")
+    if retry_errors:
+        for f in ds_layout.shard_files(out, ds_layout.ERRORS):
+            f.unlink()
+    if ds_layout.remove_stale_temporaries(out):
+        log(f"removed partly written files of an interrupted run in {out}")
+    scan = ds_layout.scan(out)
+    pending = [t for t in source.tracks if t.id not in scan.done_tracks]
+    rates = {"clap": tcfg.clap_rvq_cfg.sample_rate, "semantic": tcfg.hubert_kmeans_cfg.target_sample_hz,
+             "acoustic": acoustic_sample_rate(token_system)}
+    return PreprocessJob(source, Path(token_system).resolve(), out, cfg, manifest, pending, scan, rates,
+                         (existing or {}).get("created"), (existing or {}).get("status"))
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+@functools.lru_cache(maxsize=4)
+def _featurizer(token_system: str):
+    from ..tokens.system import load_clap_featurizer
+
+    return load_clap_featurizer(token_system)
+
+
+def _base_row(row: dict) -> dict:
+    """Every column a decoded row has, empty; ``kind`` stays empty unless the track failed."""
+    return {"id": row["track_id"], "track_id": row["track_id"], "path": row["path"], "caption": row["caption"],
+            "split": "", "start_seconds": 0.0, "audio_seconds": 0.0, "seconds": 0, "rows_in_track": 0,
+            "stage": "", "kind": "", "message": "", "clap_shape": np.zeros(4, np.int64),
+            "clap_features": np.zeros(0, np.float32), "audio_semantic": np.zeros(0, np.float32),
+            "audio_acoustic": np.zeros(0, np.float32)}
+
+
+def _error_row(row: dict, stage: str, kind: str, message: str) -> dict:
+    return {**_base_row(row), "stage": stage, "kind": kind, "message": message}
+
+
+def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[dict]:
+    """One track -> one row per clip with the audio each tokenizer needs, or one error row."""
+    cfg = DataConfig(**cfg)
+    try:
+        audio, rate = decode_audio(row["path"])
+    except AudioDecodeError as e:
+        return [_error_row(row, "decode", e.kind, e.reason)]
+    except Exception as e:  # a decoder crash must not end the job either
+        return [_error_row(row, "decode", "decode_failed", f"{type(e).__name__}: {e}")]
+    duration = len(audio) / rate
+    if duration < cfg.min_seconds:
+        return [_error_row(row, "decode", "too_short", f"track is {duration:.2f} s long, shorter than min_seconds "
+                                                       f"({cfg.min_seconds:g} s)")]
+    try:
+        spans = clip_spans(len(audio), rate, cfg, row["track_id"])
+        out = []
+        for k, (start, length) in enumerate(spans):
+            clip = pad_clip(audio[start: start + length], rate, cfg.pad_to_seconds)
+            seconds = len(clip) // rate
+            at = {name: crop_or_pad(resample(clip, rate, r), seconds * r) for name, r in rates.items()}
+            feats = _featurizer(token_system)(at["clap"])
+            out.append({**_base_row(row), "id": row_id(row["track_id"], k, len(spans)),
+                        "split": split_of(row["track_id"], cfg.valid_frac, cfg.seed),
+                        "start_seconds": start / rate, "audio_seconds": min(length, len(audio) - start) / rate,
+                        "seconds": seconds, "rows_in_track": len(spans), "clap_shape": np.array(feats.shape),
+                        "clap_features": feats.reshape(-1), "audio_semantic": at["semantic"],
+                        "audio_acoustic": at["acoustic"]})
+        return out
+    except Exception as e:
+        return [_error_row(row, "decode", "decode_failed", f"{type(e).__name__}: {e}")]
+
+
+class Tokenizer:
+    """Ray Data actor: holds the token system's models; turns decoded clips into token arrays."""
+
+    def __init__(self, token_system: str, fingerprint: str, device: str, threads: int):
+        import torch
+
+        from ..tokens.system import CONFIG_FILE, TokenSystem, TokenSystemError
+
+        torch.set_num_threads(threads)
+        self.system = TokenSystem.load(token_system, device=device)
+        if self.system.fingerprint != fingerprint:
+            raise TokenSystemError(f"token system {token_system} gives fingerprint {self.system.fingerprint[:12]}, "
+                                   f"but the job started from {CONFIG_FILE} saying {fingerprint[:12]}: its files "
+                                   f"were changed. Restore them, or re-fit and start a new dataset.")
+        c = self.system.config
+        self.n_coarse, self.n_fine = c.num_coarse_quantizers, c.num_fine_quantizers
+        self.semantic_hz, self.acoustic_hz = c.hubert_kmeans_cfg.output_hz, c.encodec_cfg.output_hz
+
+    def tokens(self, row: dict) -> dict[str, np.ndarray]:
+        s = self.system
+        feats = np.asarray(row["clap_features"], np.float32).reshape(tuple(int(d) for d in row["clap_shape"]))
+        clap = s.clap.tokens(s.clap.embed_features(feats))
+        semantic = s.semantic.tokens(np.asarray(row["audio_semantic"], np.float32))
+        acoustic = s.acoustic.encode(np.asarray(row["audio_acoustic"], np.float32))
+        seconds = int(row["seconds"])
+        # the frame counts every reader relies on: 50 Hz semantic (one frame short, as HuBERT's convolutions
+        # give), 75 Hz acoustic
+        if len(semantic) != seconds * self.semantic_hz - 1 or len(acoustic) != seconds * self.acoustic_hz:
+            raise RuntimeError(f"unexpected token counts for {seconds} s: semantic {len(semantic)}, "
+                               f"acoustic {len(acoustic)}")
+        coarse, fine = acoustic[:, :self.n_coarse], acoustic[:, self.n_coarse: self.n_coarse + self.n_fine]
+        return {name: np.ascontiguousarray(a, dtype=np.uint16).reshape(-1)
+                for name, a in (("clap", clap), ("semantic", semantic), ("coarse", coarse), ("fine", fine))}
+
+    def __call__(self, batch: dict) -> dict:
+        meta_cols = ("id", "track_id", "path", "caption", "split", "start_seconds", "audio_seconds", "seconds",
+                     "rows_in_track", "stage", "kind", "message")
+        out = {c: [] for c in (*meta_cols, *ds_layout.TOKEN_COLUMNS)}
+        for i in range(len(batch["id"])):
+            row = {c: batch[c][i] for c in batch}
+            tokens = {c: np.zeros(0, np.uint16) for c in ds_layout.TOKEN_COLUMNS}
+            if not row["kind"]:
+                try:
+                    tokens = self.tokens(row)
+                except Exception as e:  # one bad clip must not end the job: it becomes an error row
+                    row.update(stage="tokenize", kind="tokenize_failed", message=f"{type(e).__name__}: {e}")
+            for c in meta_cols:
+                out[c].append(row[c])
+            for c in ds_layout.TOKEN_COLUMNS:
+                out[c].append(tokens[c])
+        return out
+
+
+class ShardWriter:
+    """Ray Data actor (one per job): writes each batch of tokenized rows as shards. One long-lived process
+    instead of a task per shard; token rows are small (about 80 KB per 30 s track), so one writer keeps up."""
+
+    def __init__(self, out: str, skip_rows: frozenset):
+        self.out, self.skip_rows = out, skip_rows
+
+    def __call__(self, batch: dict) -> dict:
+        return write_batch(batch, self.out, self.skip_rows)
+
+
+def write_batch(batch: dict, out: str, skip_rows: frozenset) -> dict:
+    """Write one batch of tokenized rows as shards; return one summary row per input row."""
+    n = len(batch["id"])
+    failed = [i for i in range(n) if batch["kind"][i]]
+    good = [i for i in range(n) if not batch["kind"][i] and batch["id"][i] not in skip_rows]
+    if failed:
+        errs = {c: [str(batch[c][i]) for i in failed] for c in ds_layout.ERROR_SCHEMA.names}
+        errs["id"] = errs["track_id"]
+        ds_layout.write_shard(out, ds_layout.ERRORS, pa.table(errs, schema=ds_layout.ERROR_SCHEMA))
+    for split in ds_layout.SPLITS:
+        rows = [i for i in good if batch["split"][i] == split]
+        if rows:
+            cols = {c: [batch[c][i] for i in rows] for c in ds_layout.ROW_SCHEMA.names}
+            ds_layout.write_shard(out, split, pa.table(cols, schema=ds_layout.ROW_SCHEMA))
+    return {"track_id": [str(t) for t in batch["track_id"]], "split": [str(s) for s in batch["split"]],
+            "kind": [str(k) for k in batch["kind"]], "message": [str(m) for m in batch["message"]],
+            "path": [str(p) for p in batch["path"]], "audio_seconds": np.asarray(batch["audio_seconds"], np.float64),
+            "seconds": np.asarray(batch["seconds"], np.int64), "rows_in_track": np.asarray(batch["rows_in_track"])}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+@dataclass
+class Progress:
+    total: int
+    start: float = dataclasses.field(default_factory=time.time)
+    tracks: set = dataclasses.field(default_factory=set)
+    failed: Counter = dataclasses.field(default_factory=Counter)
+    audio_seconds: float = 0.0
+    rows: Counter = dataclasses.field(default_factory=Counter)
+    last_log: float = 0.0
+
+    def add(self, row: dict) -> None:
+        self.tracks.add(row["track_id"])
+        if row["kind"]:
+            self.failed[row["kind"]] += 1
+        else:
+            self.rows[row["split"]] += 1
+            self.audio_seconds += float(row["audio_seconds"])
+
+    def line(self) -> str:
+        wall = max(1e-9, time.time() - self.start)
+        done = len(self.tracks)
+        eta = (self.total - done) * wall / done if done else float("nan")
+        return (f"{done}/{self.total} tracks ({sum(self.failed.values())} failed), {self.audio_seconds:.0f} s of "
+                f"audio, {self.audio_seconds / wall:.1f} s audio/s, {done / wall:.2f} tracks/s, ETA {eta:.0f} s")
+
+
+def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokenize_batch: int = 4,
+        log_every: float = 10.0, log=print) -> dict:
+    """Tokenize the job's pending tracks on the connected Ray cluster; returns the run's summary."""
+    import ray
+
+    job.created = job.created or time.strftime("%Y-%m-%dT%H:%M:%S")
+    ds_layout.write_manifest(job.out, {**job.manifest, "created": job.created, "status": "in_progress",
+                                       "counts": job.scan.counts()})
+    log(f"tokenizing {len(job.pending)} tracks into {job.out}: {plan.describe()}")
+    items = [{"track_id": t.id, "path": t.path, "caption": t.caption} for t in job.pending]
+    data = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // tracks_per_task)))
+    data = data.flat_map(decode_track, num_cpus=plan.decode_cpus,
+                         fn_kwargs={"token_system": str(job.token_system), "cfg": dataclasses.asdict(job.cfg),
+                                    "rates": job.rates})
+    data = data.map_batches(Tokenizer, batch_size=tokenize_batch,
+                            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                            fn_constructor_kwargs={"token_system": str(job.token_system),
+                                                   "fingerprint": job.manifest["fingerprint"],
+                                                   "device": plan.device, "threads": plan.threads_per_actor})
+    data = data.map_batches(ShardWriter, batch_size=job.cfg.rows_per_shard, num_cpus=0.05,
+                            compute=ray.data.ActorPoolStrategy(size=1),
+                            fn_constructor_kwargs={"out": str(job.out), "skip_rows": frozenset(job.scan.partial_rows)})
+    progress = Progress(len(job.pending))
+    try:
+        for row in data.iter_rows():
+            progress.add(row)
+            if time.time() - progress.last_log >= log_every:
+                progress.last_log = time.time()
+                log(progress.line())
+    except KeyboardInterrupt:
+        log(f"interrupted after {len(progress.tracks)} tracks; every shard written so far is kept. Run the same "
+            f"command again to tokenize the rest.")
+        raise
+    return finish(job, progress, log)
+
+
+def finish(job: PreprocessJob, progress: Progress | None, log=print) -> dict:
+    """Recount what is on disk, update the manifest, and log the summary."""
+    scan = ds_layout.scan(job.out)
+    remaining = sum(1 for t in job.source.tracks if t.id not in scan.done_tracks)
+    status = "complete" if remaining == 0 else "in_progress"
+    counts = scan.counts()
+    ds_layout.write_manifest(job.out, {**job.manifest, "created": job.created or time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "status": status, "counts": counts})
+    summary = {"out": str(job.out), "status": status, "remaining_tracks": remaining, "dataset": counts}
+    if progress is not None:
+        wall = time.time() - progress.start
+        summary["run"] = {"tracks": len(progress.tracks), "failed": dict(progress.failed),
+                          "rows": dict(progress.rows), "audio_seconds": round(progress.audio_seconds, 1),
+                          "wall_seconds": round(wall, 1),
+                          "audio_seconds_per_second": round(progress.audio_seconds / max(wall, 1e-9), 2)}
+        log(f"this run: {progress.line()}")
+        if progress.failed:
+            log("failed by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(progress.failed.items()))
+                + f" (see {job.out / ds_layout.ERRORS})")
+    log(f"dataset {job.out}: {status}; rows {counts['rows']}, tracks {counts['tracks']}, errors "
+        f"{counts['errors']}, {counts['seconds']:.0f} s tokenized"
+        + (f"; {remaining} tracks still to do: run the same command again" if remaining else ""))
+    return summary

@@ -1,0 +1,139 @@
+"""Preprocessing on real Ray Data: synthetic corpus -> token dataset, bad files -> error rows, interrupt and
+resume, fingerprint refusal."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from musiclm import synth
+from musiclm.audio import list_audio_files
+from musiclm.config import DataConfig
+from musiclm.data import dataset as layout
+from musiclm.data.preprocess import prepare, run
+from musiclm.data.sources import open_source
+from musiclm.raycompute import plan_actors
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+
+def preprocess(source_dir, system_dir, out, cfg=None, **kw):
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    job = prepare(open_source(source_dir, **kw), system_dir, out, cfg or DataConfig(), log=lambda m: None)
+    return job, (run(job, plan_actors(ray.cluster_resources()), log=lambda m: None) if job.pending else None)
+
+
+def read_rows(out) -> dict[str, dict]:
+    rows = {}
+    for split in layout.SPLITS:
+        for f in layout.shard_files(out, split):
+            for r in pq.read_table(f).to_pylist():  # plain pyarrow opens every shard
+                assert r["id"] not in rows, f"row {r['id']} written twice"
+                rows[r["id"]] = r
+    return rows
+
+
+def read_errors(out) -> dict[str, dict]:
+    return {r["track_id"]: r for f in layout.shard_files(out, layout.ERRORS) for r in pq.read_table(f).to_pylist()}
+
+
+def test_synthetic_corpus_to_dataset(local_ray, corpus, tiny_system_dir, tmp_path):
+    out = tmp_path / "ds"
+    _, summary = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3))
+    rows = read_rows(out)
+    ids = sorted(json.loads(line)["id"] for line in (corpus / "captions.jsonl").read_text().splitlines())
+    assert sorted(rows) == ids and summary["run"]["tracks"] == 6
+    assert {r["split"] for r in rows.values()} == {"train", "valid"}
+    for r in rows.values():  # 11 s tracks are padded to 11 whole seconds
+        assert r["seconds"] == 11 and r["audio_seconds"] == pytest.approx(11.0, abs=0.05)
+        assert len(r["clap"]) == (11 - 10 + 1) * 12 and len(r["semantic"]) == 11 * 50 - 1
+        assert len(r["coarse"]) == 11 * 75 * 3 and len(r["fine"]) == 11 * 75 * 5
+        assert r["caption"] and max(r["semantic"]) < 1024 and max(r["fine"]) < 1024
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == {
+        s: sum(r["split"] == s for r in rows.values()) for s in layout.SPLITS}
+    again, _ = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3))
+    assert again.pending == []  # a finished dataset: nothing left to do
+
+
+def test_bad_files_become_error_rows(local_ray, corpus, tiny_system_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = list_audio_files(corpus)[:2]
+    for i, p in enumerate(good):
+        shutil.copy(p, folder / f"good{i}.mp3")
+    data = Path(good[0]).read_bytes()
+    (folder / "truncated.mp3").write_bytes(data[: len(data) // 2])
+    (folder / "empty.mp3").write_bytes(b"")
+    (folder / "text.mp3").write_text("this is not audio\n" * 50)
+    sf.write(folder / "short.mp3", np.sin(np.arange(44100) / 10).astype(np.float32) * 0.3, 44100,
+             format="MP3", subtype="MPEG_LAYER_III")
+    shutil.copy(good[1], folder / "locked.mp3")
+    os.chmod(folder / "locked.mp3", 0)
+    try:
+        preprocess(folder, tiny_system_dir, tmp_path / "ds")
+    finally:
+        os.chmod(folder / "locked.mp3", 0o644)
+    rows, errors = read_rows(tmp_path / "ds"), read_errors(tmp_path / "ds")
+    kinds = {k: e["kind"] for k, e in errors.items()}
+    expected = {"truncated": "truncated", "empty": "empty", "text": "not_audio", "short": "too_short"}
+    root_reads_anything = os.geteuid() == 0  # permissions do not stop root: then the locked file is good
+    if not root_reads_anything:
+        expected["locked"] = "unreadable"
+    assert kinds == expected
+    assert sorted(rows) == sorted(["good0", "good1"] + (["locked"] if root_reads_anything else []))
+    assert "shorter than min_seconds" in errors["short"]["message"] and errors["text"]["stage"] == "decode"
+
+
+def test_interrupt_and_resume_equals_uninterrupted(local_ray, tiny_system_dir, tmp_path):
+    corpus, n = tmp_path / "corpus", 12
+    synth.write_corpus(corpus, n, 11.0, seed=5)
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "jobs.preprocess", "--source", str(corpus), "--token-system", str(tiny_system_dir),
+           "--out", str(out), "--num-cpus", "2", "--set", "rows_per_shard=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).parents[1])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/part-*.parquet")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C once the first shard is on disk
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    first = read_rows(out)
+    assert 0 < len(first) < n, f"the first run should have stopped part way, it wrote {len(first)} rows"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+
+    cfg = DataConfig(rows_per_shard=1)
+    job, _ = preprocess(corpus, tiny_system_dir, out, cfg)
+    assert len(job.pending) == n - len(first)  # tokenized tracks are not repeated
+    preprocess(corpus, tiny_system_dir, tmp_path / "straight", cfg)
+    resumed, straight = read_rows(out), read_rows(tmp_path / "straight")
+    assert sorted(resumed) == sorted(straight)
+    for rid, row in straight.items():
+        for col in layout.TOKEN_COLUMNS:
+            assert resumed[rid][col] == row[col], (rid, col)
+
+
+def test_other_token_system_is_refused(corpus, tiny_system_dir, tmp_path):
+    out = tmp_path / "ds"
+    layout.write_manifest(out, {"fingerprint": "f" * 64, "token_system": "/elsewhere/ts", "source": {},
+                                "settings": {}, "status": "complete"})
+    with pytest.raises(layout.DatasetError) as err:
+        prepare(open_source(corpus), tiny_system_dir, out, DataConfig(), log=lambda m: None)
+    text = str(err.value)
+    assert "ffffffffffff" in text and "/elsewhere/ts" in text and str(tiny_system_dir) in text
+    fingerprint = json.loads((Path(tiny_system_dir) / "token_system.json").read_text())["fingerprint"]
+    assert fingerprint[:12] in text

@@ -1,0 +1,69 @@
+"""Clip policy (short tracks, crops, split) and the per-stage window crop used by training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from musiclm.config import DataConfig, GlobalConfig
+from musiclm.data.clips import clip_spans, pad_clip, split_of
+from musiclm.data.shards import CropSpec, StageCrop, crop_row
+
+MANIFEST = {"windows": {"pad_to_seconds": 10, "clap_hop_seconds": 1.0},
+            "tokens": {"clap": {"codebooks": 12}, "semantic": {"hz": 50}, "coarse": {"hz": 75, "codebooks": 3},
+                       "fine": {"hz": 75, "codebooks": 5}}}
+
+
+def test_short_clips_are_repeat_padded_long_ones_padded_to_whole_seconds():
+    rate = 100
+    short = np.arange(1, 301, dtype=np.float32)  # 3 s
+    out = pad_clip(short, rate, 10)
+    assert len(out) == 1000 and np.array_equal(out[:900], np.tile(short, 3)) and not out[900:].any()
+    long = np.ones(1234, np.float32)
+    assert len(pad_clip(long, rate, 10)) == 1300
+
+
+def test_clip_spans_and_split_are_stable():
+    cfg = DataConfig(clip_seconds=10, crops=3, seed=1)
+    spans = clip_spans(30 * 100, 100, cfg, "000007")
+    assert spans == clip_spans(30 * 100, 100, cfg, "000007") and len(spans) == 3
+    assert all(length == 1000 and start % 100 == 0 and start + length <= 3000 for start, length in spans)
+    assert clip_spans(5000, 100, DataConfig(clip_seconds=30), "x") == [(0, 3000)]
+    ids = [f"{i:06d}" for i in range(2000)]
+    valid = sum(split_of(i, 0.05, 0) == "valid" for i in ids)
+    assert 60 < valid < 140 and split_of("000123", 0.05, 0) == split_of("000123", 0.05, 0)
+
+
+def _row(seconds: int) -> dict:
+    """Token arrays whose values encode their time, so crops can be checked for alignment."""
+    windows = seconds - 10 + 1
+    return {"id": "t", "seconds": seconds,
+            "clap": np.repeat(np.arange(windows), 12), "semantic": np.arange(seconds * 50 - 1),
+            "coarse": np.repeat(np.arange(seconds * 75), 3), "fine": np.repeat(np.arange(seconds * 75), 5)}
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_stage_crops_are_aligned(stage):
+    spec = CropSpec.make(stage, GlobalConfig(), MANIFEST)
+    for seed in range(20):
+        out = crop_row(_row(17), spec, np.random.default_rng(seed))
+        assert {k: v.shape for k, v in out.items()} == spec.shapes()
+        outer = int(out["clap"][0])  # the CLAP window starting at the outer crop's second
+        start = out["semantic"][0] / 50 if "semantic" in out else out["coarse"][0, 0] / 75
+        assert start == int(start) and outer <= start <= outer + 10 - spec.inner_seconds
+        if "coarse" in out and "semantic" in out:
+            assert out["semantic"][0] / 50 == out["coarse"][0, 0] / 75
+        if "fine" in out:
+            assert np.array_equal(out["fine"][:, 0], out["coarse"][:, 0])
+    assert spec.shapes()[{"semantic": "semantic", "coarse": "coarse", "fine": "fine"}[stage]][0] == \
+        {"semantic": 499, "coarse": 300, "fine": 150}[stage]
+
+
+def test_seeded_crops_are_fixed_and_short_windows_refused():
+    spec = CropSpec.make("coarse", GlobalConfig(), MANIFEST)
+    batch = {k: np.array([v, v], dtype=object) if isinstance(v, np.ndarray) else np.array([v, v])
+             for k, v in _row(20).items()}
+    batch["id"] = np.array(["a", "b"])
+    one, two = StageCrop(spec, seed=3)(batch), StageCrop(spec, seed=3)(batch)
+    assert all(np.array_equal(one[k], two[k]) for k in spec.shapes())
+    with pytest.raises(Exception, match="preprocess again with pad_to_seconds >= 12"):
+        CropSpec.make("semantic", GlobalConfig(semantic_audio_length_seconds=12), MANIFEST)
