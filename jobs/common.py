@@ -53,10 +53,9 @@ def run(main) -> None:
     """Run a job's main, turning the project's user-facing errors into one clear line and exit status 2."""
     from musiclm.audio import AudioDecodeError
     from musiclm.config_io import ConfigError
+    from musiclm.data.dataset import DatasetError
     from musiclm.tokens.encoders import EncoderLoadError
     from musiclm.tokens.system import TokenSystemError
-
-    from musiclm.data.dataset import DatasetError
 
     try:
         main()

@@ -192,8 +192,8 @@ class Tokenizer:
                 for name, a in (("clap", clap), ("semantic", semantic), ("coarse", coarse), ("fine", fine))}
 
     def __call__(self, batch: dict) -> dict:
-        meta_cols = ("id", "track_id", "path", "caption", "split", "start_seconds", "audio_seconds", "seconds",
-                     "rows_in_track", "stage", "kind", "message")
+        meta_cols = (*(c for c in ds_layout.ROW_SCHEMA.names if c not in ds_layout.TOKEN_COLUMNS),
+                     "stage", "kind", "message")
         out = {c: [] for c in (*meta_cols, *ds_layout.TOKEN_COLUMNS)}
         for i in range(len(batch["id"])):
             row = {c: batch[c][i] for c in batch}
@@ -228,7 +228,6 @@ def write_batch(batch: dict, out: str, skip_rows: frozenset) -> dict:
     good = [i for i in range(n) if not batch["kind"][i] and batch["id"][i] not in skip_rows]
     if failed:
         errs = {c: [str(batch[c][i]) for i in failed] for c in ds_layout.ERROR_SCHEMA.names}
-        errs["id"] = errs["track_id"]
         ds_layout.write_shard(out, ds_layout.ERRORS, pa.table(errs, schema=ds_layout.ERROR_SCHEMA))
     for split in ds_layout.SPLITS:
         rows = [i for i in good if batch["split"][i] == split]
@@ -236,9 +235,7 @@ def write_batch(batch: dict, out: str, skip_rows: frozenset) -> dict:
             cols = {c: [batch[c][i] for i in rows] for c in ds_layout.ROW_SCHEMA.names}
             ds_layout.write_shard(out, split, pa.table(cols, schema=ds_layout.ROW_SCHEMA))
     return {"track_id": [str(t) for t in batch["track_id"]], "split": [str(s) for s in batch["split"]],
-            "kind": [str(k) for k in batch["kind"]], "message": [str(m) for m in batch["message"]],
-            "path": [str(p) for p in batch["path"]], "audio_seconds": np.asarray(batch["audio_seconds"], np.float64),
-            "seconds": np.asarray(batch["seconds"], np.int64), "rows_in_track": np.asarray(batch["rows_in_track"])}
+            "kind": [str(k) for k in batch["kind"]], "audio_seconds": np.asarray(batch["audio_seconds"], np.float64)}
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -33,7 +33,7 @@ class ClapFeaturizer:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """Input features (n_windows, 1, frames, mel bins) of 48 kHz mono ``audio``."""
         fe = self.feature_extractor
-        fast = (audio.shape[-1] >= self.window == getattr(fe, "nb_max_samples", -1)
+        fast = (audio.shape[-1] >= self.window and self.window == getattr(fe, "nb_max_samples", -1)
                 and hasattr(fe, "mel_filters_slaney") and self.hop % fe.hop_length == 0)
         if not fast:
             feats = fe(list(self.windows(audio)), sampling_rate=self.sample_rate, truncation="rand_trunc",

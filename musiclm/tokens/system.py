@@ -190,9 +190,7 @@ class TokenSystem:
 
     # ------------------------------------------------------------------ tokenizing
     def require_fitted(self) -> None:
-        missing = [n for n, ok in (("fit-rvq", self.rvq_fitted), ("fit-kmeans", self.kmeans_fitted)) if not ok]
-        if missing:
-            raise TokenSystemError(f"token system {self.root} is not fitted yet: run `musiclm {' and '.join(missing)}`")
+        _require_fitted(self.root, {"fit-rvq": self.rvq_fitted, "fit-kmeans": self.kmeans_fitted})
 
     def tokenize(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         """All tokens of one mono clip: ``clap`` (windows, 12), ``semantic`` (T,), ``coarse`` (T', 3), ``fine`` (T', 5)."""
@@ -263,7 +261,11 @@ def encoder_source(root: Path, config: TokenSystemConfig, key: str) -> str:
 
 def require_fitted_files(root: str | Path) -> None:
     """``require_fitted`` without loading any weights."""
-    missing = [verb for verb, name in (("fit-rvq", RVQ_FILE), ("fit-kmeans", KMEANS_FILE)) if not (Path(root) / name).exists()]
+    _require_fitted(root, {"fit-rvq": (Path(root) / RVQ_FILE).exists(), "fit-kmeans": (Path(root) / KMEANS_FILE).exists()})
+
+
+def _require_fitted(root, fitted: dict[str, bool]) -> None:
+    missing = [verb for verb, ok in fitted.items() if not ok]
     if missing:
         raise TokenSystemError(f"token system {root} is not fitted yet: run `musiclm {' and '.join(missing)}`")
 
