@@ -56,12 +56,13 @@ def run(main) -> None:
     from musiclm.data.dataset import DatasetError
     from musiclm.tokens.encoders import EncoderLoadError
     from musiclm.tokens.system import TokenSystemError
+    from musiclm.train.checkpoint import CheckpointError
 
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted: work already written is kept; run the same command again to continue", file=sys.stderr)
         sys.exit(130)
-    except (DatasetError, ConfigError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ VERBS = {
     "fit-rvq": "fit the CLAP RVQ on a folder of audio (Ray Data)",
     "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
     "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",
+    "train": "train one stage on a token dataset (Ray Train + DeepSpeed ZeRO)",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

@@ -189,6 +189,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     num_workers: int = 1
     use_gpu: bool = False
+    cpus_per_worker: float = 0.0  # 0: 1 with GPUs; on CPUs 3/4 of the cluster's CPUs shared by the workers
+    mask_prob: float = 0.15  # open-musiclm's forgetful causal mask: fraction of keys hidden in training
+    lr_min_ratio: float = 0.1  # cosine schedule ends at lr * lr_min_ratio
+    log_every: int = 10  # steps between train/* reports
+    max_failures: int = 3  # worker failures Ray Train recovers from (restarting from the last checkpoint)
     seed: int = 0
 
     def __post_init__(self):
@@ -199,6 +204,16 @@ class TrainConfig:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         check(len(self.betas) == 2, "betas", "must be two numbers")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.num_train_steps >= 1, "num_train_steps", "must be >= 1")
+        check(self.save_results_every >= 1, "save_results_every", "must be >= 1")
+        check(self.save_model_every >= 1, "save_model_every", "must be >= 1")
+        check(self.keep_best >= 1, "keep_best", "must be >= 1")
+        check(self.valid_batches >= 1, "valid_batches", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(0.0 <= self.mask_prob < 1.0, "mask_prob", "must be in [0, 1)")
+        check(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", "must be in [0, 1]")
+        check(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0 (0 = automatic)")
+        check(self.max_failures >= 0, "max_failures", "must be >= 0")
 
 
 @dataclass
@@ -293,9 +308,24 @@ def load_config(path: str | Path) -> Config:
     return load_json(Config, path)
 
 
+def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None = None,
+                 overrides: list[str] | dict | None = None) -> Config:
+    """The Config of one stage's run: a preset (with that stage's training defaults), or a JSON file (a full
+    Config, or an open-musiclm model JSON on top of the preset's training settings), then dotted overrides."""
+    cfg = preset(preset_name, stage)
+    if path is not None:
+        data = json.loads(Path(path).read_text()) if Path(path).exists() else None
+        if isinstance(data, dict) and "global_cfg" in data:
+            cfg = dataclasses.replace(cfg, model=load_model_config(path))
+        else:
+            cfg = load_json(Config, path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=stage))
+    return apply_overrides(cfg, overrides or [])
+
+
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EncodecConfig", "GlobalConfig", "HubertKmeansConfig", "ClapRVQConfig",
     "ModelConfig", "TokenSystemConfig", "TrainConfig", "TransformerConfig", "STAGES", "PRESETS", "TINY",
     "apply_overrides", "from_dict", "to_dict", "load_json", "save_json", "load_config", "load_model_config",
-    "model_preset", "preset",
+    "model_preset", "preset", "stage_config",
 ]

@@ -46,3 +46,16 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def token_dataset_dir(corpus, tiny_system_dir, tmp_path_factory):
+    """The synthetic corpus tokenized by the tiny token system, in-process (``preprocess.run_local``)."""
+    from musiclm.config import DataConfig
+    from musiclm.data.preprocess import prepare, run_local
+    from musiclm.data.sources import open_source
+
+    out = tmp_path_factory.mktemp("tokens") / "dataset"
+    cfg = DataConfig(clip_seconds=11, valid_frac=0.34, seed=4)
+    run_local(prepare(open_source(corpus), tiny_system_dir, out, cfg, log=lambda m: None), log=lambda m: None)
+    return out

@@ -165,7 +165,8 @@ class Tokenizer:
 
         from ..tokens.system import CONFIG_FILE, TokenSystem, TokenSystemError
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.system = TokenSystem.load(token_system, device=device)
         if self.system.fingerprint != fingerprint:
             raise TokenSystemError(f"token system {token_system} gives fingerprint {self.system.fingerprint[:12]}, "
@@ -301,6 +302,24 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
             f"command again to tokenize the rest.")
         raise
     return finish(job, progress, log)
+
+
+def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
+    """The same steps in this process, without Ray: for small corpora and tests."""
+    job.created = job.created or time.strftime("%Y-%m-%dT%H:%M:%S")
+    ds_layout.write_manifest(job.out, {**job.manifest, "created": job.created, "status": "in_progress",
+                                       "counts": job.scan.counts()})
+    tokenizer = Tokenizer(str(job.token_system), job.manifest["fingerprint"], "cpu", threads=0) \
+        if job.pending else None
+    rows = []
+    for t in job.pending:
+        rows += decode_track({"track_id": t.id, "path": t.path, "caption": t.caption}, str(job.token_system),
+                             dataclasses.asdict(job.cfg), job.rates)
+    for i in range(0, len(rows), batch_rows):
+        chunk = rows[i: i + batch_rows]
+        batch = tokenizer({c: [r[c] for r in chunk] for c in chunk[0]})
+        write_batch(batch, str(job.out), frozenset(job.scan.partial_rows))
+    return finish(job, None, log)
 
 
 def finish(job: PreprocessJob, progress: Progress | None, log=print) -> dict:

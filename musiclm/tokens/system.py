@@ -276,6 +276,13 @@ def acoustic_sample_rate(root: str | Path) -> int:
     return int(encoders.load_encodec_config(encoder_source(Path(root), config, "encodec_cfg")).sampling_rate)
 
 
+def load_acoustic_codec(root: str | Path, device: str = "cpu") -> AcousticCodec:
+    """EnCodec alone (to decode acoustic tokens to audio), without the other encoders."""
+    _, config = read_meta(root)
+    model = encoders.load_encodec(encoder_source(Path(root), config, "encodec_cfg"))
+    return AcousticCodec(model.to(device), config.encodec_cfg, device)
+
+
 def load_clap_featurizer(root: str | Path) -> ClapFeaturizer:
     """CLAP's feature extraction for this token system, without loading any model weights."""
     _, config = read_meta(root)

@@ -1,0 +1,323 @@
+"""The token-conditioned decoder that every stage uses, readable in one sitting.
+
+Layer structure as open-musiclm's ``TokenConditionedTransformer`` (REFERENCE.md), so that its released
+checkpoints map onto it tensor for tensor (the key mapping lives with the importer):
+
+- inputs: for each token sequence a learned start vector, then its tokens embedded from one table of
+  ``(codebook_size + 1) * num_quantizers`` rows (token ``t`` of quantizer ``q`` is row ``t + q * codebook_size``,
+  open-musiclm's offsets); conditioning sequences end with an end-of-sequence slot that is embedded as row 0
+  and hidden from attention, exactly as open-musiclm's wrapper does;
+- gradient shrink (0.1) on the input, then ``depth`` blocks of
+  attention: bias-free pre-LayerNorm, multi-head queries with one shared key/value head, queries and keys
+  L2-normalized and multiplied by learned per-dimension scales, a fixed scale of 8, and a continuous relative
+  position bias (an MLP over the distance, shared by all layers);
+  feed-forward: LayerNorm, linear to twice the inner width, causal depthwise convolution (kernel 3), GEGLU,
+  LayerNorm, dropout, linear back;
+- a final LayerNorm and per-quantizer output weights ``(num_quantizers, codebook_size + 1, dim)``.
+
+Attention goes through ``F.scaled_dot_product_attention``. ``KVCache`` holds, per layer, the keys and values
+and the last two inputs of the feed-forward's causal convolution, so that ``step`` decodes one token at a
+time with the same logits as a full forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError, TransformerConfig
+
+CONV_KERNEL = 3
+ATTN_SCALE = 8.0  # open-musiclm multiplies q·k of unit vectors (times learned scales) by a fixed 8
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One token sequence of a stage: conditioning (clap, semantic, coarse) or predicted (the last)."""
+
+    name: str
+    codebook_size: int
+    num_quantizers: int
+
+    @property
+    def eos_id(self) -> int:
+        return self.codebook_size
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned gain and no bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight)
+
+
+class RelativePositionBias(nn.Module):
+    """Continuous relative position bias: an MLP (three SiLU layers of width ``dim``) maps the distance
+    ``i - j`` between query and key to one bias per head."""
+
+    def __init__(self, dim: int, heads: int, layers: int = 3):
+        super().__init__()
+        sizes = [1] + [dim] * layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = nn.Linear(dim, heads)
+
+    def table(self, n: int, device) -> Tensor:
+        """Bias for distances 0..n-1: (heads, n)."""
+        x = torch.arange(n, device=device, dtype=self.out.weight.dtype)[:, None]
+        for layer in self.hidden:
+            x = F.silu(layer(x))
+        return self.out(x).t()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.norm = LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # one key/value head shared by all query heads
+        self.q_scale = nn.Parameter(torch.ones(dim_head))
+        self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
+        b, n, _ = x.shape
+        h = self.norm(x)
+        q = self.to_q(h).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(h).chunk(2, dim=-1)
+        q = F.normalize(q, dim=-1) * self.q_scale
+        k = F.normalize(k, dim=-1) * self.k_scale
+        if cache is not None:
+            k, v = cache.append_kv(layer, k, v)
+        kh = k[:, None].expand(b, self.heads, k.shape[1], self.dim_head)
+        vh = v[:, None].expand(b, self.heads, v.shape[1], self.dim_head)
+        out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=ATTN_SCALE,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.dropout(out.transpose(1, 2).reshape(b, n, -1), self.dropout, self.training)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward; with ``conv`` a causal depthwise convolution over time before the gate."""
+
+    def __init__(self, dim: int, dropout: float, conv: bool = True, mult: int = 4):
+        super().__init__()
+        inner = int(dim * 2 * mult / 3) if conv else dim * mult
+        self.norm = LayerNorm(dim)
+        self.proj_in = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv = nn.Conv1d(2 * inner, 2 * inner, CONV_KERNEL, groups=2 * inner, bias=False) if conv else None
+        self.norm_inner = LayerNorm(inner)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
+        h = self.proj_in(self.norm(x))
+        if self.conv is not None:
+            past = cache.conv[layer] if cache is not None else None
+            if past is None:
+                past = h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2])
+            padded = torch.cat((past, h), dim=1)
+            if cache is not None:
+                cache.conv[layer] = padded[:, -(CONV_KERNEL - 1):]
+            h = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        a, gate = h.chunk(2, dim=-1)
+        return self.proj_out(self.dropout(self.norm_inner(F.gelu(gate) * a)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head, cfg.attn_dropout)
+        self.ff = FeedForward(cfg.dim, cfg.ff_dropout, conv=cfg.use_conv_ff)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: "KVCache | None", layer: int) -> Tensor:
+        x = x + self.attn(x, mask, cache, layer)
+        return x + self.ff(x, cache, layer)
+
+
+@dataclass
+class KVCache:
+    """Decoding state: per layer keys/values (batch, time, dim_head) and the convolution's last inputs."""
+
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    conv: list = field(default_factory=list)
+    key_mask: Tensor | None = None  # (batch, time) False where a key is hidden (conditioning eos slots)
+    bias_table: Tensor | None = None  # (heads, max_len) relative position bias, computed once
+    length: int = 0  # positions consumed
+    targets: int = 0  # tokens of the predicted sequence consumed
+
+    def append_kv(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer == len(self.k):
+            self.k.append(k)
+            self.v.append(v)
+        else:
+            self.k[layer] = torch.cat((self.k[layer], k), dim=1)
+            self.v[layer] = torch.cat((self.v[layer], v), dim=1)
+        return self.k[layer], self.v[layer]
+
+
+def check_supported(cfg: TransformerConfig) -> None:
+    if cfg.relative_position_bias_type == "t5":
+        raise ConfigError("relative_position_bias_type: 't5' is not supported; use 'continuous' (open-musiclm's "
+                          "released configs) or 'none'")
+    if cfg.use_absolute_position_embeddings:
+        raise ConfigError("use_absolute_position_embeddings: not supported (open-musiclm's released configs do "
+                          "not use them); set it to false")
+    if cfg.non_causal_prefix_size:
+        raise ConfigError("non_causal_prefix_size: only 0 (fully causal, as open-musiclm trains) is supported")
+
+
+class TokenConditionedTransformer(nn.Module):
+    """Decoder over ``[start_1, seq_1…, eos_1, …, start_n, seq_n…]`` predicting the last sequence."""
+
+    def __init__(self, sequences: list[TokenSequence], cfg: TransformerConfig):
+        super().__init__()
+        check_supported(cfg)
+        self.sequences, self.cfg = list(sequences), cfg
+        self.start_tokens = nn.ParameterList(nn.Parameter(torch.randn(cfg.dim) * 0.02) for _ in sequences)
+        self.embeddings = nn.ModuleList(nn.Embedding((s.codebook_size + 1) * s.num_quantizers, cfg.dim)
+                                        for s in sequences)
+        self.logit_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(s.num_quantizers, s.codebook_size + 1, cfg.dim) * 0.02) for s in sequences)
+        for emb in self.embeddings:
+            nn.init.normal_(emb.weight, std=0.02)
+        self.rel_pos = RelativePositionBias(cfg.dim // 2, cfg.heads) \
+            if cfg.relative_position_bias_type == "continuous" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = LayerNorm(cfg.dim)
+
+    @property
+    def target(self) -> TokenSequence:
+        return self.sequences[-1]
+
+    # ------------------------------------------------------------------ inputs
+
+    def _embed(self, i: int, ids: Tensor, first: int = 0) -> Tensor:
+        """Embed flat ids (b, n) of sequence ``i`` whose first element is element ``first`` of the sequence."""
+        s = self.sequences[i]
+        if s.num_quantizers > 1:
+            q = (torch.arange(ids.shape[1], device=ids.device) + first) % s.num_quantizers
+            ids = ids + q * s.codebook_size
+        return self.embeddings[i](ids)
+
+    def embed_prompt(self, conditioning: list[Tensor], target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Embeddings (b, n, dim) of the conditioning sequences and the target prefix, and the key mask."""
+        if len(conditioning) != len(self.sequences) - 1:
+            raise ValueError(f"expected {len(self.sequences) - 1} conditioning sequences "
+                             f"({', '.join(s.name for s in self.sequences[:-1])}), got {len(conditioning)}")
+        b = conditioning[0].shape[0]
+        device = self.start_tokens[0].device
+        parts, mask = [], []
+        for i, ids in enumerate(conditioning):
+            ids = ids.reshape(b, -1).to(device)
+            ids = torch.cat((ids, ids.new_zeros(b, 1)), dim=1)  # the eos slot: row 0, hidden from attention
+            parts += [self.start_tokens[i].expand(b, 1, -1), self._embed(i, ids)]
+            m = torch.ones(b, ids.shape[1] + 1, dtype=torch.bool, device=device)
+            m[:, -1] = False
+            mask.append(m)
+        parts.append(self.start_tokens[-1].expand(b, 1, -1))
+        n_target = 0
+        if target is not None and target.numel():
+            target = target.reshape(b, -1).to(device)
+            parts.append(self._embed(len(self.sequences) - 1, target))
+            n_target = target.shape[1]
+        mask.append(torch.ones(b, 1 + n_target, dtype=torch.bool, device=device))
+        return torch.cat(parts, dim=1), torch.cat(mask, dim=1)
+
+    def _attn_mask(self, key_mask: Tensor, start: int, n: int, bias_table: Tensor | None) -> Tensor:
+        """Float mask (b, heads or 1, n, start+n): relative bias where a query may attend, -inf elsewhere."""
+        total = start + n
+        qpos = torch.arange(start, total, device=key_mask.device)[:, None]
+        dist = qpos - torch.arange(total, device=key_mask.device)[None, :]
+        allowed = (dist >= 0)[None] & key_mask[:, None, :]  # (b, n, total)
+        if bias_table is None:
+            bias = torch.zeros(1, n, total, device=key_mask.device)
+        else:
+            bias = bias_table[:, dist.clamp(min=0)]  # (heads, n, total)
+        return bias[None].masked_fill(~allowed[:, None], float("-inf"))
+
+    # ------------------------------------------------------------------ forward
+
+    def _run(self, x: Tensor, key_mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        alpha = self.cfg.grad_shrink_alpha
+        x = x * alpha + x.detach() * (1 - alpha)
+        start = cache.length if cache is not None else 0
+        total = start + x.shape[1]
+        if cache is not None:
+            cache.key_mask = key_mask if cache.key_mask is None else torch.cat((cache.key_mask, key_mask), 1)
+            key_mask = cache.key_mask
+            table = cache.bias_table
+        else:
+            table = self.rel_pos.table(total, x.device) if self.rel_pos is not None else None
+        mask = self._attn_mask(key_mask, start, x.shape[1], table).to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length = total
+        return self.norm(x)
+
+    def _logits(self, hidden: Tensor, first: int) -> Tensor:
+        """Logits (b, n, codebook_size + 1) of target elements ``first .. first + n - 1``."""
+        w = self.logit_weights[-1]
+        q = (torch.arange(hidden.shape[1], device=hidden.device) + first) % self.target.num_quantizers
+        return torch.einsum("bnd,ncd->bnc", hidden, w[q])
+
+    def forward(self, conditioning: list[Tensor], target: Tensor, key_drop: float = 0.0) -> Tensor:
+        """Teacher-forced logits (b, n + 1, codebook_size + 1) for the ``n`` flattened target tokens and the
+        eos after them. ``key_drop`` hides a random fraction of keys (open-musiclm's forgetful causal mask)."""
+        x, key_mask = self.embed_prompt(conditioning, target)
+        if key_drop > 0:
+            keep = torch.rand(key_mask.shape, device=key_mask.device) >= key_drop
+            keep[:, 0] = True  # every query keeps at least the first start token
+            key_mask = key_mask & keep
+        n_target = target.reshape(target.shape[0], -1).shape[1]
+        hidden = self._run(x, key_mask)[:, -(n_target + 1):]
+        return self._logits(hidden, 0)
+
+    # ------------------------------------------------------------------ incremental decoding
+
+    @torch.no_grad()
+    def start(self, conditioning: list[Tensor], target: Tensor | None = None,
+              max_len: int | None = None) -> tuple[Tensor, KVCache]:
+        """Consume the prompt; return the logits (b, codebook_size + 1) of the next target token and the cache.
+        ``max_len`` bounds the total positions (prompt plus tokens to come) for the position-bias table."""
+        x, key_mask = self.embed_prompt(conditioning, target)
+        cache = KVCache(conv=[None] * len(self.layers))
+        cache.targets = 0 if target is None else target.reshape(x.shape[0], -1).shape[1]
+        total = max(max_len or 0, x.shape[1])
+        cache.bias_table = self.rel_pos.table(total, x.device) if self.rel_pos is not None else None
+        hidden = self._run(x, key_mask, cache)
+        return self._logits(hidden[:, -1:], cache.targets)[:, 0], cache
+
+    @torch.no_grad()
+    def step(self, token: Tensor, cache: KVCache) -> Tensor:
+        """Feed one target token (b,) per batch element; return the logits of the one after it."""
+        x = self._embed(len(self.sequences) - 1, token.reshape(-1, 1), cache.targets)
+        if cache.bias_table is not None and cache.bias_table.shape[1] < cache.length + 1:
+            cache.bias_table = self.rel_pos.table(max(2 * cache.bias_table.shape[1], cache.length + 1), x.device)
+        key_mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        hidden = self._run(x, key_mask, cache)
+        cache.targets += 1
+        return self._logits(hidden, cache.targets)[:, 0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops_per_token(model: TokenConditionedTransformer, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 × matmul parameters plus attention over ``seq_len``."""
+    cfg = model.cfg
+    dense = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    attn = 2 * cfg.depth * cfg.heads * cfg.dim_head * seq_len  # q·k and attn·v, causal ≈ half of 2×2
+    return 6 * dense + 6 * attn + 6 * cfg.dim * sum(s.codebook_size + 1 for s in model.sequences[-1:])
+
+
+__all__ = ["TokenSequence", "TokenConditionedTransformer", "KVCache", "count_parameters", "model_flops_per_token"]

@@ -1,0 +1,123 @@
+"""Stage checkpoints for use: ``model.safetensors`` plus ``stage.json`` (DESIGN.md).
+
+``stage.json`` holds the stage, the step, the token system's fingerprint and the whole model config (so the
+token layout and windows travel with the weights). Loading checks that the file is of the stage asked for,
+of the same token system, and of the same model shape, and names both sides when it is not. A Ray Train
+checkpoint directory of this project holds these two files next to the DeepSpeed shards, so it can be given
+wherever a stage checkpoint is expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig, from_dict, to_dict
+from ..models import build_stage, stage_sequences
+from ..models.transformer import TokenConditionedTransformer
+
+MODEL_FILE = "model.safetensors"
+STAGE_FILE = "stage.json"
+FORMAT_VERSION = 1
+SHAPE_KEYS = ("dim", "depth", "heads", "dim_head", "use_conv_ff", "relative_position_bias_type")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit what it is used for."""
+
+
+@dataclass
+class StageInfo:
+    path: Path
+    stage: str
+    step: int
+    fingerprint: str
+    model: ModelConfig
+    metrics: dict
+
+
+def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, model_cfg: ModelConfig, step: int,
+               fingerprint: str, metrics: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = out / (MODEL_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"stage": stage, "step": str(step), "fingerprint": fingerprint})
+    os.replace(tmp, out / MODEL_FILE)
+    info = {"format": FORMAT_VERSION, "stage": stage, "step": step, "fingerprint": fingerprint,
+            "model": to_dict(model_cfg), "metrics": metrics or {}}
+    (out / STAGE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return out
+
+
+def read_stage(path: str | Path) -> StageInfo:
+    path = Path(path)
+    meta = path / STAGE_FILE
+    if not meta.exists() or not (path / MODEL_FILE).exists():
+        raise CheckpointError(f"{path} is not a stage checkpoint (it needs {STAGE_FILE} and {MODEL_FILE}); give "
+                              f"a checkpoint folder written by `musiclm train` or `musiclm import-open-musiclm`")
+    try:
+        data = json.loads(meta.read_text())
+        model = from_dict(ModelConfig, data["model"], "model")
+        return StageInfo(path, data["stage"], int(data["step"]), data["fingerprint"], model, data.get("metrics", {}))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{meta} is unreadable: {e}") from None
+
+
+def shape_of(stage: str, model_cfg: ModelConfig) -> dict:
+    """What decides the tensor shapes of a stage: its token sequences and the transformer's size."""
+    cfg = model_cfg.stage(stage)
+    return {"sequences": [f"{s.name}:{s.num_quantizers}x{s.codebook_size}" for s in stage_sequences(stage, model_cfg)],
+            **{k: getattr(cfg, k) for k in SHAPE_KEYS}}
+
+
+def check_fits(info: StageInfo, stage: str | None = None, fingerprint: str | None = None,
+               model_cfg: ModelConfig | None = None, what: str = "this run") -> None:
+    """Refuse a checkpoint of another stage, token system or model shape, naming both sides."""
+    if stage is not None and info.stage != stage:
+        raise CheckpointError(f"checkpoint {info.path} is a {info.stage} stage checkpoint, but {what} needs the "
+                              f"{stage} stage")
+    if fingerprint is not None and info.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {info.path} was trained on token system {info.fingerprint[:12]}, but {what} uses token "
+            f"system {fingerprint[:12]}: the same token ids would mean different sounds (a model fine-tuned across "
+            f"token systems stays at chance level). Use the token system the checkpoint was trained with.")
+    if model_cfg is not None:
+        theirs, ours = shape_of(info.stage, info.model), shape_of(info.stage, model_cfg)
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {info.path} does not fit the model config of {what} ({detail}). "
+                                  f"Use the config the checkpoint was trained with (its {STAGE_FILE} holds it).")
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / MODEL_FILE))
+
+
+def load_into(model: TokenConditionedTransformer, state: dict[str, torch.Tensor], path) -> None:
+    ours = model.state_dict()
+    missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or extra or wrong:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
+                              f"{extra[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()})
+
+
+def load_stage(path: str | Path, stage: str | None = None, fingerprint: str | None = None,
+               device: str | torch.device = "cpu") -> tuple[TokenConditionedTransformer, StageInfo]:
+    """A model built from the checkpoint's own config, with its weights, in eval mode."""
+    info = read_stage(path)
+    check_fits(info, stage, fingerprint)
+    model = build_stage(info.stage, info.model)
+    load_into(model, load_state(path), path)
+    return model.to(device).eval(), info
+
+
+__all__ = ["CheckpointError", "StageInfo", "MODEL_FILE", "STAGE_FILE", "save_stage", "read_stage", "check_fits",
+           "load_stage", "load_state", "load_into", "shape_of"]

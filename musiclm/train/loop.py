@@ -1,0 +1,221 @@
+"""The per-worker training loop of every stage (Ray Train's ``train_loop_per_worker``), used by
+``jobs.train`` and by Tune trials alike.
+
+Each worker builds the stage model, wraps it in a DeepSpeed engine (ZeRO stage from the config), streams its
+share of the train split, and every ``log_every`` steps reports ``train/*``; every ``save_results_every``
+steps all workers evaluate their share of the fixed validation subset and the sums are reduced; every
+``save_model_every`` steps (and at the end) every worker saves its DeepSpeed shard, rank 0 adds the
+consolidated ``model.safetensors`` + ``stage.json`` and the data position, and all report the checkpoint.
+A restarted worker (or a re-run of the same command) resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, from_dict
+from ..models import build_stage, split_batch, stage_loss
+from . import checkpoint as ckpt
+from .engine import deepspeed_config, make_optimizer, uses_bf16
+from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers
+
+DS_DIR, DS_TAG = "deepspeed", "state"
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the train split started
+    batches: int = 0  # micro-batches consumed in the current epoch (skipped on resume)
+    world_size: int = 1
+    zero_stage: int = 2
+    valid_loss: float | None = None
+
+
+def read_train_state(path: str | Path) -> TrainState | None:
+    f = Path(path) / TRAIN_STATE
+    return TrainState(**json.loads(f.read_text())) if f.exists() else None
+
+
+class Sampler:
+    """Teacher-forced reconstructions of coarse and fine windows decoded to audio (rank 0, at validation)."""
+
+    def __init__(self, stage: str, token_system: str | None, log):
+        self.stage, self.token_system, self.log, self.codec = stage, token_system, log, None
+        self.enabled = stage in ("coarse", "fine") and token_system is not None
+
+    def write(self, tb: TensorBoard, example: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            if self.codec is None:
+                from ..tokens.system import load_acoustic_codec
+
+                self.codec = load_acoustic_codec(self.token_system)
+            if self.stage == "coarse":
+                codes = {"predicted": example["predicted"], "target": example["coarse"]}
+            else:
+                codes = {"predicted": np.concatenate([example["coarse"], example["predicted"]], axis=1),
+                         "target": np.concatenate([example["coarse"], example["fine"]], axis=1)}
+            for name, c in codes.items():
+                tb.audio(f"samples/{self.stage}_{name}", self.codec.decode(c), self.codec.sample_rate, step)
+        except Exception as e:  # samples are a convenience: never stop training for them
+            self.log(f"samples disabled: decoding with the token system at {self.token_system} failed: {e}")
+            self.enabled = False
+
+
+def _numpy_batches(shard, batch_size: int, drop_last: bool):
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
+
+
+def train_loop(loop_cfg: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg: Config = from_dict(Config, loop_cfg["config"], "config")
+    tc, stage = cfg.train, cfg.train.stage
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(int(loop_cfg.get("threads", 1)))
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[train {stage}] {msg}", flush=True)
+
+    torch.manual_seed(tc.seed)
+    model = build_stage(stage, cfg.model)
+    resume = ray.train.get_checkpoint()
+    if resume is None and loop_cfg.get("init_from"):
+        ckpt.load_into(model, ckpt.load_state(loop_cfg["init_from"]), loop_cfg["init_from"])
+        log(f"initialized from {loop_cfg['init_from']}")
+    bf16 = uses_bf16(tc, on_gpu)
+    optimizer, scheduler = make_optimizer(model, tc, on_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(tc, bf16))
+    state = TrainState(world_size=world, zero_stage=tc.zero_stage)
+    if resume is not None:
+        with resume.as_directory() as d:
+            engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
+            state = read_train_state(d)
+        log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batches})")
+    q = model.target.num_quantizers
+    vocabulary = model.target.codebook_size + 1
+    tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
+    sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+
+    def validate() -> dict:
+        engine.eval()
+        sums, example = ValidSums(q), None
+        with torch.no_grad():
+            for batch in _numpy_batches(valid_shard, tc.batch_size, drop_last=False):
+                cond, tgt = split_batch(model, batch, device)
+                logits = engine(cond, tgt)
+                sums.add(stage_loss(logits, tgt), logits, tgt)
+                if example is None:
+                    example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
+                    example["predicted"] = logits[0, :-1, :-1].argmax(-1).reshape(tgt.shape[1:]).cpu().numpy()  # no eos
+        engine.train()
+        out = sums.reduce()
+        state.valid_loss = out["valid/loss"]
+        log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}")
+        tb.scalars(out, state.step)
+        if rank == 0 and state.step > tc.lr_warmup and at_chance(out["valid/loss"], vocabulary):
+            message = chance_message(stage, state.step, out["valid/loss"], vocabulary)
+            print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100, flush=True)
+            tb.text("warnings/chance_level", message, state.step)
+        if sampler is not None and example is not None:
+            sampler.write(tb, example, state.step)
+        return out
+
+    def save(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG)
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=tc.zero_stage == 3):
+                if rank == 0:
+                    weights = {k: v.float() for k, v in engine.module.state_dict().items()}
+                    ckpt.save_stage(tmp, weights, stage, cfg.model, state.step, loop_cfg["fingerprint"], metrics)
+                    Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(state)))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        log(f"step {state.step}: checkpoint saved")
+
+    engine.train()
+    last_valid, last_saved = {}, state.step
+    window_start, window_positions, window_losses = time.perf_counter(), 0, []
+    skip = state.batches
+    while state.step < tc.num_train_steps:
+        got_batches = False
+        for batch in _numpy_batches(train_shard, tc.batch_size, drop_last=True):
+            got_batches = True
+            if skip:
+                skip -= 1
+                continue
+            state.batches += 1
+            cond, tgt = split_batch(model, batch, device)
+            logits = engine(cond, tgt, tc.mask_prob)
+            loss = stage_loss(logits, tgt)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            engine.step()
+            window_losses.append(float(loss))
+            window_positions += logits.shape[0] * (sum(c[0].numel() + 2 for c in cond) + logits.shape[1])
+            if not boundary:
+                continue
+            state.step += 1
+            if state.step % tc.log_every == 0 or state.step == tc.num_train_steps:
+                elapsed = time.perf_counter() - window_start
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "train/loss": mean_over_workers(float(np.mean(window_losses))),
+                    "train/lr": float(scheduler.get_last_lr()[0]),
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/tokens_per_s": mean_over_workers(window_positions / elapsed) * world,
+                    "step": state.step, "epoch": state.epoch,
+                }
+                log(f"step {state.step}/{tc.num_train_steps}: loss {metrics['train/loss']:.4f} "
+                    f"lr {metrics['train/lr']:.2e} grad norm {metrics['train/grad_norm']:.3f} "
+                    f"{metrics['train/tokens_per_s']:.0f} tokens/s")
+                tb.scalars(metrics, state.step)
+                window_start, window_positions, window_losses = time.perf_counter(), 0, []
+                report = {**metrics, **last_valid}
+            else:
+                report = None
+            done = state.step >= tc.num_train_steps
+            if state.step % tc.save_results_every == 0 or done or state.step % tc.save_model_every == 0:
+                last_valid = validate()
+                report = {**(report or {"step": state.step, "epoch": state.epoch}), **last_valid}
+            if state.step % tc.save_model_every == 0 or done:
+                save(report)
+                last_saved = state.step
+            elif report is not None:
+                ray.train.report(report)
+            tb.flush()
+            if done:
+                break
+        if not got_batches:
+            raise RuntimeError(f"the train split gave no batch of {tc.batch_size} rows to worker {rank}: it has fewer "
+                               f"rows than batch_size × workers; lower batch_size or num_workers")
+        if state.step < tc.num_train_steps:
+            state.epoch += 1
+            state.batches = 0
+    if last_saved != state.step:
+        save({"step": state.step, **last_valid})
+    tb.close()
+
+
+__all__ = ["train_loop", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]

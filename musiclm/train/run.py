@@ -1,0 +1,156 @@
+"""Driver side of a stage's training run: check that dataset, token system, initial checkpoint and the run
+being resumed all agree, then build the Ray ``TorchTrainer`` (Train V2) around ``loop.train_loop``.
+
+A run lives at ``STORAGE/RUN_NAME``: Ray Train's checkpoints (``checkpoint_*``: DeepSpeed shards,
+``model.safetensors``, ``stage.json``, ``train_state.json``) and ``tensorboard/``. Running the same command
+again resumes from the latest checkpoint; ``summary.json`` names the best and the latest checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, ConfigError, to_dict
+from ..data.shards import open_manifest
+from ..models import stage_sequences
+from . import checkpoint as ckpt
+from .data import stage_datasets
+from .loop import read_train_state, train_loop
+
+SUMMARY = "summary.json"
+DATA_RESERVE = 1.0  # CPUs left to the data pipeline: ListFiles of read_parquet takes 1 CPU, reads and crops 1/4 each
+
+
+@dataclass
+class TrainRequest:
+    config: Config
+    data: str
+    run_name: str
+    storage: str = "runs"
+    init_from: str | None = None
+    token_system: str | None = None  # to check the fingerprint and decode audio samples (default: the dataset's)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.run_name
+
+
+def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
+    """The model's token sequences must have the dataset's codebook counts and sizes."""
+    stage = cfg.train.stage
+    for seq in stage_sequences(stage, cfg.model):
+        tok = manifest["tokens"][seq.name]
+        theirs = (tok["codebooks"], tok["codebook_size"])
+        if theirs != (seq.num_quantizers, seq.codebook_size):
+            raise ConfigError(f"the {stage} model config expects {seq.name} tokens of {seq.num_quantizers} codebooks "
+                              f"× {seq.codebook_size} codes, but token dataset {data} has {theirs[0]} × {theirs[1]}: "
+                              f"use the model config of the token system that made the dataset")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [p for p in run_dir.glob("checkpoint_*") if (p / ckpt.STAGE_FILE).exists()]
+    return max(found, key=lambda p: ckpt.read_stage(p).step, default=None)
+
+
+def check_request(req: TrainRequest, log=print) -> dict:
+    """All guards that can fail before training; returns what the workers need."""
+    from ..tokens.system import read_meta
+
+    cfg = req.config
+    stage = cfg.train.stage
+    manifest = open_manifest(req.data)
+    fingerprint = manifest["fingerprint"]
+    token_system = req.token_system
+    if token_system is not None:
+        meta, _ = read_meta(token_system)
+        open_manifest(req.data, meta["fingerprint"])
+    elif manifest.get("token_system") and Path(manifest["token_system"]).exists():
+        token_system = manifest["token_system"]
+    check_token_layout(cfg, manifest, req.data)
+    if req.init_from:
+        ckpt.check_fits(ckpt.read_stage(req.init_from), stage, fingerprint, cfg.model,
+                        what=f"training on {req.data}")
+    previous = latest_checkpoint(req.run_dir)
+    if previous is not None:
+        info = ckpt.read_stage(previous)
+        ckpt.check_fits(info, stage, fingerprint, cfg.model, what=f"run {req.run_name} (resuming)")
+        state = read_train_state(previous)
+        if state and (state.world_size, state.zero_stage) != (cfg.train.num_workers, cfg.train.zero_stage):
+            raise ConfigError(
+                f"run {req.run_name} was saved by {state.world_size} workers with ZeRO stage {state.zero_stage}; "
+                f"this command asks for {cfg.train.num_workers} workers with ZeRO stage {cfg.train.zero_stage}. "
+                f"DeepSpeed's shards only resume with the same layout: use the same settings, or start a new run "
+                f"name with --init-from {previous} (weights only).")
+        log(f"resuming run {req.run_name} from {previous.name} (step {info.step})")
+    return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system,
+            "init_from": str(Path(req.init_from).resolve()) if req.init_from else None,
+            "tensorboard_dir": str(req.run_dir / "tensorboard"), "manifest": manifest}
+
+
+def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
+    """CPUs per worker: 1 beside a GPU; on CPUs the workers share all but one of the cluster's CPUs. Ray Data's
+    file listing asks for a whole CPU and cannot be told otherwise, so one must stay free or the run hangs."""
+    t = cfg.train
+    if t.cpus_per_worker:
+        return t.cpus_per_worker
+    if t.use_gpu:
+        return 1.0
+    share = max(cluster_cpus - DATA_RESERVE, 0.5) / t.num_workers
+    return float(math.floor(share)) if share >= 1 else max(0.25, math.floor(share * 100) / 100)
+
+
+def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, t = req.config, req.config.train
+    cpus = worker_cpus(cfg, cluster_cpus)
+    if not t.use_gpu and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
+        raise ConfigError(f"{t.num_workers} workers × {cpus:g} CPUs plus the data pipeline ({DATA_RESERVE:g} CPU) "
+                          f"need more than the cluster's {cluster_cpus:g} CPUs: lower num_workers or cpus_per_worker")
+    manifest = loop_cfg.get("manifest")
+    loop_cfg = {**{k: v for k, v in loop_cfg.items() if k != "manifest"}, "threads": max(1, int(cpus))}
+    resources = {"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=req.run_name, storage_path=str(req.run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_best, checkpoint_score_attribute="valid/loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets=stage_datasets(cfg, req.data, manifest),
+    )
+
+
+def write_summary(req: TrainRequest, result) -> dict:
+    best = None
+    if result.best_checkpoints:
+        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("valid/loss", math.inf))
+    summary = {
+        "stage": req.config.train.stage, "run": str(req.run_dir),
+        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": best[0].path if best else None,
+        "best_valid_loss": best[1].get("valid/loss") if best else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "tensorboard": f"tensorboard --logdir {req.run_dir / 'tensorboard'} --host 127.0.0.1",
+    }
+    req.run_dir.mkdir(parents=True, exist_ok=True)
+    (req.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
+    """Check, train, and write ``summary.json``. Needs a connected Ray."""
+    loop_cfg = check_request(req, log)
+    trainer = build_trainer(req, loop_cfg, cluster_cpus)
+    result = trainer.fit()
+    return write_summary(req, result)
+
+
+__all__ = ["TrainRequest", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
+           "latest_checkpoint"]

@@ -1,0 +1,117 @@
+"""The stage transformer: sizes, incremental decoding, learning, and stage checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from musiclm.config import STAGES, model_preset
+from musiclm.models import build_stage, chance_loss, count_parameters, loss_and_metrics
+from musiclm.train import checkpoint as ckpt
+
+LARGE_PARAMS = {"semantic": 283e6, "coarse": 289e6, "fine": 297e6}  # open-musiclm's released checkpoints
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_large_parameter_counts_match_open_musiclm(stage):
+    with torch.device("meta"):
+        model = build_stage(stage, model_preset("large"))
+    assert abs(count_parameters(model) / LARGE_PARAMS[stage] - 1) < 0.02
+
+
+def _random_inputs(model, batch, steps, values=None, generator=None):
+    seqs = model.sequences
+    high = lambda s: values or s.codebook_size  # noqa: E731
+    cond = [torch.randint(0, high(s), (batch, 12) if s.name == "clap" else
+                          (batch, steps) if s.num_quantizers == 1 else (batch, steps, s.num_quantizers),
+                          generator=generator) for s in seqs[:-1]]
+    t = seqs[-1]
+    target = torch.randint(0, high(t), (batch, steps) if t.num_quantizers == 1 else (batch, steps, t.num_quantizers),
+                           generator=generator)
+    return cond, target
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_kv_cache_decoding_equals_full_forward(stage):
+    """Logits of token-by-token decoding with the cache equal the teacher-forced forward (max abs diff 1e-4 in
+    float32, on logits of magnitude ~1), starting both from an empty target and from a prefix."""
+    torch.manual_seed(0)
+    model = build_stage(stage, model_preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move gains and scales off 1 so that every path is exercised
+            p.add_(0.1 * torch.randn_like(p))
+    cond, target = _random_inputs(model, batch=2, steps=5)
+    flat = target.reshape(2, -1)
+    full = model(cond, target)
+    for prefix in (0, 4):
+        logits, cache = model.start(cond, flat[:, :prefix] if prefix else None, max_len=8)  # table grows past 8
+        steps = [logits]
+        for t in range(prefix, flat.shape[1]):
+            steps.append(model.step(flat[:, t], cache))
+        incremental = torch.stack(steps, dim=1)
+        assert incremental.shape == full[:, prefix:].shape
+        assert (incremental - full[:, prefix:]).abs().max() < 1e-4
+        assert full.abs().mean() > 0.1
+
+
+def _copy_task(model, batch, steps, generator, values=16):
+    """Target: every time step repeats the first clap tokens (codebook k gets clap[k]); values < ``values``.
+    The answer is fully determined by the inputs: the first step by the conditioning, the rest by both."""
+    cond, _ = _random_inputs(model, batch, steps, values, generator)
+    q = model.target.num_quantizers
+    target = cond[0][:, :q][:, None, :].expand(batch, steps, q)
+    return cond, (target[..., 0] if q == 1 else target).contiguous()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_learns_a_task_determined_by_its_inputs(stage):
+    torch.manual_seed(0)
+    model = build_stage(stage, model_preset("tiny"))
+    q = model.target.num_quantizers
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99))
+    train_gen, valid_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    valid = _copy_task(model, 64, 8, valid_gen)
+    with torch.no_grad():
+        initial, _ = loss_and_metrics(model(*valid), valid[1], q)
+    assert abs(initial.item() / chance_loss(model) - 1) < 0.05
+    for _ in range(250):
+        cond, target = _copy_task(model, 16, 8, train_gen)
+        loss, _ = loss_and_metrics(model(cond, target, key_drop=0.15), target, q)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(*valid)
+        _, metrics = loss_and_metrics(logits, valid[1], q)
+        first = (logits[:, :q].argmax(-1) == valid[1].reshape(64, -1)[:, :q]).float().mean()
+    assert metrics["accuracy"] > 0.95
+    assert first > 0.9  # the tokens only the conditioning can tell
+
+
+def test_stage_checkpoint_round_trip_and_refusals(tmp_path):
+    cfg = model_preset("tiny")
+    model = build_stage("coarse", cfg).eval()
+    ckpt.save_stage(tmp_path / "c", model.state_dict(), "coarse", cfg, 7, "f" * 64, {"valid/loss": 1.0})
+    loaded, info = ckpt.load_stage(tmp_path / "c", stage="coarse", fingerprint="f" * 64)
+    assert info.step == 7 and info.stage == "coarse"
+    cond, target = _random_inputs(model, 2, 3)
+    assert torch.equal(model(cond, target), loaded(cond, target))
+
+    with pytest.raises(ckpt.CheckpointError, match="is a coarse stage checkpoint, but .* needs the fine stage"):
+        ckpt.load_stage(tmp_path / "c", stage="fine")
+    with pytest.raises(ckpt.CheckpointError, match=r"token system ffffffffffff, but .* uses token system 000000000000"):
+        ckpt.load_stage(tmp_path / "c", fingerprint="0" * 64)
+    deeper = dataclasses.replace(cfg, coarse_cfg=dataclasses.replace(cfg.coarse_cfg, depth=3))
+    with pytest.raises(ckpt.CheckpointError, match="depth: checkpoint 2 vs config 3"):
+        ckpt.check_fits(ckpt.read_stage(tmp_path / "c"), "coarse", "f" * 64, deeper)
+    with pytest.raises(ckpt.CheckpointError, match="not a stage checkpoint"):
+        ckpt.read_stage(tmp_path)
+
+
+def test_chance_loss_is_log_vocabulary():
+    model = build_stage("semantic", model_preset("tiny"))
+    assert chance_loss(model) == pytest.approx(math.log(model.target.codebook_size + 1))
