@@ -316,8 +316,9 @@ def model_flops_per_token(model: TokenConditionedTransformer, seq_len: int) -> f
     """Training FLOPs per token (forward + backward): 6 × matmul parameters plus attention over ``seq_len``."""
     cfg = model.cfg
     dense = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    attn = 2 * cfg.depth * cfg.heads * cfg.dim_head * seq_len  # q·k and attn·v, causal ≈ half of 2×2
-    return 6 * dense + 6 * attn + 6 * cfg.dim * sum(s.codebook_size + 1 for s in model.sequences[-1:])
+    # q·k and attn·v: 4·n·dim_head FLOPs per head and layer forward, half of it under the causal mask
+    attn = cfg.depth * cfg.heads * cfg.dim_head * seq_len
+    return 6 * dense + 6 * attn + 6 * cfg.dim * (model.target.codebook_size + 1)
 
 
 __all__ = ["TokenSequence", "TokenConditionedTransformer", "KVCache", "count_parameters", "model_flops_per_token"]

@@ -31,7 +31,7 @@ def _read(files: list[str], stage: str, shuffle: bool):
     import ray
 
     return ray.data.read_parquet(files, columns=["id", "seconds", *STAGE_INPUTS[stage]],
-                                 shuffle="files" if shuffle else None, ray_remote_args={"num_cpus": DATA_CPUS})
+                                 shuffle="files" if shuffle else None, num_cpus=DATA_CPUS)
 
 
 def stage_datasets(cfg: Config, root: str | Path, manifest: dict | None = None) -> dict:

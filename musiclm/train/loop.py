@@ -204,6 +204,8 @@ def train_loop(loop_cfg: dict) -> None:
                 last_saved = state.step
             elif report is not None:
                 ray.train.report(report)
+            if "valid/loss" in (report or {}):  # tokens/s measures training only
+                window_start, window_positions = time.perf_counter(), 0
             tb.flush()
             if done:
                 break
