@@ -30,6 +30,39 @@ def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"re-fit {what} that is already fitted")
 
 
+def add_stage_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by the jobs that train a stage (train, tune): what to train, on what, starting where."""
+    parser.add_argument("--stage", required=True, choices=["semantic", "coarse", "fine"])
+    parser.add_argument("--data", required=True, help="token dataset directory (from musiclm preprocess)")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "large"])
+    parser.add_argument("--config", help="Config JSON: ours, a sweep's best.json, or open-musiclm's model JSON")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--num-workers", type=int, help="training workers per run (train.num_workers)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    parser.add_argument("--init-from", help="stage checkpoint to start from (fine-tuning), or a sweep's best.json")
+    parser.add_argument("--token-system", help="token system to check against and to decode audio samples with "
+                                               "(default: the dataset's, when it exists here)")
+
+
+def stage_args_config(args: argparse.Namespace):
+    """(Config, init-from checkpoint) from the arguments of ``add_stage_args``."""
+    import json
+
+    from musiclm.config import stage_config
+
+    overrides = list(args.set)
+    if args.num_workers is not None:
+        overrides.append(f"train.num_workers={args.num_workers}")
+    if args.use_gpu:
+        overrides.append("train.use_gpu=true")
+    init_from = args.init_from
+    if init_from and init_from.endswith(".json"):  # a sweep's best.json names its checkpoint
+        init_from = json.loads(open(init_from).read()).get("checkpoint")
+        if not init_from:
+            raise ValueError(f"{args.init_from} names no checkpoint")
+    return stage_config(args.stage, args.preset, args.config, overrides), init_from
+
+
 def connect(args: argparse.Namespace) -> dict:
     """Connect to the cluster named by --address / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1.
     Returns the cluster's resources."""
@@ -41,7 +74,9 @@ def connect(args: argparse.Namespace) -> dict:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             num_cpus = getattr(args, "num_cpus", None)
-            ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False,
+            # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner
+            # needs: without it the workers' reservations of finished Tune trials are never released.
+            ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     log(f"Ray: {'cluster ' + address if address else 'local'}; resources CPU={resources.get('CPU', 0):g} "

@@ -11,6 +11,7 @@ VERBS = {
     "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
     "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",
     "train": "train one stage on a token dataset (Ray Train + DeepSpeed ZeRO)",
+    "tune": "sweep lr and more for one stage with Ray Tune (ASHA on valid/loss)",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

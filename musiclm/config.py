@@ -311,12 +311,15 @@ def load_config(path: str | Path) -> Config:
 def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None = None,
                  overrides: list[str] | dict | None = None) -> Config:
     """The Config of one stage's run: a preset (with that stage's training defaults), or a JSON file (a full
-    Config, or an open-musiclm model JSON on top of the preset's training settings), then dotted overrides."""
+    Config; a sweep's best.json, whose ``config`` section is one; or an open-musiclm model JSON on top of the
+    preset's training settings), then dotted overrides."""
     cfg = preset(preset_name, stage)
     if path is not None:
         data = json.loads(Path(path).read_text()) if Path(path).exists() else None
         if isinstance(data, dict) and "global_cfg" in data:
             cfg = dataclasses.replace(cfg, model=load_model_config(path))
+        elif isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:
+            cfg = from_dict(Config, data["config"], "config")
         else:
             cfg = load_json(Config, path)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=stage))

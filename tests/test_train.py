@@ -11,6 +11,7 @@ from musiclm.config import model_preset, stage_config
 from musiclm.data.dataset import DatasetError
 from musiclm.models import build_stage
 from musiclm.train import checkpoint as ckpt
+from musiclm.train.metrics import read_scalars
 from musiclm.train.run import TrainRequest, check_request
 
 STEPS = ["train.batch_size=2", "train.save_results_every=10", "train.save_model_every=10", "train.log_every=5",
@@ -18,15 +19,7 @@ STEPS = ["train.batch_size=2", "train.save_results_every=10", "train.save_model_
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return {k: sorted(v.items()) for k, v in out.items()}
+    return read_scalars(run_dir / "tensorboard")
 
 
 def _train(data, storage, steps, run="coarse-run"):

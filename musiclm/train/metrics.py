@@ -92,3 +92,18 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``: {tag: [(step, value), ...]} (later files win)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(Path(log_dir).glob("events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {k: sorted(v.items()) for k, v in out.items()}

@@ -101,7 +101,7 @@ def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
     return float(math.floor(share)) if share >= 1 else max(0.25, math.floor(share * 100) / 100)
 
 
-def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float):
+def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -122,6 +122,7 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float):
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_best, checkpoint_score_attribute="valid/loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or [],
         ),
         datasets=stage_datasets(cfg, req.data, manifest),
     )

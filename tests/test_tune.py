@@ -1,0 +1,63 @@
+"""A learning-rate sweep with ASHA on the synthetic token dataset, 2 CPUs, and training from its best.json."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from musiclm.config import ConfigError
+from tune.space import build_space
+
+SETTINGS = ["train.num_train_steps=30", "train.batch_size=2", "train.save_results_every=10",
+            "train.save_model_every=10", "train.log_every=5", "train.valid_batches=1", "train.lr_warmup=0",
+            "train.mask_prob=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    """Ray Train's placement-group cleaner needs the State API, which the dashboard serves (on 127.0.0.1)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_search_space_specs():
+    space = build_space({"train.lr": "loguniform:1e-4:1e-2", "train.batch_size": "grid:2,4", "train.wd": 0.1})
+    assert space["train.batch_size"] == {"grid_search": [2, 4]} and space["train.wd"] == 0.1
+    assert 1e-4 <= space["train.lr"].sample() <= 1e-2
+    with pytest.raises(ConfigError, match="train.lr: 'loguniform:0:1' is not"):
+        build_space({"train.lr": "loguniform:0:1"})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(ray_with_dashboard, token_dataset_dir, tmp_path):
+    from jobs.train import main as train
+    from musiclm.train.metrics import read_scalars
+    from tune.sweep import main as sweep
+
+    sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", str(tmp_path),
+           "--lr", "grid:3e-3,1e-3,10", "--grace-period", "10", "--reduction-factor", "2", "--set", *SETTINGS])
+    sweep_dir = tmp_path / "lr"
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert len(rows) == 3
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    assert by_lr[10.0]["stopped_early"] == "True" and int(by_lr[10.0]["steps"]) < 30
+    assert all(int(by_lr[lr]["steps"]) == 30 for lr in (3e-3, 1e-3))
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["search"]["train.lr"] in (3e-3, 1e-3)
+    assert best["config"]["train"]["lr"] == best["search"]["train.lr"]
+    for trial in (sweep_dir / "trials").iterdir():
+        assert "valid/loss" in read_scalars(trial / "tensorboard"), trial
+
+    # best.json is a config and names a checkpoint: a training run starts from it
+    train(["--stage", "semantic", "--data", str(token_dataset_dir), "--run-name", "from-best",
+           "--storage", str(tmp_path / "runs"), "--config", str(sweep_dir / "best.json"),
+           "--init-from", str(sweep_dir / "best.json"),
+           "--set", "train.num_train_steps=5", "train.save_model_every=5", "train.save_results_every=5"])
+    summary = json.loads((tmp_path / "runs" / "from-best" / "summary.json").read_text())
+    assert summary["metrics"]["step"] == 5
+    assert summary["metrics"]["valid/loss"] < best["valid/loss"] + 1.0
