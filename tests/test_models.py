@@ -115,3 +115,24 @@ def test_stage_checkpoint_round_trip_and_refusals(tmp_path):
 def test_chance_loss_is_log_vocabulary():
     model = build_stage("semantic", model_preset("tiny"))
     assert chance_loss(model) == pytest.approx(math.log(model.target.codebook_size + 1))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_cached_sampling_draws_what_recomputing_draws(stage):
+    """Same seed: the KV-cached sampler and open-musiclm's recompute-everything loop give the same tokens;
+    another seed gives other tokens; eos never appears; only the top 10 % of logits are ever drawn."""
+    from musiclm.models.sampling import keep_top_fraction, sample, sample_recompute
+
+    torch.manual_seed(0)
+    model = build_stage(stage, model_preset("tiny")).eval()
+    cond, target = _random_inputs(model, batch=2, steps=3)
+    prefix = target[:, :1]
+    draw = lambda fn, seed: fn(model, cond, 3, prefix=prefix, temperature=0.95,  # noqa: E731
+                               generator=torch.Generator().manual_seed(seed))
+    cached = draw(sample, 1)
+    assert cached.shape == (2, 3) + target.shape[2:]
+    assert torch.equal(cached, draw(sample_recompute, 1))
+    assert torch.equal(cached, draw(sample, 1)) and not torch.equal(cached, draw(sample, 2))
+    assert int(cached.max()) < model.target.codebook_size
+    kept = keep_top_fraction(torch.arange(20.0)[None], 0.1)
+    assert torch.isfinite(kept).sum() == 2 and torch.isfinite(kept[0, -2:]).all()

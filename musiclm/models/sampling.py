@@ -1,0 +1,77 @@
+"""Sampling a stage's target tokens: open-musiclm's rule (keep the top fraction of logits, Gumbel-max at a
+temperature, no eos inside the window), with the KV cache, or by recomputing the whole prefix at every step
+as open-musiclm does (kept for comparison: ``benchmarks/generate.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .transformer import TokenConditionedTransformer
+
+
+def keep_top_fraction(logits: Tensor, fraction: float) -> Tensor:
+    """Logits outside the top ``ceil(fraction * V)`` set to -inf (open-musiclm's ``filter_thres = 1 - fraction``)."""
+    k = max(1, math.ceil(fraction * logits.shape[-1]))
+    threshold = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def pick(logits: Tensor, temperature: float, top_fraction: float, generator: torch.Generator | None) -> Tensor:
+    """One token per row: Gumbel-max over the filtered logits at ``temperature`` (argmax when it is 0)."""
+    logits = logits.float().clone()
+    logits[..., -1] = float("-inf")  # eos never falls inside a window
+    logits = keep_top_fraction(logits, top_fraction)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device).clamp_(1e-20, 1.0)
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def _shape(tokens: Tensor, b: int, q: int) -> Tensor:
+    return tokens.reshape(b, -1, q) if q > 1 else tokens.reshape(b, -1)
+
+
+@torch.no_grad()
+def sample(model: TokenConditionedTransformer, conditioning: list[Tensor], steps: int, *,
+           prefix: Tensor | None = None, temperature: float = 1.0, top_fraction: float = 0.1,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Generate ``steps`` time steps (× num_quantizers tokens) after ``prefix`` with the KV cache; returns the
+    new tokens as (b, steps) or (b, steps, q)."""
+    q = model.target.num_quantizers
+    b = conditioning[0].shape[0]
+    n = steps * q
+    done = 0 if prefix is None else prefix.reshape(b, -1).shape[1]
+    logits, cache = model.start(conditioning, prefix, max_len=_prompt_length(conditioning, b) + done + n + 1)
+    out = []
+    for i in range(n):
+        token = pick(logits, temperature, top_fraction, generator)
+        out.append(token)
+        if i < n - 1:
+            logits = model.step(token, cache)
+    return _shape(torch.stack(out, 1), b, q)
+
+
+@torch.no_grad()
+def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tensor], steps: int, *,
+                     prefix: Tensor | None = None, temperature: float = 1.0, top_fraction: float = 0.1,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """The same draw as ``sample`` without a cache: a full forward over the whole prefix for every token."""
+    q = model.target.num_quantizers
+    b = conditioning[0].shape[0]
+    tokens = torch.zeros(b, 0, dtype=torch.long) if prefix is None else prefix.reshape(b, -1).long()
+    start = tokens.shape[1]
+    for _ in range(steps * q):
+        logits = model(conditioning, tokens)[:, -1]
+        token = pick(logits, temperature, top_fraction, generator)
+        tokens = torch.cat((tokens, token[:, None].to(tokens.device)), 1)
+    return _shape(tokens[:, start:], b, q)
+
+
+def _prompt_length(conditioning: list[Tensor], b: int) -> int:
+    return sum(c.reshape(b, -1).shape[1] + 2 for c in conditioning) + 1
+
+
+__all__ = ["keep_top_fraction", "pick", "sample", "sample_recompute"]
