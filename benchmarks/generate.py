@@ -50,7 +50,7 @@ def main() -> None:
             timings[name] = time.perf_counter() - start
         same = torch.equal(outputs["recompute"].cpu(), outputs["kv_cache"].cpu())
         print(json.dumps({"stage": stage, "preset": args.preset, "device": str(device), "tokens": n_tokens,
-                          "prompt": sum(c.numel() + 2 for c in cond) + 1,
+                          "prompt": model.positions(cond, 0),
                           "recompute_tokens_per_s": round(n_tokens / timings["recompute"], 1),
                           "kv_cache_tokens_per_s": round(n_tokens / timings["kv_cache"], 1),
                           "ratio": round(timings["recompute"] / timings["kv_cache"], 1), "same_tokens": same}),

@@ -26,25 +26,19 @@ import torch
 
 def make_dataset(work: Path, tracks: int) -> Path:
     from musiclm import synth
-    from musiclm.audio import list_audio_files, load_audio
+    from musiclm.audio import list_audio_files
     from musiclm.config import DataConfig, model_preset
     from musiclm.data.preprocess import prepare, run_local
     from musiclm.data.sources import open_source
-    from musiclm.tokens.kmeans import fit_minibatch_kmeans
-    from musiclm.tokens.system import TokenSystem, new_rvq
+    from musiclm.tokens.fit import fit_local
+    from musiclm.tokens.system import TokenSystem
 
     data = work / "dataset"
     if (data / "manifest.json").exists():
         return data
     synth.write_corpus(work / "corpus", num_tracks=tracks, seconds=11.0, seed=0)
-    system = TokenSystem.create(model_preset("tiny").token_system(), work / "ts")
-    paths = list_audio_files(work / "corpus")[:8]
-    rvq = new_rvq(system.config)
-    rvq.fit(torch.cat([system.clap.audio_embeddings(load_audio(p, 48000)) for p in paths]), steps=20, batch_size=64)
-    system.set_rvq(rvq)
-    feats = np.concatenate([system.semantic.features(load_audio(p, 16000)).numpy() for p in paths])
-    system.set_kmeans(fit_minibatch_kmeans(feats, 1024, n_init=1))
-    system.save()
+    fit_local(TokenSystem.create(model_preset("tiny").token_system(), work / "ts"),
+              list_audio_files(work / "corpus")[:8])
     run_local(prepare(open_source(work / "corpus"), work / "ts", data, DataConfig(clip_seconds=11, valid_frac=0.2)),
               log=lambda m: None)
     return data
@@ -80,7 +74,7 @@ def bare_loop(cfg, data: Path, steps: int, warmup: int, threads: int) -> tuple[f
         opt.step()
         sched.step()
         times.append(time.perf_counter() - start)
-        positions = logits.shape[0] * (sum(c[0].numel() + 2 for c in cond) + logits.shape[1])
+        positions = logits.shape[0] * model.positions(cond, logits.shape[1] - 1)
     return float(np.mean(times[warmup:])), positions
 
 

@@ -49,7 +49,7 @@ def main() -> None:
         model = build_stage(stage, model_preset(args.preset)).to(device).train()
         opt, _ = make_optimizer(model, TrainConfig(stage=stage), on_gpu=device.type == "cuda")
         *cond, target = stage_inputs(model, args.batch_size, device)
-        seq = sum(c[0].numel() + 2 for c in cond) + target[0].numel() + 1
+        seq = model.positions(cond, target[0].numel())
         times = []
         for i in range(args.steps):
             if device.type == "cuda":

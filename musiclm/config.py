@@ -300,10 +300,20 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return load_json(ModelConfig, path)
 
 
-def load_config(path: str | Path) -> Config:
-    """Load a full Config JSON. A bare open-musiclm model JSON (no ``model`` section) is accepted too."""
+def _file_kind(path: str | Path) -> tuple[str, dict | None]:
+    """What a config file holds: ``model`` (an open-musiclm model JSON), ``sweep`` (a sweep's best.json, whose
+    ``config`` section is a full Config) or ``config`` (anything else, read strictly as a Config)."""
     data = json.loads(Path(path).read_text()) if Path(path).exists() else None
     if isinstance(data, dict) and "global_cfg" in data:
+        return "model", data
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:
+        return "sweep", data
+    return "config", data
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a full Config JSON. A bare open-musiclm model JSON (no ``model`` section) is accepted too."""
+    if _file_kind(path)[0] == "model":
         return Config(model=load_model_config(path))
     return load_json(Config, path)
 
@@ -315,10 +325,10 @@ def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None 
     preset's training settings), then dotted overrides."""
     cfg = preset(preset_name, stage)
     if path is not None:
-        data = json.loads(Path(path).read_text()) if Path(path).exists() else None
-        if isinstance(data, dict) and "global_cfg" in data:
+        kind, data = _file_kind(path)
+        if kind == "model":
             cfg = dataclasses.replace(cfg, model=load_model_config(path))
-        elif isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:
+        elif kind == "sweep":
             cfg = from_dict(Config, data["config"], "config")
         else:
             cfg = load_json(Config, path)

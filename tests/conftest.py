@@ -1,15 +1,13 @@
 """Shared fixtures: a small synthetic corpus and a fitted tiny token system (built once per test session)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from musiclm import synth
-from musiclm.audio import list_audio_files, load_audio
+from musiclm.audio import list_audio_files
 from musiclm.config import model_preset
-from musiclm.tokens.kmeans import fit_minibatch_kmeans
-from musiclm.tokens.system import TokenSystem, new_rvq
+from musiclm.tokens.fit import fit_local
+from musiclm.tokens.system import TokenSystem
 
 
 @pytest.fixture(scope="session")
@@ -23,15 +21,7 @@ def corpus(tmp_path_factory):
 def tiny_system_dir(corpus, tmp_path_factory):
     """A tiny token system, RVQ and k-means fitted in-process on the corpus (the Ray path has its own test)."""
     out = tmp_path_factory.mktemp("ts") / "tiny"
-    system = TokenSystem.create(model_preset("tiny").token_system(), out)
-    paths = list_audio_files(corpus)
-    emb = torch.cat([system.clap.audio_embeddings(load_audio(p, 48000)) for p in paths])
-    rvq = new_rvq(system.config)
-    rvq.fit(emb, steps=20, batch_size=64)
-    system.set_rvq(rvq)
-    feats = np.concatenate([system.semantic.features(load_audio(p, 16000)).numpy() for p in paths])
-    system.set_kmeans(fit_minibatch_kmeans(feats, 1024, n_init=1))
-    system.save()
+    fit_local(TokenSystem.create(model_preset("tiny").token_system(), out), list_audio_files(corpus))
     return out
 
 

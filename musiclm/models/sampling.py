@@ -44,7 +44,7 @@ def sample(model: TokenConditionedTransformer, conditioning: list[Tensor], steps
     b = conditioning[0].shape[0]
     n = steps * q
     done = 0 if prefix is None else prefix.reshape(b, -1).shape[1]
-    logits, cache = model.start(conditioning, prefix, max_len=_prompt_length(conditioning, b) + done + n + 1)
+    logits, cache = model.start(conditioning, prefix, max_len=model.positions(conditioning, done + n))
     out = []
     for i in range(n):
         token = pick(logits, temperature, top_fraction, generator)
@@ -69,9 +69,6 @@ def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tens
         tokens = torch.cat((tokens, token[:, None].to(tokens.device)), 1)
     return _shape(tokens[:, start:], b, q)
 
-
-def _prompt_length(conditioning: list[Tensor], b: int) -> int:
-    return sum(c.reshape(b, -1).shape[1] + 2 for c in conditioning) + 1
 
 
 __all__ = ["keep_top_fraction", "pick", "sample", "sample_recompute"]

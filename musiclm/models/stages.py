@@ -56,17 +56,23 @@ def stage_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), labels)
 
 
+def token_hits(logits: Tensor, target: Tensor) -> Tensor:
+    """(b, T, q) 1.0 where the most likely token (eos position excluded) is the target token."""
+    b, q = target.shape[0], (target.shape[2] if target.dim() == 3 else 1)
+    return (logits[:, :-1].argmax(-1) == target.reshape(b, -1)).float().reshape(b, -1, q)
+
+
 def loss_and_metrics(logits: Tensor, target: Tensor, num_quantizers: int) -> tuple[Tensor, dict[str, Tensor]]:
     """``stage_loss`` plus token accuracy of the target tokens, overall and per codebook (``accuracy_q{k}``)."""
     loss = stage_loss(logits, target)
-    b = target.shape[0]
     with torch.no_grad():
-        hits = (logits[:, :-1].argmax(-1) == target.reshape(b, -1)).float()  # (b, n)
+        hits = token_hits(logits, target)
         metrics = {"loss": loss.detach(), "accuracy": hits.mean()}
-        per_q = hits.reshape(b, -1, num_quantizers).mean(dim=(0, 1))
+        per_q = hits.mean(dim=(0, 1))
         for k in range(num_quantizers):
             metrics[f"accuracy_q{k}"] = per_q[k]
     return loss, metrics
 
 
-__all__ = ["stage_sequences", "build_stage", "split_batch", "chance_loss", "loss_and_metrics", "stage_loss"]
+__all__ = ["stage_sequences", "build_stage", "split_batch", "chance_loss", "loss_and_metrics", "stage_loss",
+           "token_hits"]

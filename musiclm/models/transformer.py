@@ -197,6 +197,12 @@ class TokenConditionedTransformer(nn.Module):
     def target(self) -> TokenSequence:
         return self.sequences[-1]
 
+    @staticmethod
+    def positions(conditioning: list[Tensor], n_target: int) -> int:
+        """Positions one example occupies: each conditioning sequence (batch-first) with its start and eos
+        slot, then the target's start and ``n_target`` tokens."""
+        return sum(c[0].numel() + 2 for c in conditioning) + 1 + n_target
+
     # ------------------------------------------------------------------ inputs
 
     def _embed(self, i: int, ids: Tensor, first: int = 0) -> Tensor:

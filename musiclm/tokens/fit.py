@@ -182,6 +182,24 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     return report
 
 
+def fit_local(system: TokenSystem, paths: list[str], *, rvq_steps: int = 20, kmeans_n_init: int = 1) -> TokenSystem:
+    """Fit the RVQ and the k-means of ``system`` on whole files in this process, without Ray, and save it: for
+    a handful of files (tests, benchmarks). ``fit_rvq`` / ``fit_kmeans`` are the jobs for real corpora."""
+    from ..audio import load_audio
+
+    emb = torch.cat([system.clap.audio_embeddings(load_audio(p, system.config.clap_rvq_cfg.sample_rate))
+                     for p in paths])
+    rvq = new_rvq(system.config)
+    rvq.fit(emb, steps=rvq_steps, batch_size=64)
+    system.set_rvq(rvq)
+    rate = system.config.hubert_kmeans_cfg.target_sample_hz
+    feats = np.concatenate([system.semantic.features(load_audio(p, rate)).numpy() for p in paths])
+    system.set_kmeans(fit_minibatch_kmeans(feats, system.config.hubert_kmeans_cfg.codebook_size,
+                                           n_init=kmeans_n_init))
+    system.save()
+    return system
+
+
 def _log_errors(errors: list[dict], log) -> None:
     if errors:
         log(f"{len(errors)} file(s) could not be used (listed in the report):")

@@ -173,7 +173,7 @@ def train_loop(loop_cfg: dict) -> None:
             engine.backward(loss)
             engine.step()
             window_losses.append(float(loss))
-            window_positions += logits.shape[0] * (sum(c[0].numel() + 2 for c in cond) + logits.shape[1])
+            window_positions += logits.shape[0] * model.positions(cond, logits.shape[1] - 1)
             if not boundary:
                 continue
             state.step += 1

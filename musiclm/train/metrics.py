@@ -6,6 +6,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..models.stages import token_hits
+
 CHANCE_TOLERANCE = 0.02  # within 2 % of ln(V): the model predicts no better than a uniform guess
 
 
@@ -17,15 +19,13 @@ class ValidSums:
         self.t = torch.zeros(4 + num_quantizers, dtype=torch.float64)  # loss·n, n, hits, tokens, hits per q
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        b = target.shape[0]
-        flat = target.reshape(b, -1)
-        hits = (logits[:, :-1].argmax(-1) == flat).double().cpu()
+        hits = token_hits(logits, target).double().cpu()
         n_labels = logits.shape[0] * logits.shape[1]
         self.t[0] += float(loss) * n_labels
         self.t[1] += n_labels
         self.t[2] += hits.sum()
         self.t[3] += hits.numel()
-        self.t[4:] += hits.reshape(b, -1, self.q).sum(dim=(0, 1))
+        self.t[4:] += hits.sum(dim=(0, 1))
 
     def reduce(self) -> dict[str, float]:
         t = self.t

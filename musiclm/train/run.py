@@ -60,13 +60,10 @@ def check_request(req: TrainRequest, log=print) -> dict:
 
     cfg = req.config
     stage = cfg.train.stage
-    manifest = open_manifest(req.data)
-    fingerprint = manifest["fingerprint"]
     token_system = req.token_system
-    if token_system is not None:
-        meta, _ = read_meta(token_system)
-        open_manifest(req.data, meta["fingerprint"])
-    elif manifest.get("token_system") and Path(manifest["token_system"]).exists():
+    manifest = open_manifest(req.data, read_meta(token_system)[0]["fingerprint"] if token_system else None)
+    fingerprint = manifest["fingerprint"]
+    if token_system is None and manifest.get("token_system") and Path(manifest["token_system"]).exists():
         token_system = manifest["token_system"]
     check_token_layout(cfg, manifest, req.data)
     if req.init_from:
