@@ -101,3 +101,46 @@ def run(main) -> None:
     except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling settings shared by generate and evaluate (``musiclm.generate.GenerateSettings``)."""
+    from musiclm.generate import GenerateSettings
+
+    d = GenerateSettings()
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--duration", type=float, default=d.duration, help="seconds of audio per candidate")
+    g.add_argument("--num-samples", type=int, default=d.num_samples, help="candidates ranked by CLAP similarity (N)")
+    g.add_argument("--top", type=int, default=d.top, help="best candidates written as WAV (K)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    for stage in ("semantic", "coarse", "fine"):
+        g.add_argument(f"--{stage}-temperature", type=float, default=getattr(d, f"{stage}_temperature"))
+        g.add_argument(f"--{stage}-step", type=float, default=getattr(d, f"{stage}_step"),
+                       help=f"{stage} sliding-window step, as a fraction of its window")
+    g.add_argument("--top-fraction", type=float, default=d.top_fraction,
+                   help="sample among this fraction of the most likely tokens")
+    g.add_argument("--coarse-only", action="store_true", help="decode the coarse tokens alone (skip the fine stage)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates sampled together (0: all)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--token-system", help="token system (default: the model set's token_system/)")
+
+
+def generate_settings(args: argparse.Namespace):
+    import dataclasses
+
+    from musiclm.generate import GenerateSettings
+
+    keys = [f.name for f in dataclasses.fields(GenerateSettings)]
+    return GenerateSettings(**{k: getattr(args, k) for k in keys if hasattr(args, k)})
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and lines starting with # skipped) or a JSON list."""
+    import json
+
+    text = open(path, encoding="utf-8").read()
+    prompts = json.loads(text) if path.endswith(".json") else [
+        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"{path} holds no prompts: give one prompt per line, or a JSON list of strings")
+    return prompts

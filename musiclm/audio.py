@@ -141,11 +141,21 @@ def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
     return list(range(0, num_samples - window + 1, hop))
 
 
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """16-bit samples of float audio (clipped to [-1, 1], scaled by 32767, rounded)."""
+    return np.round(np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def as_written(audio: np.ndarray) -> np.ndarray:
+    """The float32 audio a reader gets back from ``write_wav(audio)``'s file (16-bit samples / 32768)."""
+    return (to_pcm16(audio) / 32768.0).astype(np.float32)
+
+
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float audio (clipped to [-1, 1]) as 16-bit PCM WAV."""
+    """Write float audio as 16-bit PCM WAV (``to_pcm16``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    sf.write(str(path), to_pcm16(audio), sample_rate, subtype="PCM_16")
     return path
 
 

@@ -12,6 +12,8 @@ VERBS = {
     "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",
     "train": "train one stage on a token dataset (Ray Train + DeepSpeed ZeRO)",
     "tune": "sweep lr and more for one stage with Ray Tune (ASHA on valid/loss)",
+    "generate": "text to music: N candidates through the three stages, best K by CLAP similarity",
+    "evaluate": "compare model sets on a prompt set by CLAP similarity (table and plot)",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

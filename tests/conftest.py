@@ -49,3 +49,46 @@ def token_dataset_dir(corpus, tiny_system_dir, tmp_path_factory):
     cfg = DataConfig(clip_seconds=11, valid_frac=0.34, seed=4)
     run_local(prepare(open_source(corpus), tiny_system_dir, out, cfg, log=lambda m: None), log=lambda m: None)
     return out
+
+
+def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 30, seed: int = 0):
+    """A tiny stage trained in-process for a few steps on crops of the token dataset, saved as a checkpoint."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from musiclm.data.shards import CropSpec, open_manifest, split_files
+    from musiclm.models import build_stage, split_batch
+    from musiclm.models.stages import loss_and_metrics
+    from musiclm.train.checkpoint import save_stage
+
+    cfg = model_preset("tiny")
+    rows = [r for f in split_files(dataset, "train") for r in pq.read_table(f).to_pylist()]
+    spec = CropSpec.make(stage, cfg.global_cfg, open_manifest(dataset, fingerprint))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_stage(stage, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    from musiclm.data.shards import crop_row
+
+    for _ in range(steps):
+        crops = [crop_row(rows[i], spec, rng) for i in rng.integers(0, len(rows), 4)]
+        cond, target = split_batch(model, {k: np.stack([c[k] for c in crops]) for k in crops[0]})
+        loss, _ = loss_and_metrics(model(cond, target), target, model.target.num_quantizers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_stage(out, model.state_dict(), stage, cfg, steps, fingerprint, {"train/loss": loss.item()})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_set(token_dataset_dir, tiny_system_dir, tmp_path_factory):
+    """A model-set folder (semantic/, coarse/, fine/, token_system/) of tiny stages trained in the session."""
+    from musiclm.tokens.system import read_meta
+
+    root = tmp_path_factory.mktemp("models") / "set"
+    fingerprint = read_meta(tiny_system_dir)[0]["fingerprint"]
+    for stage in ("semantic", "coarse", "fine"):
+        train_tiny_stage(stage, token_dataset_dir, fingerprint, root / stage)
+    (root / "token_system").symlink_to(tiny_system_dir, target_is_directory=True)
+    return root

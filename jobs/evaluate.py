@@ -1,0 +1,50 @@
+"""musiclm evaluate: compare model sets on a prompt set by CLAP text–audio similarity.
+
+    python -m jobs.evaluate --prompts prompts.txt --models pretrained=models/released,tuned=models/fma \
+        --num-samples 4 --out eval/
+
+Each set generates N candidates per prompt (same settings and seed for all sets) on Ray; the table
+(results.csv, results.md) gives best-of-N and mean CLAP score per prompt and set, scores.png plots them, and
+OUT/tensorboard holds the scores and the best clip of each prompt. Re-running skips finished prompts."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, log, read_prompts, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musiclm evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="file of prompts (one per line, or a JSON list)")
+    p.add_argument("--models", required=True, help="NAME=DIR[,NAME=DIR…]: model-set folders to compare")
+    p.add_argument("--out", required=True, help="output folder")
+    add_generate_args(p)
+    add_ray_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
+
+    settings = generate_settings(args)
+    sets = parse_model_sets(args.models, args.token_system)
+    prompts = read_prompts(args.prompts)
+    resources = connect(args)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
+                    cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                    log=log)
+    print(open(f"{args.out}/{RESULTS}.md").read())
+    log(f"table: {args.out}/{RESULTS}.csv, {args.out}/{RESULTS}.md; plot: {args.out}/{PLOT}")
+    log(f"watch: tensorboard --logdir {args.out}/tensorboard --host 127.0.0.1")
+    if any(r["error"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,87 @@
+"""musiclm generate: text to music through the three stages and EnCodec, best of N by CLAP similarity.
+
+One prompt runs in this process:   musiclm generate "PROMPT" --models DIR --out DIR
+A prompt file runs on Ray:         python -m jobs.generate --prompts FILE --models DIR --out DIR
+(an actor pool, one model set per actor, a GPU each when the cluster has them; one folder per prompt).
+
+The model set is --models DIR (semantic/, coarse/, fine/, token_system/) or the checkpoints one by one
+(--semantic, --coarse, --fine: checkpoint folders or `musiclm train` run folders) with --token-system."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, log, read_prompts, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musiclm generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
+    p.add_argument("--prompts", help="file of prompts (one per line, or a JSON list): a batch job on Ray")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per prompt with --prompts)")
+    p.add_argument("--models", help="model-set folder with semantic/, coarse/, fine/ (and token_system/)")
+    for stage in ("semantic", "coarse", "fine"):
+        p.add_argument(f"--{stage}", help=f"{stage} stage checkpoint or train run folder (overrides --models)")
+    add_generate_args(p)
+    add_ray_args(p)
+    return p
+
+
+def model_set(args: argparse.Namespace):
+    from pathlib import Path
+
+    from musiclm.generate import ModelSet, resolve_checkpoint
+
+    if args.models:
+        models = ModelSet.from_dir(args.models, args.token_system)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in ("semantic", "coarse", "token_system") if not getattr(args, k)]
+        if missing or not (args.fine or args.coarse_only):
+            raise ValueError(f"give --models DIR, or {', '.join(missing or ['--fine'])} (and --fine unless --coarse-only)")
+        models = ModelSet(None, None, None, Path(args.token_system))
+    for stage in ("semantic", "coarse", "fine"):
+        if getattr(args, stage):
+            setattr(models, stage, resolve_checkpoint(getattr(args, stage)))
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if bool(args.prompt) == bool(args.prompts):
+        raise ValueError("give either a PROMPT or --prompts FILE")
+    settings = generate_settings(args)
+    models = model_set(args)
+    if args.prompts:
+        from musiclm.generate_batch import generate_prompts
+
+        prompts = read_prompts(args.prompts)
+        resources = connect(args)
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+        rows = generate_prompts(prompts, models, settings, args.out, cluster_cpus=resources.get("CPU", 1),
+                                cluster_gpus=resources.get("GPU", 0), actors=args.actors,
+                                gpus_per_actor=args.gpus_per_actor, log=log)
+        failed = [r for r in rows if r["error"]]
+        log(f"wrote {len(rows) - len(failed)} prompt folders under {args.out} (index: {args.out}/prompts.json)")
+        if failed:
+            sys.exit(1)
+        return
+
+    from musiclm.generate import MusicGenerator, progress_bar
+
+    generator = MusicGenerator(models, args.device, settings.coarse_only)
+    with progress_bar(generator, settings, enabled=sys.stderr.isatty()) as bar:
+        result = generator.generate(args.prompt, settings, progress=bar)
+    report = generator.write(result, settings, args.out)
+    log(f"scores (best first): {', '.join(f'{s:.4f}' for s in report['scores'])}")
+    log(f"real-time factor {report['timings']['real_time_factor']:.2f}; wrote {', '.join(report['files'])}")
+    log(f"report: {args.out}/report.json")
+    if argv is None:
+        print(json.dumps({"files": report["files"], "best_score": report["best_score"]}))
+
+
+if __name__ == "__main__":
+    run(main)

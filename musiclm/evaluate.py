@@ -1,0 +1,159 @@
+"""Compare model sets on a prompt set by CLAP text–audio similarity (REFERENCE.md: pretrained vs fine-tuned on
+7 prompts). Every set generates N candidates per prompt with the same settings and seed
+(``generate_batch.generate_prompts``, so finished prompts are not generated again); each prompt gets its
+best-of-N and mean score per set.
+
+    OUT/<set>/<index>-<prompt>/      the best WAV(s) and report.json of each prompt
+    OUT/results.csv, results.md      prompt × set: best-of-N and mean CLAP score
+    OUT/scores.png                   bars: best-of-N per prompt and set; dots: the mean
+    OUT/tensorboard/                 scores and the best clip of each prompt and set
+
+Scores are comparable only when every set is scored by the same CLAP encoder, so sets whose token systems
+have different CLAP weights are refused.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from .generate import GenerateSettings, ModelSet
+from .generate_batch import generate_prompts
+
+RESULTS = "results"
+PLOT = "scores.png"
+
+
+def parse_model_sets(spec: str, token_system: str | None = None) -> dict[str, ModelSet]:
+    """``NAME=DIR[,NAME=DIR…]`` (model-set folders or JSON files) into named model sets."""
+    sets = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, where = part.partition("=")
+        if not sep or not name or not where:
+            raise ValueError(f"--models: {part!r} is not NAME=DIR (e.g. pretrained=models/released,tuned=runs/set)")
+        if name in sets:
+            raise ValueError(f"--models: the name {name!r} is given twice")
+        sets[name] = ModelSet.from_dir(where, token_system)
+    if not sets:
+        raise ValueError("--models: give at least one NAME=DIR")
+    return sets
+
+
+def check_same_scorer(sets: dict[str, ModelSet]) -> None:
+    from .tokens.system import read_meta
+
+    claps = {name: read_meta(ms.token_system)[0]["fingerprint_parts"]["clap_weights"] for name, ms in sets.items()}
+    if len(set(claps.values())) > 1:
+        detail = ", ".join(f"{n}: {c[:12]}" for n, c in claps.items())
+        raise ValueError(f"the model sets' token systems use different CLAP weights ({detail}), so their CLAP "
+                         f"scores are not comparable; give --token-system to generate and score all with one")
+
+
+def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSettings, out: str | Path, *,
+             cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
+             gpus_per_actor: float | None = None, log=print) -> list[dict]:
+    check_same_scorer(sets)
+    out = Path(out)
+    rows = []
+    for name, models in sets.items():
+        log(f"evaluate: model set {name}")
+        index = generate_prompts(prompts, models, settings, out / name, cluster_cpus=cluster_cpus,
+                                 cluster_gpus=cluster_gpus, actors=actors, gpus_per_actor=gpus_per_actor, log=log)
+        rows += [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
+                  "best_score": r["best_score"], "mean_score": r["mean_score"],
+                  "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
+                  "error": r["error"]} for r in index]
+    write_table(rows, out)
+    plot(rows, out / PLOT)
+    log_tensorboard(rows, out / "tensorboard")
+    return rows
+
+
+def _by(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    names = list(dict.fromkeys(r["model_set"] for r in rows))
+    return prompts, names, {(r["prompt"], r["model_set"]): r for r in rows}
+
+
+def _fmt(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["prompt_index", "prompt", "model_set", "best_score", "mean_score", "num_samples", "best_file", "error"]
+    with open(out / f"{RESULTS}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    prompts, names, cell = _by(rows)
+    n = rows[0]["num_samples"] if rows else 0
+    lines = [f"CLAP text–audio cosine similarity, best of {n} and mean of {n} candidates per prompt.", "",
+             "| # | prompt | " + " | ".join(f"{m} best | {m} mean" for m in names) + " |",
+             "|---|---|" + "---|---|" * len(names)]
+    for i, p in enumerate(prompts):
+        cells = " | ".join(f"{_fmt(cell[p, m]['best_score'])} | {_fmt(cell[p, m]['mean_score'])}" for m in names)
+        lines.append(f"| {i} | {p} | {cells} |")
+    means = " | ".join(f"{_fmt(_mean(cell[p, m]['best_score'] for p in prompts))} | "
+                       f"{_fmt(_mean(cell[p, m]['mean_score'] for p in prompts))}" for m in names)
+    lines.append(f"| | **mean** | {means} |")
+    for j, a in enumerate(names):
+        for b in names[j + 1:]:
+            pairs = [(cell[p, a]["best_score"], cell[p, b]["best_score"]) for p in prompts]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            lines.append(f"\n{a} scores higher than {b} (best of {n}) on {sum(x > y for x, y in pairs)} of "
+                         f"{len(pairs)} prompts.")
+    (out / f"{RESULTS}.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts, names, cell = _by(rows)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(prompts) + 2), 4.0))
+    for j, m in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(prompts))]
+        best = [cell[p, m]["best_score"] if cell[p, m]["best_score"] is not None else math.nan for p in prompts]
+        mean = [cell[p, m]["mean_score"] if cell[p, m]["mean_score"] is not None else math.nan for p in prompts]
+        ax.bar(xs, best, width, label=f"{m} (best of {rows[0]['num_samples']})")
+        ax.plot(xs, mean, "k.", markersize=8, label="mean" if j == 0 else None)
+    ax.set_xticks(range(len(prompts)))
+    ax.set_xticklabels([p if len(p) <= 24 else p[:22] + "…" for p in prompts], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("CLAP cosine similarity")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("text–audio similarity by model set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_tensorboard(rows: list[dict], log_dir: Path) -> None:
+    import soundfile as sf
+
+    from .train.metrics import TensorBoard
+
+    board = TensorBoard(str(log_dir))
+    for r in rows:
+        m, i = r["model_set"], r["prompt_index"]
+        if r["best_score"] is not None:
+            board.scalars({f"evaluate/{m}/best": r["best_score"], f"evaluate/{m}/mean": r["mean_score"]}, i)
+        if r["best_file"]:
+            audio, rate = sf.read(r["best_file"], dtype="float32")
+            board.audio(f"samples/{m}/{i:03d}", audio, rate, 0)
+        board.text(f"prompts/{i:03d}", r["prompt"], 0)
+    board.flush()
+
+
+__all__ = ["evaluate", "parse_model_sets", "check_same_scorer", "write_table", "plot", "RESULTS",
+           "PLOT"]
+

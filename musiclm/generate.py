@@ -1,0 +1,346 @@
+"""Text to music: prompt → CLAP text embedding → RVQ tokens → semantic → coarse → fine → EnCodec → 24 kHz audio,
+N candidates ranked by CLAP text–audio cosine similarity (open-musiclm's ``infer_top_match``).
+
+Longer outputs than a stage's window are made with sliding windows as open-musiclm does (REFERENCE.md):
+
+- semantic: windows of the semantic checkpoint's length (10 s = 499 tokens); each further window is
+  conditioned on the overlap with what exists (``semantic_step`` = 0.5: the last half) and adds the rest;
+- coarse: 4 s windows (300 frames, conditioned on the 199 semantic tokens of the same 4 s) every half window,
+  each conditioned on the coarse tokens already made in its span;
+- fine: 2 s windows (150 frames, conditioned on the same 150 coarse frames), one after the other.
+
+Unlike open-musiclm's ``unfold`` (which drops a partial last window), the last window of every stage is moved
+back to end exactly at the requested length (overlapping more), so a 25 s request gives 25 s of audio.
+Window starts of the coarse stage lie on the common grid of the two token rates (1/25 s: 2 semantic and
+3 acoustic frames), so semantic and acoustic windows cover the same time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import as_written, resample, write_wav
+from .config import STAGES, check
+from .models.sampling import sample
+from .train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage
+
+
+@dataclass
+class GenerateSettings:
+    """What to generate and how to sample it (open-musiclm's inference defaults)."""
+
+    duration: float = 10.0  # seconds of audio per candidate
+    num_samples: int = 4  # candidates (N) ranked by CLAP similarity
+    top: int = 1  # candidates written as WAV (K)
+    seed: int = 0
+    semantic_temperature: float = 1.0
+    coarse_temperature: float = 0.95
+    fine_temperature: float = 0.4
+    top_fraction: float = 0.1  # keep this fraction of the logits before sampling (open-musiclm filter_thres 0.9)
+    semantic_step: float = 0.5  # sliding-window step, as a fraction of the window
+    coarse_step: float = 0.5
+    fine_step: float = 1.0
+    coarse_only: bool = False  # decode coarse tokens alone (no fine stage)
+    batch_size: int = 0  # candidates sampled together (0: all N at once)
+
+    def __post_init__(self):
+        check(self.duration > 0, "duration", "must be > 0 seconds")
+        check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        check(1 <= self.top <= self.num_samples, "top", f"must be between 1 and num_samples ({self.num_samples})")
+        for stage in STAGES:
+            check(getattr(self, f"{stage}_temperature") >= 0, f"{stage}_temperature", "must be >= 0 (0 = argmax)")
+            check(0 < getattr(self, f"{stage}_step") <= 1, f"{stage}_step", "must be in (0, 1]")
+        check(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
+        check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = all candidates at once)")
+
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[:2] if self.coarse_only else STAGES
+
+
+# ---------------------------------------------------------------------------------------------- model sets
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A stage checkpoint folder, or the best (else latest) checkpoint of a `musiclm train` run folder."""
+    path = Path(path)
+    summary = path / "summary.json"
+    if not (path / "stage.json").exists() and summary.exists():
+        data = json.loads(summary.read_text())
+        chosen = data.get("best_checkpoint") or data.get("latest_checkpoint")
+        if chosen:
+            return Path(chosen)
+    return path
+
+
+@dataclass
+class ModelSet:
+    """Three stage checkpoints and the token system they were trained with."""
+
+    semantic: Path
+    coarse: Path
+    fine: Path | None
+    token_system: Path
+
+    @classmethod
+    def from_dir(cls, root: str | Path, token_system: str | Path | None = None) -> "ModelSet":
+        """A folder with ``semantic/``, ``coarse/``, ``fine/`` (checkpoints or run folders) and, unless given,
+        ``token_system/`` (the layout `import-open-musiclm` and `pipeline` write), or a JSON file naming them."""
+        root = Path(root)
+        if root.is_file():
+            data = json.loads(root.read_text())
+            where = {k: (root.parent / v if v and not Path(v).is_absolute() else v) for k, v in data.items()}
+        else:
+            where = {k: root / k for k in (*STAGES, "token_system")}
+        if token_system is not None:
+            where["token_system"] = token_system
+        missing = [k for k in (*STAGES, "token_system") if not where.get(k) or not Path(where[k]).exists()]
+        if missing:
+            raise FileNotFoundError(f"model set {root} lacks {', '.join(missing)}: give a folder with semantic/, "
+                                    f"coarse/, fine/ and token_system/, or a JSON file naming them")
+        return cls(*(resolve_checkpoint(where[s]) for s in STAGES), Path(where["token_system"]))
+
+    def paths(self) -> dict[str, Path]:
+        return {s: p for s, p in zip(STAGES, (self.semantic, self.coarse, self.fine)) if p is not None}
+
+
+def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[str, StageInfo]:
+    """Refuse, before loading any weights, a checkpoint given as the wrong stage, checkpoints of different
+    token systems, or a set whose stages do not chain (semantic codebook, coarse codebooks)."""
+    from .tokens.system import read_meta
+
+    fingerprint = read_meta(models.token_system)[0]["fingerprint"]
+    infos = {}
+    for stage in stages:
+        path = models.paths().get(stage)
+        if path is None:
+            raise CheckpointError(f"no {stage} checkpoint given (--{stage})")
+        infos[stage] = info = read_stage(path)
+        check_fits(info, stage, what=f"--{stage}")
+        check_fits(info, fingerprint=fingerprint, what=f"generation with token system {models.token_system}")
+    layouts = {s: shape_of_tokens(i) for s, i in infos.items()}
+    for stage, layout in layouts.items():
+        for other, other_layout in layouts.items():
+            for name in set(layout) & set(other_layout):
+                if layout[name] != other_layout[name]:
+                    raise CheckpointError(f"the {stage} checkpoint ({infos[stage].path}) has {name} tokens "
+                                          f"{layout[name]} but the {other} checkpoint ({infos[other].path}) has "
+                                          f"{other_layout[name]}: the stages do not chain")
+    return infos
+
+
+def shape_of_tokens(info: StageInfo) -> dict[str, str]:
+    from .models import stage_sequences
+
+    return {s.name: f"{s.num_quantizers}x{s.codebook_size}" for s in stage_sequences(info.stage, info.model)}
+
+
+# ---------------------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class Windows:
+    """Window lengths in tokens (from each stage checkpoint's own config) and the token rates."""
+
+    semantic: int  # semantic tokens per semantic window (10 s: 499)
+    coarse: int  # acoustic frames per coarse window (4 s: 300)
+    fine: int  # acoustic frames per fine window (2 s: 150)
+    semantic_hz: int
+    acoustic_hz: int
+
+    @classmethod
+    def of(cls, infos: dict[str, StageInfo]) -> "Windows":
+        model = infos["semantic"].model
+        sem_hz, ac_hz = model.hubert_kmeans_cfg.output_hz, model.encodec_cfg.output_hz
+        seconds = {s: getattr(i.model.global_cfg, f"{s}_audio_length_seconds") for s, i in infos.items()}
+        w = cls(semantic=round(seconds["semantic"] * sem_hz) - 1, coarse=round(seconds["coarse"] * ac_hz),
+                fine=round(seconds.get("fine", seconds["coarse"]) * ac_hz), semantic_hz=sem_hz, acoustic_hz=ac_hz)
+        if w.coarse % w.grid:
+            raise CheckpointError(f"the coarse window ({seconds['coarse']:g} s = {w.coarse} frames) must be a whole "
+                                  f"number of {w.grid}-frame steps (1/{ac_hz // w.grid} s) to line up with the semantic "
+                                  f"tokens")
+        return w
+
+    @property
+    def grid(self) -> int:
+        """Acoustic frames per common step of both rates (75 and 50 Hz: 3 frames = 2 semantic tokens)."""
+        return self.acoustic_hz // math.gcd(self.semantic_hz, self.acoustic_hz)
+
+    def semantic_at(self, frames: int) -> int:
+        """Semantic tokens that cover the same time as ``frames`` acoustic frames (on the grid)."""
+        return frames * self.semantic_hz // self.acoustic_hz
+
+    def acoustic_frames(self, seconds: float) -> int:
+        """Acoustic frames to generate for ``seconds``: rounded up to the grid."""
+        return self.grid * math.ceil(round(seconds * self.acoustic_hz, 6) / self.grid)
+
+
+def slide(total: int, window: int, step_fraction: float, grid: int = 1) -> list[tuple[int, int]]:
+    """(start, end) of the windows covering ``total`` positions: starts every ``step_fraction`` of a window (a
+    multiple of ``grid``), and a last window that ends exactly at ``total``."""
+    if total <= window:
+        return [(0, total)]
+    step = max(grid, int(window * step_fraction) // grid * grid)
+    starts = list(range(0, total - window, step)) + [total - window]
+    return [(s, s + window) for s in starts]
+
+
+def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, temperature: float, top_fraction: float,
+                   generator: torch.Generator, sampler=sample, on_window=None) -> torch.Tensor:
+    """Fill ``windows`` left to right: each window is conditioned on ``conditioning(start, end)`` and on the
+    tokens already made inside it, and adds the rest. Returns (b, total) or (b, total, q)."""
+    out = None
+    for start, end in windows:
+        done = 0 if out is None else out.shape[1]
+        prefix = out[:, start:] if out is not None and done > start else None
+        new = sampler(model, conditioning(start, end), end - done, prefix=prefix, temperature=temperature,
+                      top_fraction=top_fraction, generator=generator)
+        out = new if out is None else torch.cat((out, new), 1)
+        if on_window:
+            on_window(end - done)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- generator
+@dataclass
+class Candidates:
+    """N generated clips of one prompt, in candidate order, with their CLAP scores."""
+
+    prompt: str
+    audio: np.ndarray  # (N, samples) float32, exactly as written to 16-bit WAV
+    sample_rate: int
+    scores: np.ndarray  # (N,) CLAP text–audio cosine similarity
+    timings: dict[str, float]
+
+    @property
+    def ranking(self) -> list[int]:
+        return sorted(range(len(self.scores)), key=lambda i: -float(self.scores[i]))
+
+
+class MusicGenerator:
+    """A loaded model set: the token system (CLAP, RVQ, EnCodec) and the stage transformers."""
+
+    def __init__(self, models: ModelSet, device: str | torch.device | None = None, coarse_only: bool = False):
+        from .tokens.system import TokenSystem
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        stages = STAGES[:2] if coarse_only else STAGES
+        self.model_set = models
+        self.infos = check_model_set(models, stages)  # refuse before loading any weights
+        self.windows = Windows.of(self.infos)
+        self.system = TokenSystem.load(models.token_system, self.device)
+        self.system.require_fitted()
+        self.models = {s: load_stage(i.path, s, self.system.fingerprint, self.device)[0] for s, i in self.infos.items()}
+
+    def describe(self) -> dict:
+        return {"checkpoints": {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint}
+                                for s, i in self.infos.items()},
+                "token_system": {"path": str(self.model_set.token_system), "fingerprint": self.system.fingerprint},
+                "windows": asdict(self.windows)}
+
+    def plan(self, settings: GenerateSettings) -> dict[str, list[tuple[int, int]]]:
+        """The windows each stage fills for ``settings.duration``."""
+        w = self.windows
+        frames = w.acoustic_frames(settings.duration)
+        coarse = slide(frames, w.coarse, settings.coarse_step, w.grid)
+        semantic_total = max(w.semantic_at(end) - 1 for _, end in coarse)
+        plan = {"semantic": slide(semantic_total, w.semantic, settings.semantic_step),
+                "coarse": coarse, "fine": slide(frames, w.fine, settings.fine_step)}
+        return {s: plan[s] for s in settings.stages()}
+
+    def tokens(self, clap: torch.Tensor, settings: GenerateSettings, generator: torch.Generator,
+               sampler=sample, progress=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Acoustic codes (b, frames, coarse [+ fine] codebooks) for CLAP tokens ``clap`` (b, 12)."""
+        w, plan, timings = self.windows, self.plan(settings), {}
+
+        def run(stage, conditioning):
+            start = time.perf_counter()
+            if progress:
+                progress.set_postfix_str(stage)
+            out = sample_windows(self.models[stage], plan[stage], conditioning, generator=generator, sampler=sampler,
+                                 temperature=getattr(settings, f"{stage}_temperature"),
+                                 top_fraction=settings.top_fraction, on_window=progress.update if progress else None)
+            timings[stage] = time.perf_counter() - start
+            return out
+
+        semantic = run("semantic", lambda s, e: [clap])
+        coarse = run("coarse", lambda s, e: [clap, semantic[:, w.semantic_at(s): w.semantic_at(e) - 1]])
+        if settings.coarse_only:
+            return coarse, timings
+        fine = run("fine", lambda s, e: [clap, coarse[:, s:e]])
+        return torch.cat((coarse, fine), -1), timings
+
+    def steps(self, settings: GenerateSettings) -> int:
+        """Time steps one batch of candidates samples over all stages (the progress bar's unit)."""
+        return sum(windows[-1][1] for windows in self.plan(settings).values())
+
+    def generate(self, prompt: str, settings: GenerateSettings, sampler=sample, progress=None) -> Candidates:
+        """``settings.num_samples`` candidates for ``prompt``, scored by CLAP."""
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(settings.seed)
+        clap = torch.as_tensor(self.system.clap.text_tokens([prompt]), dtype=torch.long, device=self.device)
+        batch = settings.batch_size or settings.num_samples
+        codes, timings = [], {}
+        for first in range(0, settings.num_samples, batch):
+            n = min(batch, settings.num_samples - first)
+            out, t = self.tokens(clap.expand(n, -1), settings, generator, sampler, progress)
+            codes.append(out.cpu())
+            timings = {k: timings.get(k, 0.0) + v for k, v in t.items()}
+        start = time.perf_counter()
+        codec = self.system.acoustic
+        length = int(round(settings.duration * codec.sample_rate))
+        audio = np.stack([as_written(codec.decode(c.numpy())[:length]) for c in torch.cat(codes)])
+        timings["decode"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = clap_scores(self.system, prompt, audio, codec.sample_rate)
+        timings["score"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - t0
+        timings["real_time_factor"] = timings["total"] / (settings.duration * settings.num_samples)
+        return Candidates(prompt, audio, codec.sample_rate, scores, {k: round(v, 4) for k, v in timings.items()})
+
+    def write(self, result: Candidates, settings: GenerateSettings, out: str | Path) -> dict:
+        """The top K as ``sample_<rank>.wav`` and ``report.json`` (every candidate's score, best first)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        ranked = []
+        for rank, i in enumerate(result.ranking, 1):
+            name = f"sample_{rank}.wav" if rank <= settings.top else None
+            if name:
+                write_wav(out / name, result.audio[i], result.sample_rate)
+            ranked.append({"rank": rank, "candidate": i, "score": float(result.scores[i]), "file": name})
+        report = {"prompt": result.prompt, "seed": settings.seed, "duration_s": settings.duration,
+                  "sample_rate": result.sample_rate, "scores": [c["score"] for c in ranked],
+                  "best_score": ranked[0]["score"], "mean_score": float(np.mean(result.scores)),
+                  "candidates": ranked, "files": [str(out / c["file"]) for c in ranked if c["file"]],
+                  "settings": asdict(settings), **self.describe(), "timings": result.timings}
+        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+REPORT = "report.json"
+
+
+def clap_scores(system, prompt: str, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Cosine similarity between the prompt's CLAP text embedding and each clip's CLAP audio embedding (the
+    mean of its unit-norm 10 s window embeddings, renormalized; one window for clips up to 10 s)."""
+    text = torch.nn.functional.normalize(system.clap.text_embeddings([prompt]), dim=-1)[0]
+    scores = []
+    for clip in audio:
+        windows = system.clap.audio_embeddings(resample(clip, sample_rate, system.clap.sample_rate))
+        emb = torch.nn.functional.normalize(torch.nn.functional.normalize(windows, dim=-1).mean(0), dim=-1)
+        scores.append(float(emb @ text))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def progress_bar(generator: MusicGenerator, settings: GenerateSettings, prompts: int = 1, enabled: bool = True):
+    """A tqdm bar over every time step of every stage, batch and prompt (stage shown on the right)."""
+    from tqdm import tqdm
+
+    batches = math.ceil(settings.num_samples / (settings.batch_size or settings.num_samples))
+    return tqdm(total=generator.steps(settings) * batches * prompts, unit="step", disable=not enabled,
+                desc="generating", dynamic_ncols=True)
+
+
+__all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_model_set",
+           "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "progress_bar", "REPORT"]

@@ -1,0 +1,112 @@
+"""Text-to-music generation with tiny stages trained in the session: files, scores, seeds, long outputs and
+refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from jobs import generate as generate_job
+from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator, slide
+from musiclm.train.checkpoint import CheckpointError
+
+
+def independent_clap_score(system_dir, prompt: str, wav_path) -> float:
+    """CLAP cosine similarity straight from transformers: the file's audio at 48 kHz, one repeat-padded window."""
+    import soxr
+    from transformers import ClapModel, ClapProcessor
+
+    model = ClapModel.from_pretrained(system_dir / "encoders" / "clap").eval()
+    processor = ClapProcessor.from_pretrained(system_dir / "encoders" / "clap")
+    audio, rate = sf.read(wav_path, dtype="float32")
+    audio = soxr.resample(audio, rate, 48000)
+    with torch.no_grad():
+        feats = processor.feature_extractor(audio, sampling_rate=48000, padding="repeatpad", return_tensors="pt")
+        a = model.get_audio_features(input_features=feats["input_features"],
+                                     is_longer=torch.zeros(1, 1, dtype=torch.bool))
+        text = processor.tokenizer([prompt], return_tensors="pt")
+        t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+    a = getattr(a, "pooler_output", a)
+    t = getattr(t, "pooler_output", t)
+    return float(torch.nn.functional.cosine_similarity(a, t).item())
+
+
+def test_generate_writes_the_top_k_with_sorted_scores_equal_to_clap(tiny_model_set, tiny_system_dir, tmp_path):
+    out = tmp_path / "out"
+    prompt = "a calm piano melody"
+    generate_job.main([prompt, "--models", str(tiny_model_set), "--duration", "3", "--num-samples", "3",
+                       "--top", "2", "--seed", "1", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompt"] == prompt and report["seed"] == 1
+    assert report["scores"] == sorted(report["scores"], reverse=True) and len(report["scores"]) == 3
+    assert sorted(c["candidate"] for c in report["candidates"]) == [0, 1, 2]
+    assert set(report["checkpoints"]) == {"semantic", "coarse", "fine"}
+    wavs = sorted(out.glob("*.wav"))
+    assert [w.name for w in wavs] == ["sample_1.wav", "sample_2.wav"]
+    for rank, wav in enumerate(wavs):
+        info = sf.info(wav)
+        assert info.samplerate == 24000 and info.frames == 3 * 24000
+        assert independent_clap_score(tiny_system_dir, prompt, wav) == pytest.approx(report["scores"][rank], abs=1e-5)
+
+
+def _audio(generator, settings):
+    return generator.generate("drums and bass", settings).audio
+
+
+def test_same_seed_same_audio_other_seed_other_audio(tiny_model_set):
+    generator = MusicGenerator(ModelSet.from_dir(tiny_model_set), device="cpu")
+    settings = GenerateSettings(duration=2.0, num_samples=2, seed=5)
+    first, again = _audio(generator, settings), _audio(generator, settings)
+    other = _audio(generator, GenerateSettings(duration=2.0, num_samples=2, seed=6))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert not np.array_equal(first[0], first[1])  # candidates differ from each other
+
+
+def test_a_25_second_request_gives_25_seconds_through_sliding_windows(tiny_model_set):
+    generator = MusicGenerator(ModelSet.from_dir(tiny_model_set), device="cpu")
+    settings = GenerateSettings(duration=25.0, num_samples=1)
+    plan = generator.plan(settings)
+    assert (generator.windows.semantic, generator.windows.coarse, generator.windows.fine) == (499, 300, 150)
+    assert plan["semantic"][-1][1] == 1249 and len(plan["semantic"]) == 5
+    assert plan["coarse"][-1][1] == plan["fine"][-1][1] == 1875
+    result = generator.generate("a long song", settings)
+    assert result.audio.shape == (1, 25 * 24000)
+    coarse_only = generator.generate("a long song", GenerateSettings(duration=5.0, num_samples=1, coarse_only=True))
+    assert coarse_only.audio.shape == (1, 5 * 24000)
+
+
+def test_windows_cover_the_length_and_end_exactly_there():
+    assert slide(499, 499, 0.5) == [(0, 499)]
+    assert slide(100, 499, 0.5) == [(0, 100)]
+    assert slide(750, 300, 0.5, grid=3) == [(0, 300), (150, 450), (300, 600), (450, 750)]
+    assert slide(600, 150, 1.0) == [(0, 150), (150, 300), (300, 450), (450, 600)]
+    assert slide(1000, 300, 0.5, grid=3)[-1] == (700, 1000)
+    assert all(s % 3 == 0 for s, _ in slide(1002, 300, 0.5, grid=3))
+
+
+def test_mismatched_checkpoints_are_refused_before_sampling(tiny_model_set, tmp_path):
+    wrong_stage = tmp_path / "wrong_stage"
+    shutil.copytree(tiny_model_set, wrong_stage, symlinks=True)
+    shutil.rmtree(wrong_stage / "coarse")
+    shutil.copytree(tiny_model_set / "fine", wrong_stage / "coarse")
+    with pytest.raises(CheckpointError, match=r"is a fine stage checkpoint, but --coarse needs the coarse stage"):
+        MusicGenerator(ModelSet.from_dir(wrong_stage), device="cpu")
+
+    other_system = tmp_path / "other_system"
+    shutil.copytree(tiny_model_set, other_system, symlinks=True)
+    info = json.loads((other_system / "fine" / "stage.json").read_text())
+    info["fingerprint"] = "f" * 64
+    (other_system / "fine" / "stage.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"fine.*trained on token system ffffffffffff"):
+        MusicGenerator(ModelSet.from_dir(other_system), device="cpu")
+    # the command line says the same in one line and exits 2, before writing anything
+    with pytest.raises(SystemExit) as stop:
+        from jobs.common import run
+
+        run(lambda: generate_job.main(["x", "--models", str(other_system), "--out", str(tmp_path / "o")]))
+    assert stop.value.code == 2 and not (tmp_path / "o").exists()
