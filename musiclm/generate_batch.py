@@ -86,7 +86,8 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
         n = max(1, min(n, len(todo)))
         cpus_each = 1 if use_gpu else max(1, int(cluster_cpus // n))
         ds = ray.data.from_items(todo).map_batches(
-            PromptWorker, batch_size=1, concurrency=n, num_gpus=gpus_each, num_cpus=cpus_each,
+            PromptWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
+            num_cpus=cpus_each,
             fn_constructor_kwargs={"models": models, "settings": asdict(settings),
                                    "device": "cuda" if use_gpu else "cpu", "threads": cpus_each})
         results = {int(r["index"]): r for r in ds.take_all()}

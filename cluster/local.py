@@ -1,0 +1,171 @@
+"""A real multi-process Ray cluster on this machine, for developing and testing job submission.
+
+    python cluster/local.py start [--workers 1] [--cpus-per-node N] [--port 6379] [--dashboard-port 8265]
+    python cluster/local.py status
+    python cluster/local.py stop
+
+`start` runs `ray start --head` plus ``--workers`` worker nodes (separate raylets, like separate machines),
+all on 127.0.0.1 with token authentication on (RAY_AUTH_MODE=token; the token is ~/.ray/auth_token,
+created when missing). The dashboard and the job server (the same HTTP server) listen on 127.0.0.1 only. It
+prints the address and how to submit a job. Everything the cluster runs lives under one temp dir named after
+the port, and `stop` ends exactly the processes of that cluster (and their children): another Ray on this
+machine, started by `ray start` or a job's `ray.init()`, is left alone.
+
+Ray's gRPC ports (the GCS at ``--port``, the raylets, the client server) accept connections on every interface
+in Ray 2.60 (there is no loopback-only option); token authentication is what guards them. Keep them behind a
+firewall on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = "cluster.json"
+
+
+def temp_dir(port: int) -> Path:
+    # Ray puts unix sockets under it, whose paths must stay short: keep it directly under /tmp
+    return Path(os.environ.get("MUSICLM_CLUSTER_TMP", "/tmp")) / f"musiclm-ray-{port}"
+
+
+def ray_env() -> dict:
+    """Token authentication on, and this Python's environment first on PATH, so that a job's `python` is
+    the interpreter that has this project installed."""
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def ray_cli() -> str:
+    local = Path(sys.executable).parent / "ray"
+    return str(local) if local.exists() else (shutil.which("ray") or "ray")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def _ray(args: list[str]) -> None:
+    proc = subprocess.run([ray_cli(), *args], env=ray_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"error: `ray {' '.join(args[:2])}` failed (exit {proc.returncode}):\n{tail}")
+
+
+def processes(port: int) -> list:
+    """This cluster's processes: those whose command line names its temp dir, and all their children."""
+    import psutil
+
+    marker = str(temp_dir(port))
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])) and p.pid != os.getpid():
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def start(args: argparse.Namespace) -> dict:
+    tmp = temp_dir(args.port)
+    if processes(args.port):
+        state = json.loads((tmp / STATE).read_text()) if (tmp / STATE).exists() else {}
+        print(f"a cluster started by this script already runs on port {args.port}; `stop` it first")
+        return state
+    busy = [p for p in (args.port, args.dashboard_port) if not port_free(p)]
+    if busy:
+        raise SystemExit(f"error: port(s) {', '.join(map(str, busy))} are in use (another Ray?); choose others "
+                         f"with --port / --dashboard-port")
+    cpus = args.cpus_per_node or max(1, (os.cpu_count() or 2) // (args.workers + 1))
+    tmp.mkdir(parents=True, exist_ok=True)
+    _ray(["get-auth-token", "--generate"])  # creates ~/.ray/auth_token when missing; prints nothing we keep
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(tmp),
+              "--disable-usage-stats"]
+    _ray(["start", "--head", "--port", str(args.port), "--dashboard-host", "127.0.0.1",
+          "--dashboard-port", str(args.dashboard_port), *common])
+    for _ in range(args.workers):
+        _ray(["start", "--address", f"127.0.0.1:{args.port}", *common])
+    state = {"address": f"127.0.0.1:{args.port}", "dashboard": f"http://127.0.0.1:{args.dashboard_port}",
+             "nodes": args.workers + 1, "cpus_per_node": cpus, "temp_dir": str(tmp), "started": time.time()}
+    (tmp / STATE).write_text(json.dumps(state, indent=2))
+    print(f"""Ray cluster up: {state['nodes']} nodes x {cpus} CPUs, token authentication on.
+  address (drivers):     {state['address']}
+  dashboard, job server: {state['dashboard']}   (127.0.0.1 only)
+
+Submit a job from this repository:
+  export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS={state['dashboard']}
+  ray job submit --working-dir . -- python -m jobs.preprocess --source data/synth --token-system tokens/tiny --out data/tokens
+Run a job's driver here instead:   RAY_AUTH_MODE=token RAY_ADDRESS={state['address']} python -m jobs.train ...
+Stop it:                           python cluster/local.py stop --port {args.port}""")
+    return state
+
+
+def stop(args: argparse.Namespace) -> int:
+    import psutil
+
+    procs = processes(args.port)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    state = temp_dir(args.port) / STATE
+    if state.exists():
+        state.unlink()
+    print(f"stopped {len(procs)} processes of the cluster on port {args.port}" if procs
+          else f"no cluster started by this script runs on port {args.port}")
+    return len(procs)
+
+
+def status(args: argparse.Namespace) -> None:
+    state = temp_dir(args.port) / STATE
+    procs = processes(args.port)
+    if not procs:
+        print(f"no cluster started by this script runs on port {args.port}")
+        return
+    print(state.read_text() if state.exists() else f"{len(procs)} processes on port {args.port}")
+    subprocess.run([ray_cli(), "status", "--address", f"127.0.0.1:{args.port}"], env=ray_env())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cluster/local.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=6379, help="the head's GCS port (names the cluster)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server (127.0.0.1)")
+    p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
+    p.add_argument("--cpus-per-node", type=int, default=None, help="default: this machine's CPUs / nodes")
+    args = p.parse_args(argv)
+    {"start": start, "stop": stop, "status": status}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()

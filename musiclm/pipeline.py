@@ -1,0 +1,252 @@
+"""The whole path in one run: corpus → token system → fit RVQ and k-means → preprocess → train the three
+stages → generate → evaluate, each step skipped when its output exists and matches (a second run only
+checks). Needs a connected Ray; each step calls the same library code as its own job.
+
+    WORK/corpus/              synthetic corpus (or --source: any audio folder / FMA, used as it is)
+    WORK/token_system/        tiny (offline) or the preset's encoders
+    WORK/tokens/              token dataset
+    WORK/runs/<stage>/        training runs (checkpoints, tensorboard/, summary.json)
+    WORK/models/{early,final}/  model sets: the first checkpoint of each stage, and the best
+    WORK/generate/            the demo prompt's best WAV and report.json
+    WORK/evaluate/            early vs final on the prompt set: results.md / .csv, scores.png, tensorboard/
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import STAGES
+
+DEMO_PROMPT = "an upbeat electronic track with a steady beat"
+DEMO_PROMPTS = ["a calm piano melody", "fast drums and bass", "a warm synthesizer pad"]
+
+
+@dataclass
+class PipelineSettings:
+    workdir: str = "demo_out"
+    preset: str = "tiny"
+    source: str | None = None  # an audio folder to use instead of the synthetic corpus
+    num_tracks: int = 16
+    seconds: float = 12.0
+    rvq_steps: int = 200
+    train_steps: int = 40  # per stage
+    num_workers: int = 2
+    use_gpu: bool = False
+    duration: float = 10.0  # seconds generated per candidate
+    num_samples: int = 2
+    prompt: str = DEMO_PROMPT
+    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    eval_duration: float = 4.0
+    seed: int = 0
+
+
+class Pipeline:
+    def __init__(self, settings: PipelineSettings, resources: dict, actors: int | None = None,
+                 gpus_per_actor: float | None = None, log=print):
+        self.s, self.resources, self.log = settings, resources, log
+        self.actors, self.gpus_per_actor = actors, gpus_per_actor
+        self.work = Path(settings.workdir).resolve()
+        self.corpus = Path(settings.source).resolve() if settings.source else self.work / "corpus"
+        self.ts = self.work / "token_system"
+        self.tokens = self.work / "tokens"
+        self.runs = self.work / "runs"
+        self.models = self.work / "models"
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ step runner
+    def step(self, name: str, done: bool, action) -> None:
+        if done:
+            self.log(f"step {name}: done already, skipped")
+            self.timings[name] = 0.0
+            return
+        start = time.time()
+        action()
+        self.timings[name] = round(time.time() - start, 1)
+        self.log(f"step {name}: finished in {self.timings[name]:.1f} s")
+
+    def run(self) -> dict:
+        start = time.time()
+        self.step("synth", self.s.source is not None or self._corpus_done(), self._synth)
+        self.step("init-token-system", (self.ts / "token_system.json").exists(), self._init_token_system)
+        self.step("fit-rvq", self._fitted("clap_rvq"), self._fit_rvq)
+        self.step("fit-kmeans", self._fitted("semantic_kmeans"), self._fit_kmeans)
+        self.step("preprocess", self._dataset_done(), self._preprocess)
+        for stage in STAGES:
+            self.step(f"train-{stage}", self._trained(stage), lambda stage=stage: self._train(stage))
+        self.step("model-sets", False, self._model_sets)
+        self.step("generate", self._generated(), self._generate)
+        self.step("evaluate", self._evaluated(), self._evaluate)
+        summary = {"workdir": str(self.work), "seconds": round(time.time() - start, 1), "steps": self.timings,
+                   "wavs": json.loads((self.work / "generate" / "report.json").read_text())["files"],
+                   "report": str(self.work / "generate" / "report.json"),
+                   "evaluation": str(self.work / "evaluate" / "results.md"),
+                   "plot": str(self.work / "evaluate" / "scores.png"),
+                   "tensorboard": f"tensorboard --logdir {self.work} --host 127.0.0.1"}
+        (self.work / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    # ------------------------------------------------------------------ corpus and token system
+    def _corpus_done(self) -> bool:
+        captions = self.corpus / "captions.jsonl"
+        return captions.exists() and sum(1 for _ in captions.open()) == self.s.num_tracks
+
+    def _synth(self) -> None:
+        from . import synth
+
+        synth.write_corpus(self.corpus, self.s.num_tracks, self.s.seconds, self.s.seed)
+
+    def _init_token_system(self) -> None:
+        from .config import model_preset
+        from .tokens.system import TokenSystem
+
+        TokenSystem.create(model_preset(self.s.preset).token_system(), self.ts, seed=self.s.seed)
+
+    def _fitted(self, part: str) -> bool:
+        meta = self.ts / "token_system.json"
+        return meta.exists() and json.loads(meta.read_text())["fitted"][part]
+
+    def _plan(self):
+        from .raycompute import plan_actors
+
+        return plan_actors(self.resources, self.actors, self.gpus_per_actor)
+
+    def _fit_rvq(self) -> None:
+        from .tokens.fit import fit_rvq
+
+        fit_rvq(self.ts, self.corpus, self._plan(), steps=self.s.rvq_steps, seed=self.s.seed, log=self.log)
+
+    def _fit_kmeans(self) -> None:
+        from .tokens.fit import fit_kmeans
+
+        fit_kmeans(self.ts, self.corpus, self._plan(), frames_per_track=10_000, seed=self.s.seed, log=self.log)
+
+    # ------------------------------------------------------------------ data and training
+    def _fingerprint(self) -> str:
+        return json.loads((self.ts / "token_system.json").read_text())["fingerprint"]
+
+    def _dataset_done(self) -> bool:
+        manifest = self.tokens / "manifest.json"
+        if not manifest.exists():
+            return False
+        m = json.loads(manifest.read_text())
+        return m.get("status") == "complete" and m.get("fingerprint") == self._fingerprint()
+
+    def _preprocess(self) -> None:
+        from .config import DataConfig
+        from .data.preprocess import prepare, run
+        from .data.sources import open_source
+
+        cfg = DataConfig(clip_seconds=max(10, int(self.s.seconds)), valid_frac=0.25, seed=self.s.seed,
+                         rows_per_shard=8)
+        job = prepare(open_source(self.corpus), self.ts, self.tokens, cfg, log=self.log)
+        run(job, self._plan(), log=self.log)
+
+    def _train_config(self, stage: str):
+        from .config import stage_config
+
+        every = max(1, self.s.train_steps // 2)
+        return stage_config(stage, self.s.preset, None, [
+            f"train.num_train_steps={self.s.train_steps}", f"train.num_workers={self.s.num_workers}",
+            f"train.use_gpu={str(self.s.use_gpu).lower()}", f"train.save_model_every={every}",
+            f"train.save_results_every={every}", "train.valid_batches=1", f"train.seed={self.s.seed}",
+            f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5"])
+
+    def _trained(self, stage: str) -> bool:
+        from .train.checkpoint import read_stage
+        from .train.run import latest_checkpoint
+
+        latest = latest_checkpoint(self.runs / stage)
+        return (latest is not None and read_stage(latest).step >= self.s.train_steps
+                and read_stage(latest).fingerprint == self._fingerprint())
+
+    def _train(self, stage: str) -> None:
+        from .train.run import TrainRequest, train
+
+        req = TrainRequest(self._train_config(stage), str(self.tokens), stage, str(self.runs), None, str(self.ts))
+        summary = train(req, self.resources.get("CPU", 1), log=self.log)
+        self.log(f"{stage}: best valid/loss {summary['best_valid_loss']} at {summary['best_checkpoint']}")
+
+    def _model_sets(self) -> None:
+        """models/final: each stage's best checkpoint; models/early: each stage's first one (links)."""
+        from .generate import resolve_checkpoint
+        from .train.checkpoint import read_stage
+
+        for name in ("early", "final"):
+            root = self.models / name
+            root.mkdir(parents=True, exist_ok=True)
+            for stage in STAGES:
+                if name == "final":
+                    target = resolve_checkpoint(self.runs / stage)
+                else:
+                    found = [p for p in (self.runs / stage).glob("checkpoint_*") if (p / "stage.json").exists()]
+                    target = min(found, key=lambda p: read_stage(p).step)
+                _link(root / stage, Path(target))
+            _link(root / "token_system", self.ts)
+
+    # ------------------------------------------------------------------ generation and evaluation
+    def _generate_settings(self, duration: float, top: int):
+        from .generate import GenerateSettings
+
+        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=top, seed=self.s.seed)
+
+    def _generated(self) -> bool:
+        from .generate import ModelSet, check_model_set
+        from .generate_batch import finished_report
+
+        if not (self.models / "final").exists():
+            return False
+        infos = check_model_set(ModelSet.from_dir(self.models / "final"))
+        checkpoints = {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint} for s, i in infos.items()}
+        return finished_report(self.work / "generate", self.s.prompt, self._generate_settings(self.s.duration, 1),
+                               checkpoints) is not None
+
+    def _generate(self) -> None:
+        from .generate import ModelSet, MusicGenerator
+
+        settings = self._generate_settings(self.s.duration, 1)
+        generator = MusicGenerator(ModelSet.from_dir(self.models / "final"), "cuda" if self.s.use_gpu else "cpu")
+        report = generator.write(generator.generate(self.s.prompt, settings), settings, self.work / "generate")
+        self.log(f"generate: {self.s.prompt!r}: scores {report['scores']}, real-time factor "
+                 f"{report['timings']['real_time_factor']:.2f}")
+
+    def _evaluated(self) -> bool:
+        from .generate import ModelSet, check_model_set
+        from .generate_batch import finished_report, prompt_folder
+
+        out = self.work / "evaluate"
+        if not (out / "results.csv").exists() or not (out / "scores.png").exists():
+            return False
+        settings = self._generate_settings(self.s.eval_duration, 1)
+        for name in ("early", "final"):
+            infos = check_model_set(ModelSet.from_dir(self.models / name))
+            checkpoints = {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint}
+                           for s, i in infos.items()}
+            if any(finished_report(prompt_folder(out / name, i, p), p, settings, checkpoints) is None
+                   for i, p in enumerate(self.s.prompts)):
+                return False
+        return True
+
+    def _evaluate(self) -> None:
+        from .evaluate import evaluate
+        from .generate import ModelSet
+
+        sets = {name: ModelSet.from_dir(self.models / name) for name in ("early", "final")}
+        evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration, 1), self.work / "evaluate",
+                 cluster_cpus=self.resources.get("CPU", 1), cluster_gpus=self.resources.get("GPU", 0),
+                 actors=self.actors, gpus_per_actor=self.gpus_per_actor, log=self.log)
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` → ``target`` (relative, so the work dir can move), replacing an older link."""
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target.resolve():
+            return
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+__all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "DEMO_PROMPTS"]
+

@@ -1,0 +1,129 @@
+"""Cluster configs against the published schemas, and a real local multi-node cluster taking a submitted job."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from kuberay_schema import SCHEMAS
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)  # Ray's own ray-schema.json
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert any(t["resources"].get("GPU") for t in types.values()) and any(
+        not t["resources"].get("GPU") and t["resources"].get("CPU") for t in types.values())
+    assert all(t.get("min_workers", 0) <= t.get("max_workers", 0) for n, t in types.items() if n != "head")
+    assert any("spot" in json.dumps(t["node_config"]).lower() for t in types.values())
+    starts = " ".join(raw["head_start_ray_commands"] + raw["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in starts and starts.count("RAY_AUTH_MODE=token") == 2
+    assert "0.0.0.0" not in (CLUSTER / "aws.yaml").read_text()
+
+    misspelled = dict(raw, max_worker=3)
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(misspelled))
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifests_use_only_crd_fields(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        jsonschema.validate(doc, SCHEMAS[doc["kind"]])
+
+
+def _clusters() -> list[dict]:
+    return [d for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d["kind"] == "RayCluster"]
+
+
+def test_kuberay_cluster_is_private_authenticated_and_shares_storage():
+    (cluster,) = _clusters()
+    spec = cluster["spec"]
+    assert spec["authOptions"]["mode"] == "token"
+    assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not spec["headGroupSpec"].get("enableIngress", False)
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    claims = set()
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        for container in pod["spec"]["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            claims.add(volumes[mounts["/shared"]]["persistentVolumeClaim"]["claimName"])
+    assert claims == {"musiclm-shared"}
+    assert any("nvidia.com/gpu" in c["resources"]["limits"] for g in spec["workerGroupSpecs"]
+               for c in g["template"]["spec"]["containers"])
+
+
+def _job_parser(module: str):
+    import importlib
+
+    return importlib.import_module(module).parser()
+
+
+@pytest.mark.parametrize("path", [p for p in KUBERAY if p.name.startswith("rayjob-")], ids=lambda p: p.name)
+def test_rayjob_entrypoints_are_valid_job_command_lines(path):
+    job = yaml.safe_load(path.read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"]
+    args = _job_parser(argv[2]).parse_args(argv[3:])  # the jobs' own parsers accept every flag
+    assert all(str(v).startswith("/shared/") for k, v in vars(args).items()
+               if k in ("data", "source", "out", "storage", "token_system", "init_from") and v)
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": _clusters()[0]["metadata"]["name"]}
+
+
+def _local(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLUSTER / "local.py"), *args], capture_output=True, text=True,
+                          check=check, timeout=180)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus, tiny_system_dir, tmp_path):
+    import psutil
+
+    sys.path.insert(0, str(CLUSTER))
+    import local
+
+    ports = ["--port", "6399", "--dashboard-port", "8299"]
+    started = _local("start", "--workers", "1", "--cpus-per-node", "1", *ports)
+    try:
+        assert "token authentication on" in started.stdout and "127.0.0.1:8299" in started.stdout
+        nodes = json.loads((local.temp_dir(6399) / local.STATE).read_text())["nodes"]
+        assert nodes == 2
+        env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        out = tmp_path / "tokens"
+        submit = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", "http://127.0.0.1:8299",
+             "--working-dir", str(REPO), "--", "python", "-m", "jobs.preprocess", "--source", str(corpus),
+             "--token-system", str(tiny_system_dir), "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
+        assert "succeeded" in submit.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["counts"]["rows"] == 6
+        # the job server refuses a client without the token
+        denied = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
+                                 "http://127.0.0.1:8299"], env=dict(env, RAY_AUTH_MODE="disabled",
+                                                                    HOME=str(tmp_path)),
+                                capture_output=True, text=True, timeout=60)
+        assert denied.returncode != 0 and "Authentication" in denied.stdout + denied.stderr
+    finally:
+        stopped = _local("stop", *ports)
+    assert "stopped" in stopped.stdout
+    assert local.processes(6399) == []
+    assert not any("musiclm-ray-6399" in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"]))
