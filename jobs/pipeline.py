@@ -23,6 +23,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rvq-steps", type=int, default=d.rvq_steps)
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="steps per stage")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="training workers per stage")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch per worker")
+    p.add_argument("--lr", type=float, default=d.lr, help="training learning rate")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds generated for the demo prompt")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="candidates per prompt (best of N)")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = PipelineSettings(workdir=args.workdir, preset=args.preset, source=args.source,
                                 num_tracks=args.num_tracks, seconds=args.seconds, rvq_steps=args.rvq_steps,
-                                train_steps=args.train_steps, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                train_steps=args.train_steps, num_workers=args.num_workers, batch_size=args.batch_size,
+                                lr=args.lr, use_gpu=args.use_gpu,
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
                                 seed=args.seed)
     resources = connect(args)

@@ -14,6 +14,7 @@ VERBS = {
     "tune": "sweep lr and more for one stage with Ray Tune (ASHA on valid/loss)",
     "generate": "text to music: N candidates through the three stages, best K by CLAP similarity",
     "evaluate": "compare model sets on a prompt set by CLAP similarity (table and plot)",
+    "import-open-musiclm": "convert open-musiclm's released checkpoints, RVQ and k-means into a model set",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

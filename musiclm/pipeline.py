@@ -32,8 +32,10 @@ class PipelineSettings:
     num_tracks: int = 16
     seconds: float = 12.0
     rvq_steps: int = 200
-    train_steps: int = 40  # per stage
+    train_steps: int = 30  # per stage
     num_workers: int = 2
+    batch_size: int = 2  # per worker
+    lr: float = 2e-3
     use_gpu: bool = False
     duration: float = 10.0  # seconds generated per candidate
     num_samples: int = 2
@@ -76,7 +78,7 @@ class Pipeline:
         self.step("preprocess", self._dataset_done(), self._preprocess)
         for stage in STAGES:
             self.step(f"train-{stage}", self._trained(stage), lambda stage=stage: self._train(stage))
-        self.step("model-sets", False, self._model_sets)
+        self.step("model-sets", self._model_sets_done(), self._model_sets)
         self.step("generate", self._generated(), self._generate)
         self.step("evaluate", self._evaluated(), self._evaluate)
         summary = {"workdir": str(self.work), "seconds": round(time.time() - start, 1), "steps": self.timings,
@@ -152,7 +154,8 @@ class Pipeline:
             f"train.num_train_steps={self.s.train_steps}", f"train.num_workers={self.s.num_workers}",
             f"train.use_gpu={str(self.s.use_gpu).lower()}", f"train.save_model_every={every}",
             f"train.save_results_every={every}", "train.valid_batches=1", f"train.seed={self.s.seed}",
-            f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5"])
+            f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5",
+            f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}"])
 
     def _trained(self, stage: str) -> bool:
         from .train.checkpoint import read_stage
@@ -169,22 +172,31 @@ class Pipeline:
         summary = train(req, self.resources.get("CPU", 1), log=self.log)
         self.log(f"{stage}: best valid/loss {summary['best_valid_loss']} at {summary['best_checkpoint']}")
 
-    def _model_sets(self) -> None:
-        """models/final: each stage's best checkpoint; models/early: each stage's first one (links)."""
+    def _model_set_targets(self) -> dict[Path, Path]:
+        """models/final: each stage's best checkpoint; models/early: each stage's first one; both with the
+        token system."""
         from .generate import resolve_checkpoint
         from .train.checkpoint import read_stage
 
+        targets = {}
+        for stage in STAGES:
+            found = [p for p in (self.runs / stage).glob("checkpoint_*") if (p / "stage.json").exists()]
+            targets[self.models / "early" / stage] = min(found, key=lambda p: read_stage(p).step)
+            targets[self.models / "final" / stage] = resolve_checkpoint(self.runs / stage)
         for name in ("early", "final"):
-            root = self.models / name
-            root.mkdir(parents=True, exist_ok=True)
-            for stage in STAGES:
-                if name == "final":
-                    target = resolve_checkpoint(self.runs / stage)
-                else:
-                    found = [p for p in (self.runs / stage).glob("checkpoint_*") if (p / "stage.json").exists()]
-                    target = min(found, key=lambda p: read_stage(p).step)
-                _link(root / stage, Path(target))
-            _link(root / "token_system", self.ts)
+            targets[self.models / name / "token_system"] = self.ts
+        return targets
+
+    def _model_sets_done(self) -> bool:
+        return all(link.is_symlink() and link.resolve() == Path(target).resolve()
+                   for link, target in self._model_set_targets().items())
+
+    def _model_sets(self) -> None:
+        for link, target in self._model_set_targets().items():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
     # ------------------------------------------------------------------ generation and evaluation
     def _generate_settings(self, duration: float, top: int):
@@ -237,15 +249,6 @@ class Pipeline:
         evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration, 1), self.work / "evaluate",
                  cluster_cpus=self.resources.get("CPU", 1), cluster_gpus=self.resources.get("GPU", 0),
                  actors=self.actors, gpus_per_actor=self.gpus_per_actor, log=self.log)
-
-
-def _link(link: Path, target: Path) -> None:
-    """``link`` → ``target`` (relative, so the work dir can move), replacing an older link."""
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() and link.resolve() == target.resolve():
-            return
-        link.unlink()
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
 __all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "DEMO_PROMPTS"]
