@@ -7,9 +7,18 @@ import pytest
 import soundfile as sf
 
 
+@pytest.fixture
+def ray_started_by_the_job():
+    """The job starts its own local Ray (as `make demo` does); shut it down for the tests after this one."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
-def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(tmp_path, capsys):
+def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(ray_started_by_the_job, tmp_path, capsys):
     from jobs.pipeline import main as pipeline
 
     work = tmp_path / "demo"
