@@ -142,8 +142,10 @@ def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    """16-bit samples of float audio (clipped to [-1, 1], scaled by 32767, rounded)."""
-    return np.round(np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0) * 32767).astype(np.int16)
+    """16-bit samples of float audio: scaled by 32768 (the scale readers divide by), rounded, clipped. So
+    ``to_pcm16(as_written(x)) == to_pcm16(x)``: audio read back from a WAV writes back unchanged."""
+    scaled = np.round(np.asarray(audio, dtype=np.float64) * 32768.0)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
 
 
 def as_written(audio: np.ndarray) -> np.ndarray:

@@ -76,3 +76,13 @@ def test_write_wav_round_trip(tmp_path):
     path = write_wav(tmp_path / "sub" / "a.wav", x, 24000)
     y, rate = decode_audio(path)
     assert rate == 24000 and np.allclose(x, y, atol=1e-4)
+
+
+def test_as_written_is_exactly_what_the_wav_file_holds(tmp_path):
+    """Generation scores the audio as written: loud samples too must survive the 16-bit round trip."""
+    from musiclm.audio import as_written
+
+    x = np.random.default_rng(0).uniform(-1.2, 1.2, 24000).astype(np.float32)  # includes clipping
+    scored = as_written(x)
+    back, _ = sf.read(write_wav(tmp_path / "a.wav", scored, 24000), dtype="float32")
+    assert np.array_equal(back, scored) and np.abs(scored - np.clip(x, -1, 1)).max() <= 1 / 32768 + 1e-7

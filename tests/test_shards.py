@@ -67,3 +67,18 @@ def test_seeded_crops_are_fixed_and_short_windows_refused():
     assert all(np.array_equal(one[k], two[k]) for k in spec.shapes())
     with pytest.raises(Exception, match="preprocess again with pad_to_seconds >= 12"):
         CropSpec.make("semantic", GlobalConfig(semantic_audio_length_seconds=12), MANIFEST)
+
+
+def test_a_track_whose_crops_span_shards_is_counted_once(tmp_path):
+    import pyarrow as pa
+
+    from musiclm.data.dataset import scan, write_shard
+
+    def shard(ids, track):
+        return pa.table({"id": ids, "track_id": [track] * len(ids), "rows_in_track": [3] * len(ids),
+                         "seconds": [10] * len(ids)})
+
+    write_shard(tmp_path, "train", shard(["a:0", "a:1"], "a"))
+    write_shard(tmp_path, "train", shard(["a:2"], "a"))
+    counts = scan(tmp_path).counts()
+    assert counts["rows"]["train"] == 3 and counts["tracks"]["train"] == 1

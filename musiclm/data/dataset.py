@@ -121,6 +121,7 @@ def scan(root: str | Path) -> Scan:
     rows_of: dict[str, list[str]] = {}
     expected: dict[str, int] = {}
     for split in SPLITS:
+        tracks_in_split: set[str] = set()  # a track's crops can span shards: count it once
         for f in shard_files(root, split):
             t = pq.read_table(f, columns=["id", "track_id", "rows_in_track", "seconds"])
             ids, tracks = t["id"].to_pylist(), t["track_id"].to_pylist()
@@ -128,8 +129,9 @@ def scan(root: str | Path) -> Scan:
                 rows_of.setdefault(tid, []).append(rid)
                 expected[tid] = n
             out.rows[split] += t.num_rows
-            out.tracks[split] += len(set(tracks))
+            tracks_in_split.update(tracks)
             out.seconds += float(sum(t["seconds"].to_pylist()))
+        out.tracks[split] += len(tracks_in_split)
     for tid, rids in rows_of.items():
         if len(set(rids)) >= expected[tid]:
             out.done_tracks.add(tid)
