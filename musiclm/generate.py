@@ -28,7 +28,7 @@ import torch
 from .audio import as_written, resample, write_wav
 from .config import STAGES, check
 from .models.sampling import sample
-from .train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage
+from .train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
 
 
 @dataclass
@@ -121,21 +121,20 @@ def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[
         infos[stage] = info = read_stage(path)
         check_fits(info, stage, what=f"--{stage}")
         check_fits(info, fingerprint=fingerprint, what=f"generation with token system {models.token_system}")
-    layouts = {s: shape_of_tokens(i) for s, i in infos.items()}
-    for stage, layout in layouts.items():
-        for other, other_layout in layouts.items():
-            for name in set(layout) & set(other_layout):
-                if layout[name] != other_layout[name]:
-                    raise CheckpointError(f"the {stage} checkpoint ({infos[stage].path}) has {name} tokens "
-                                          f"{layout[name]} but the {other} checkpoint ({infos[other].path}) has "
-                                          f"{other_layout[name]}: the stages do not chain")
+    first_seen: dict[str, tuple[str, str]] = {}  # token sequence -> (stage, layout) where it appeared first
+    for stage, info in infos.items():
+        for name, layout in sequence_layout(stage, info.model).items():
+            other, other_layout = first_seen.setdefault(name, (stage, layout))
+            if layout != other_layout:
+                raise CheckpointError(f"the {stage} checkpoint ({info.path}) has {name} tokens {layout} but the "
+                                      f"{other} checkpoint ({infos[other].path}) has {other_layout}: the stages "
+                                      f"do not chain")
     return infos
 
 
-def shape_of_tokens(info: StageInfo) -> dict[str, str]:
-    from .models import stage_sequences
-
-    return {s.name: f"{s.num_quantizers}x{s.codebook_size}" for s in stage_sequences(info.stage, info.model)}
+def checkpoint_ids(infos: dict[str, StageInfo]) -> dict[str, dict]:
+    """What identifies each stage checkpoint of a set in reports (and decides whether a report is current)."""
+    return {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint} for s, i in infos.items()}
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -234,8 +233,7 @@ class MusicGenerator:
         self.models = {s: load_stage(i.path, s, self.system.fingerprint, self.device)[0] for s, i in self.infos.items()}
 
     def describe(self) -> dict:
-        return {"checkpoints": {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint}
-                                for s, i in self.infos.items()},
+        return {"checkpoints": checkpoint_ids(self.infos),
                 "token_system": {"path": str(self.model_set.token_system), "fingerprint": self.system.fingerprint},
                 "windows": asdict(self.windows)}
 
@@ -333,14 +331,14 @@ def clap_scores(system, prompt: str, audio: np.ndarray, sample_rate: int) -> np.
     return np.asarray(scores, dtype=np.float64)
 
 
-def progress_bar(generator: MusicGenerator, settings: GenerateSettings, prompts: int = 1, enabled: bool = True):
-    """A tqdm bar over every time step of every stage, batch and prompt (stage shown on the right)."""
+def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled: bool = True):
+    """A tqdm bar over every time step of every stage and batch of candidates (stage shown on the right)."""
     from tqdm import tqdm
 
     batches = math.ceil(settings.num_samples / (settings.batch_size or settings.num_samples))
-    return tqdm(total=generator.steps(settings) * batches * prompts, unit="step", disable=not enabled,
+    return tqdm(total=generator.steps(settings) * batches, unit="step", disable=not enabled,
                 desc="generating", dynamic_ncols=True)
 
 
-__all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_model_set",
+__all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_model_set", "checkpoint_ids",
            "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "progress_bar", "REPORT"]

@@ -10,14 +10,13 @@ go on.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set
+from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set, checkpoint_ids
 
 INDEX = "prompts.json"
 
@@ -49,21 +48,19 @@ class PromptWorker:
         self.generator = MusicGenerator(models, device, self.settings.coarse_only)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"index": [], "best_score": [], "mean_score": [], "error": []}
-        for index, prompt, folder in zip(batch["index"], batch["prompt"], batch["folder"]):
-            best = mean = math.nan
+        """Generates and writes each prompt's folder; returns its error ("" when it worked). The driver reads
+        the scores from the reports, which also covers prompts finished by an earlier run."""
+        errors = []
+        for prompt, folder in zip(batch["prompt"], batch["folder"]):
             error = ""
             try:
-                result = self.generator.generate(str(prompt), self.settings)
-                report = self.generator.write(result, self.settings, str(folder))
-                best, mean = report["best_score"], report["mean_score"]
+                self.generator.write(self.generator.generate(str(prompt), self.settings), self.settings, str(folder))
             except Exception as e:  # one bad prompt must not stop the batch; it is recorded with its reason
                 error = f"{type(e).__name__}: {e}"
                 Path(str(folder)).mkdir(parents=True, exist_ok=True)
                 (Path(str(folder)) / "error.txt").write_text(error + "\n")
-            for key, value in (("index", int(index)), ("best_score", best), ("mean_score", mean), ("error", error)):
-                out[key].append(value)
-        return {k: np.asarray(v) for k, v in out.items()}
+            errors.append(error)
+        return {"index": np.asarray(batch["index"]), "error": np.asarray(errors)}
 
 
 def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSettings, out: str | Path, *,
@@ -73,7 +70,7 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
     import ray
 
     infos = check_model_set(models, settings.stages())  # refuse a mismatched set before any Ray work
-    checkpoints = {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint} for s, i in infos.items()}
+    checkpoints = checkpoint_ids(infos)
     out = Path(out)
     rows = [{"index": i, "prompt": p, "folder": str(prompt_folder(out, i, p))} for i, p in enumerate(prompts)]
     todo = [r for r in rows if finished_report(Path(r["folder"]), r["prompt"], settings, checkpoints) is None]

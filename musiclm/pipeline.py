@@ -163,8 +163,8 @@ class Pipeline:
         from .train.run import latest_checkpoint
 
         latest = latest_checkpoint(self.runs / stage)
-        return (latest is not None and read_stage(latest).step >= self.s.train_steps
-                and read_stage(latest).fingerprint == self._fingerprint())
+        info = read_stage(latest) if latest is not None else None
+        return info is not None and info.step >= self.s.train_steps and info.fingerprint == self._fingerprint()
 
     def _train(self, stage: str) -> None:
         from .train.run import TrainRequest, train
@@ -177,12 +177,11 @@ class Pipeline:
         """models/final: each stage's best checkpoint; models/early: each stage's first one; both with the
         token system."""
         from .generate import resolve_checkpoint
-        from .train.checkpoint import read_stage
+        from .train.run import stage_checkpoints
 
         targets = {}
         for stage in STAGES:
-            found = [p for p in (self.runs / stage).glob("checkpoint_*") if (p / "stage.json").exists()]
-            targets[self.models / "early" / stage] = min(found, key=lambda p: read_stage(p).step)
+            targets[self.models / "early" / stage] = stage_checkpoints(self.runs / stage)[0]
             targets[self.models / "final" / stage] = resolve_checkpoint(self.runs / stage)
         for name in ("early", "final"):
             targets[self.models / name / "token_system"] = self.ts
@@ -200,44 +199,43 @@ class Pipeline:
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
     # ------------------------------------------------------------------ generation and evaluation
-    def _generate_settings(self, duration: float, top: int):
+    def _generate_settings(self, duration: float):
         from .generate import GenerateSettings
 
-        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=top, seed=self.s.seed)
+        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed)
+
+    def _checkpoint_ids(self, model_set: str) -> dict:
+        """What reports made by ``models/<model_set>`` must name to be current."""
+        from .generate import ModelSet, check_model_set, checkpoint_ids
+
+        return checkpoint_ids(check_model_set(ModelSet.from_dir(self.models / model_set)))
 
     def _generated(self) -> bool:
-        from .generate import ModelSet, check_model_set
         from .generate_batch import finished_report
 
-        if not (self.models / "final").exists():
-            return False
-        infos = check_model_set(ModelSet.from_dir(self.models / "final"))
-        checkpoints = {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint} for s, i in infos.items()}
-        return finished_report(self.work / "generate", self.s.prompt, self._generate_settings(self.s.duration, 1),
-                               checkpoints) is not None
+        return (self.models / "final").exists() and finished_report(
+            self.work / "generate", self.s.prompt, self._generate_settings(self.s.duration),
+            self._checkpoint_ids("final")) is not None
 
     def _generate(self) -> None:
         from .generate import ModelSet, MusicGenerator
 
-        settings = self._generate_settings(self.s.duration, 1)
+        settings = self._generate_settings(self.s.duration)
         generator = MusicGenerator(ModelSet.from_dir(self.models / "final"), "cuda" if self.s.use_gpu else "cpu")
         report = generator.write(generator.generate(self.s.prompt, settings), settings, self.work / "generate")
         self.log(f"generate: {self.s.prompt!r}: scores {report['scores']}, real-time factor "
                  f"{report['timings']['real_time_factor']:.2f}")
 
     def _evaluated(self) -> bool:
-        from .generate import ModelSet, check_model_set
         from .generate_batch import finished_report, prompt_folder
 
         out = self.work / "evaluate"
         if not (out / "results.csv").exists() or not (out / "scores.png").exists():
             return False
-        settings = self._generate_settings(self.s.eval_duration, 1)
+        settings = self._generate_settings(self.s.eval_duration)
         for name in ("early", "final"):
-            infos = check_model_set(ModelSet.from_dir(self.models / name))
-            checkpoints = {s: {"path": str(i.path), "step": i.step, "fingerprint": i.fingerprint}
-                           for s, i in infos.items()}
-            if any(finished_report(prompt_folder(out / name, i, p), p, settings, checkpoints) is None
+            ids = self._checkpoint_ids(name)
+            if any(finished_report(prompt_folder(out / name, i, p), p, settings, ids) is None
                    for i, p in enumerate(self.s.prompts)):
                 return False
         return True
@@ -247,7 +245,7 @@ class Pipeline:
         from .generate import ModelSet
 
         sets = {name: ModelSet.from_dir(self.models / name) for name in ("early", "final")}
-        evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration, 1), self.work / "evaluate",
+        evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration), self.work / "evaluate",
                  cluster_cpus=self.resources.get("CPU", 1), cluster_gpus=self.resources.get("GPU", 0),
                  actors=self.actors, gpus_per_actor=self.gpus_per_actor, log=self.log)
 

@@ -68,10 +68,15 @@ def read_stage(path: str | Path) -> StageInfo:
         raise CheckpointError(f"{meta} is unreadable: {e}") from None
 
 
+def sequence_layout(stage: str, model_cfg: ModelConfig) -> dict[str, str]:
+    """Each token sequence of a stage as ``{name: "<codebooks>x<codebook size>"}``."""
+    return {s.name: f"{s.num_quantizers}x{s.codebook_size}" for s in stage_sequences(stage, model_cfg)}
+
+
 def shape_of(stage: str, model_cfg: ModelConfig) -> dict:
     """What decides the tensor shapes of a stage: its token sequences and the transformer's size."""
     cfg = model_cfg.stage(stage)
-    return {"sequences": [f"{s.name}:{s.num_quantizers}x{s.codebook_size}" for s in stage_sequences(stage, model_cfg)],
+    return {"sequences": [f"{n}:{layout}" for n, layout in sequence_layout(stage, model_cfg).items()],
             **{k: getattr(cfg, k) for k in SHAPE_KEYS}}
 
 
@@ -120,4 +125,4 @@ def load_stage(path: str | Path, stage: str | None = None, fingerprint: str | No
 
 
 __all__ = ["CheckpointError", "StageInfo", "MODEL_FILE", "STAGE_FILE", "save_stage", "read_stage", "check_fits",
-           "load_stage", "load_state", "load_into", "shape_of"]
+           "load_stage", "load_state", "load_into", "shape_of", "sequence_layout"]

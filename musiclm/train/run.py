@@ -49,9 +49,14 @@ def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
                               f"use the model config of the token system that made the dataset")
 
 
+def stage_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints that hold a stage checkpoint, earliest step first."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / ckpt.STAGE_FILE).exists()]
+    return sorted(found, key=lambda p: ckpt.read_stage(p).step)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in run_dir.glob("checkpoint_*") if (p / ckpt.STAGE_FILE).exists()]
-    return max(found, key=lambda p: ckpt.read_stage(p).step, default=None)
+    return (stage_checkpoints(run_dir) or [None])[-1]
 
 
 def check_request(req: TrainRequest, log=print) -> dict:
