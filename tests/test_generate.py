@@ -104,6 +104,14 @@ def test_mismatched_checkpoints_are_refused_before_sampling(tiny_model_set, tmp_
     (other_system / "fine" / "stage.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=r"fine.*trained on token system ffffffffffff"):
         MusicGenerator(ModelSet.from_dir(other_system), device="cpu")
+    unchained = tmp_path / "unchained"
+    shutil.copytree(tiny_model_set, unchained, symlinks=True)
+    info = json.loads((unchained / "coarse" / "stage.json").read_text())
+    info["model"]["global_cfg"]["num_coarse_quantizers"] = 4  # the fine stage reads 3 coarse codebooks
+    (unchained / "coarse" / "stage.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"the fine checkpoint .* has coarse tokens 3x1024 but the coarse "
+                                              r"checkpoint .* has 4x1024: the stages do not chain"):
+        MusicGenerator(ModelSet.from_dir(unchained), device="cpu")
     # the command line says the same in one line and exits 2, before writing anything
     with pytest.raises(SystemExit) as stop:
         from jobs.common import run
