@@ -23,7 +23,7 @@ demo: install
 
 test: install
 	$(PY) -m pip check
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds generated for the demo prompt")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="candidates per prompt (best of N)")
+    p.add_argument("--eval-duration", type=float, default=d.eval_duration,
+                   help="seconds generated per candidate in the evaluation")
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--seed", type=int, default=d.seed)
     add_ray_args(p)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                                 train_steps=args.train_steps, num_workers=args.num_workers, batch_size=args.batch_size,
                                 lr=args.lr, use_gpu=args.use_gpu,
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
-                                seed=args.seed)
+                                eval_duration=args.eval_duration, seed=args.seed)
     resources = connect(args)
     ray.data.DataContext.get_current().enable_progress_bars = False  # keep the demo's log readable
     summary = Pipeline(settings, resources, args.actors, args.gpus_per_actor, log=log).run()

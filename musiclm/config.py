@@ -194,6 +194,10 @@ class TrainConfig:
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * lr_min_ratio
     log_every: int = 10  # steps between train/* reports
     max_failures: int = 3  # worker failures Ray Train recovers from (restarting from the last checkpoint)
+    # A train split whose shards total at most this many MB is read once into Ray's object store and only
+    # cropped anew each epoch: re-listing and re-reading it every epoch costs seconds per epoch, which dominates
+    # when an epoch is a few batches. Larger splits stream from storage every epoch. 0 = always stream.
+    cache_train_mb: float = 256.0
     seed: int = 0
 
     def __post_init__(self):
@@ -214,6 +218,7 @@ class TrainConfig:
         check(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", "must be in [0, 1]")
         check(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0 (0 = automatic)")
         check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        check(self.cache_train_mb >= 0, "cache_train_mb", "must be >= 0 (0 = always stream)")
 
 
 @dataclass

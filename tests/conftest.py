@@ -30,10 +30,16 @@ def tiny_system(tiny_system_dir):
     return TokenSystem.load(tiny_system_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
+    """One local Ray for every test that needs one (starting Ray and its worker processes costs 5-10 s each
+    time). The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner needs
+    between Tune trials. Tests that must own a Ray of their own (a cluster, a killed driver) start it in a
+    subprocess."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
@@ -51,8 +57,9 @@ def token_dataset_dir(corpus, tiny_system_dir, tmp_path_factory):
     return out
 
 
-def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 30, seed: int = 0):
-    """A tiny stage trained in-process for a few steps on crops of the token dataset, saved as a checkpoint."""
+def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 8, seed: int = 0):
+    """A tiny stage trained in-process for a few steps on crops of the token dataset, saved as a checkpoint
+    (for the plumbing of generation and evaluation; whether a stage learns is tests/test_models.py's job)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch

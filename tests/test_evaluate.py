@@ -15,7 +15,7 @@ def second_model_set(tiny_model_set, token_dataset_dir, tmp_path):
 
     root = tmp_path / "set_b"
     fingerprint = read_meta(tiny_model_set / "token_system")[0]["fingerprint"]
-    train_tiny_stage("semantic", token_dataset_dir, fingerprint, root / "semantic", steps=10, seed=1)
+    train_tiny_stage("semantic", token_dataset_dir, fingerprint, root / "semantic", steps=4, seed=1)
     for name in ("coarse", "fine", "token_system"):
         (root / name).symlink_to((tiny_model_set / name).resolve(), target_is_directory=True)
     return root

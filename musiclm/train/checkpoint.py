@@ -22,7 +22,9 @@ from ..models.transformer import TokenConditionedTransformer
 
 MODEL_FILE = "model.safetensors"
 STAGE_FILE = "stage.json"
-FORMAT_VERSION = 1
+# 2: attention keys/values projected from the block input before its LayerNorm, as open-musiclm. Format 1
+# (before 2026-11-25) projected them from the normalized input: the same tensors compute another function.
+FORMAT_VERSION = 2
 SHAPE_KEYS = ("dim", "depth", "heads", "dim_head", "use_conv_ff", "relative_position_bias_type")
 
 
@@ -62,6 +64,19 @@ def read_stage(path: str | Path) -> StageInfo:
                               f"a checkpoint folder written by `musiclm train` or `musiclm import-open-musiclm`")
     try:
         data = json.loads(meta.read_text())
+        fmt = int(data.get("format", 1))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{meta} is unreadable: {e}") from None
+    if fmt < FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} is in model format {fmt}, written by an earlier version of this project whose "
+            f"attention projected keys and values from the layer-normalized input; open-musiclm, and this version, "
+            f"project them from the block input, so its weights would compute a different function here. Retrain "
+            f"the stage, or re-import open-musiclm's released files with `musiclm import-open-musiclm`.")
+    if fmt > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is in model format {fmt}, newer than this version reads "
+                              f"({FORMAT_VERSION}): update musiclm")
+    try:
         model = from_dict(ModelConfig, data["model"], "model")
         return StageInfo(path, data["stage"], int(data["step"]), data["fingerprint"], model, data.get("metrics", {}))
     except (KeyError, ValueError) as e:
