@@ -31,7 +31,7 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     prompts.write_text("# two prompts\nslow ambient pads\n\nfast techno beat\n")
     out = tmp_path / "eval"
     argv = ["--prompts", str(prompts), "--models", f"base={tiny_model_set},other={second_model_set}",
-            "--num-samples", "2", "--duration", "2", "--out", str(out)]
+            "--num-samples", "2", "--duration", "1", "--out", str(out)]
     evaluate(argv)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["prompt_index"], r["model_set"]) for r in rows] == [("0", "base"), ("1", "base"), ("0", "other"),

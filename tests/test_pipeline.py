@@ -16,14 +16,14 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     # `make demo` runs the defaults (9.3 min here); every step is the same code with fewer tracks, steps and
     # seconds, which is what this test checks: that each step runs, hands on to the next, and is skipped after.
     argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--train-steps", "10",
-            "--duration", "3", "--eval-duration", "2"]
+            "--num-workers", "1", "--duration", "2", "--eval-duration", "1"]
     pipeline(argv)
     first = capsys.readouterr().out
     summary = json.loads((work / "pipeline.json").read_text())
     assert first.count(": finished in ") == len(summary["steps"]) == 11  # every step ran
     for wav in summary["wavs"]:
         info = sf.info(wav)
-        assert info.samplerate == 24000 and info.frames == 3 * 24000
+        assert info.samplerate == 24000 and info.frames == 2 * 24000
     report = json.loads((work / "generate" / "report.json").read_text())
     assert report["checkpoints"]["fine"]["step"] == 10
     table = (work / "evaluate" / "results.md").read_text()
