@@ -1,0 +1,84 @@
+"""A training run's data path two ways in one run: the train split streamed from its Parquet shards every epoch
+vs read once into the object store and only re-cropped each epoch (``train.cache_train_mb``).
+
+Builds a small token dataset (synthetic corpus, tiny token system, in-process), starts a local Ray, and times
+epochs as a 2-worker training run consumes them: ``streaming_split(2)`` of ``musiclm.train.data.stage_datasets``,
+each shard iterated by its own task, batch 2. Prints seconds per epoch for both and the ratio.
+    python benchmarks/train_data.py [--tracks 6 --epochs 6 --stage coarse]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from musiclm import synth
+from musiclm.audio import list_audio_files
+from musiclm.config import DataConfig, model_preset, stage_config
+from musiclm.data.preprocess import prepare, run_local
+from musiclm.data.sources import open_source
+from musiclm.tokens.fit import fit_local
+from musiclm.tokens.system import TokenSystem
+from musiclm.train.data import stage_datasets
+
+
+def dataset(root: Path, tracks: int) -> Path:
+    synth.write_corpus(root / "corpus", num_tracks=tracks, seconds=11.0, seed=3)
+    fit_local(TokenSystem.create(model_preset("tiny").token_system(), root / "ts"), list_audio_files(root / "corpus"))
+    out = root / "dataset"
+    job = prepare(open_source(root / "corpus"), root / "ts", out, DataConfig(clip_seconds=11, valid_frac=0.34, seed=4),
+                  log=lambda m: None)
+    run_local(job, log=lambda m: None)
+    return out
+
+
+def epoch_seconds(ds, epochs: int) -> list[float]:
+    """Seconds per epoch (the slower of the two consumers), epochs after the first."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def consume(it, epochs):
+        times = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for _ in it.iter_batches(batch_size=2, batch_format="numpy"):
+                pass
+            times.append(time.perf_counter() - start)
+        return times
+
+    per_worker = ray.get([consume.remote(it, epochs) for it in ds.streaming_split(2, equal=True)])
+    return [max(t) for t in zip(*per_worker)][1:]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tracks", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--stage", default="coarse", choices=["semantic", "coarse", "fine"])
+    args = p.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = dataset(Path(tmp), args.tracks)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        results = {}
+        for name, mb in (("streamed every epoch", 0), ("read once, re-cropped", 256)):
+            cfg = stage_config(args.stage, "tiny", None, ["train.batch_size=2", "train.num_workers=2",
+                                                          f"train.cache_train_mb={mb}"])
+            start = time.perf_counter()
+            ds = stage_datasets(cfg, data)["train"]
+            setup = time.perf_counter() - start
+            times = epoch_seconds(ds, args.epochs + 1)
+            results[name] = statistics.median(times)
+            print(f"{name:24s} setup {setup:5.2f} s, median epoch {results[name]:.3f} s "
+                  f"(epochs {', '.join(f'{t:.2f}' for t in times)})")
+        ray.shutdown()
+    streamed, cached = results.values()
+    print(f"ratio streamed / cached per epoch: {streamed / cached:.1f}")
+
+
+if __name__ == "__main__":
+    main()
