@@ -1,7 +1,7 @@
 """A training run's data path two ways in one run: the train split streamed from its Parquet shards every epoch
 vs read once into the object store and only re-cropped each epoch (``train.cache_train_mb``).
 
-Builds a small token dataset (synthetic corpus, tiny token system, in-process), starts a local Ray, and times
+Builds the train-step benchmark's small token dataset (synthetic corpus, tiny token system, in-process), starts a local Ray, and times
 epochs as a 2-worker training run consumes them: ``streaming_split(2)`` of ``musiclm.train.data.stage_datasets``,
 each shard iterated by its own task, batch 2. Prints seconds per epoch for both and the ratio.
     python benchmarks/train_data.py [--tracks 6 --epochs 6 --stage coarse]
@@ -14,24 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from musiclm import synth
-from musiclm.audio import list_audio_files
-from musiclm.config import DataConfig, model_preset, stage_config
-from musiclm.data.preprocess import prepare, run_local
-from musiclm.data.sources import open_source
-from musiclm.tokens.fit import fit_local
-from musiclm.tokens.system import TokenSystem
+from train_step import make_dataset  # the same small token dataset as the train-step benchmark
+
+from musiclm.config import stage_config
 from musiclm.train.data import stage_datasets
-
-
-def dataset(root: Path, tracks: int) -> Path:
-    synth.write_corpus(root / "corpus", num_tracks=tracks, seconds=11.0, seed=3)
-    fit_local(TokenSystem.create(model_preset("tiny").token_system(), root / "ts"), list_audio_files(root / "corpus"))
-    out = root / "dataset"
-    job = prepare(open_source(root / "corpus"), root / "ts", out, DataConfig(clip_seconds=11, valid_frac=0.34, seed=4),
-                  log=lambda m: None)
-    run_local(job, log=lambda m: None)
-    return out
 
 
 def epoch_seconds(ds, epochs: int) -> list[float]:
@@ -61,7 +47,7 @@ def main() -> None:
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = dataset(Path(tmp), args.tracks)
+        data = make_dataset(Path(tmp), args.tracks)
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         results = {}
