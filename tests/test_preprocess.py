@@ -142,15 +142,11 @@ def test_other_token_system_is_refused(corpus, tiny_system_dir, tmp_path):
 def test_a_tracks_tokens_do_not_depend_on_its_batch(corpus, tiny_system_dir, tmp_path):
     """The tokenizer actor encodes each track on its own, so a track gets the same tokens (bit for bit) whatever
     else shares its batch: a resumed or re-batched run writes the rows an uninterrupted run would."""
-    import dataclasses
-
-    from musiclm.data.preprocess import Tokenizer, decode_track
+    from musiclm.data.preprocess import Tokenizer, decode_local
 
     job = prepare(open_source(corpus), tiny_system_dir, tmp_path / "ds", DataConfig(clip_seconds=11),
                   log=lambda m: None)
-    a, b = ([r for t in job.pending[i: i + 1] for r in decode_track(
-        {"track_id": t.id, "path": t.path, "caption": t.caption}, str(tiny_system_dir),
-        dataclasses.asdict(job.cfg), job.rates)] for i in (0, 1))
+    a, b = (decode_local(job, t) for t in job.pending[:2])
     tokenizer = Tokenizer(str(tiny_system_dir), job.manifest["fingerprint"], "cpu", threads=0)
 
     def tokens_of(rows):

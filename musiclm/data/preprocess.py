@@ -304,6 +304,12 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
     return finish(job, progress, log)
 
 
+def decode_local(job: PreprocessJob, track) -> list[dict]:
+    """``decode_track`` of one of the job's tracks, in this process."""
+    return decode_track({"track_id": track.id, "path": track.path, "caption": track.caption}, str(job.token_system),
+                        dataclasses.asdict(job.cfg), job.rates)
+
+
 def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
     """The same steps in this process, without Ray: for small corpora and tests."""
     job.created = job.created or time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -311,10 +317,7 @@ def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
                                        "counts": job.scan.counts()})
     tokenizer = Tokenizer(str(job.token_system), job.manifest["fingerprint"], "cpu", threads=0) \
         if job.pending else None
-    rows = []
-    for t in job.pending:
-        rows += decode_track({"track_id": t.id, "path": t.path, "caption": t.caption}, str(job.token_system),
-                             dataclasses.asdict(job.cfg), job.rates)
+    rows = [r for t in job.pending for r in decode_local(job, t)]
     for i in range(0, len(rows), batch_rows):
         chunk = rows[i: i + batch_rows]
         batch = tokenizer({c: [r[c] for r in chunk] for c in chunk[0]})
