@@ -20,6 +20,15 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
 
 
+def add_clap_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clap-checkpoint", metavar="FILE.pt",
+                        help="laion_clap checkpoint (open-musiclm's 630k-audioset-best.pt), converted to transformers' "
+                             "CLAP and stored in the token system; replaces --clap")
+    parser.add_argument("--clap-tokenizer", default="roberta-base",
+                        help="RoBERTa tokenizer for --clap-checkpoint: hub id or folder (default: roberta-base, "
+                             "laion_clap's)")
+
+
 def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:
     """Arguments shared by the jobs that fit one of the token system's quantizers."""
     parser.add_argument("--token-system", required=True, help="token-system directory (see init-token-system)")

@@ -4,7 +4,7 @@
         --semantic semantic.transformer.14000.pt --coarse coarse.transformer.18000.pt \
         --fine fine.transformer.24000.pt --rvq clap.rvq.950_no_fusion.pt \
         --kmeans kmeans_10s_no_fusion.joblib --trust-pickle \
-        --clap laion/clap-htsat-unfused --mert m-a-p/MERT-v0 --out models/open-musiclm
+        --clap-checkpoint 630k-audioset-best.pt --mert m-a-p/MERT-v0 --out models/open-musiclm
 
 OUT gets token_system/, semantic/, coarse/, fine/ (use with generate --models OUT, evaluate, and
 train --init-from OUT/<stage> --token-system OUT/token_system) and import.json. Runs locally, no Ray."""
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import log, run
+from jobs.common import add_clap_checkpoint_args, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,9 +25,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", required=True, help="k-means: open-musiclm's .joblib (needs --trust-pickle), or its "
                                                    "centers as .npy / .safetensors")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow reading the .joblib k-means, a Python pickle: loading a pickle runs code stored in "
-                        "the file, so only pass this for files from a source you trust")
+                   help="allow reading the .joblib k-means (and a --clap-checkpoint holding more than tensors), a "
+                        "Python pickle: loading a pickle runs code stored in the file, so only pass this for files "
+                        "from a source you trust")
     p.add_argument("--clap", help="CLAP in transformers format (hub id or folder); default: the config's")
+    add_clap_checkpoint_args(p)
     p.add_argument("--mert", help="MERT/HuBERT in transformers format (hub id or folder); default: the config's")
     p.add_argument("--encodec", help="EnCodec in transformers format (hub id or folder); default: the config's")
     p.add_argument("--out", required=True, help="output folder (model set)")
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     if not stages:
         raise ValueError("give at least one of --semantic, --coarse, --fine")
     import_open_musiclm(args.config, stages, args.rvq, args.kmeans, args.out, clap=args.clap, mert=args.mert,
-                        encodec=args.encodec, trust_pickle=args.trust_pickle, overwrite=args.overwrite, log=log)
+                        encodec=args.encodec, clap_checkpoint=args.clap_checkpoint,
+                        clap_tokenizer=args.clap_tokenizer, trust_pickle=args.trust_pickle,
+                        overwrite=args.overwrite, log=log)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import log, run
+from jobs.common import add_clap_checkpoint_args, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,12 +15,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "large"])
     p.add_argument("--config", help="model config JSON (ours or open-musiclm's configs/model/*.json)")
     p.add_argument("--clap", help="CLAP weights: hub id or local directory (transformers ClapModel)")
+    add_clap_checkpoint_args(p)
     p.add_argument("--semantic-encoder", help="semantic encoder weights: hub id or directory (e.g. m-a-p/MERT-v0)")
     p.add_argument("--encodec", help="EnCodec weights: hub id or directory (e.g. facebook/encodec_24khz)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override token-system settings, e.g. clap_rvq_cfg.hop_seconds=2")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny encoders' random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing token system in --out")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow reading a --clap-checkpoint that holds more than tensors, as a full Python pickle "
+                        "(runs code stored in the file): only for files from a source you trust")
     return p
 
 
@@ -35,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                "encodec_cfg.model_name": args.encodec}
     config = apply_overrides(config, {k: v for k, v in sources.items() if v})
     config = apply_overrides(config, args.set)
-    system = TokenSystem.create(config, args.out, seed=args.seed, overwrite=args.overwrite)
+    system = TokenSystem.create(config, args.out, seed=args.seed, overwrite=args.overwrite,
+                                clap_checkpoint=args.clap_checkpoint, clap_tokenizer=args.clap_tokenizer,
+                                trust_pickle=args.trust_pickle)
     log(system.describe())
 
 

@@ -1,7 +1,7 @@
 """Compare model sets on a prompt set by CLAP text–audio similarity (REFERENCE.md: pretrained vs fine-tuned on
 7 prompts). Every set generates N candidates per prompt with the same settings and seed
-(``generate_batch.generate_prompts``, so finished prompts are not generated again); each prompt gets its
-best-of-N and mean score per set.
+(all sets in one actor pool, ``generate_batch.generate_sets``; finished prompts are not generated again); each
+prompt gets its best-of-N and mean score per set.
 
     OUT/<set>/<index>-<prompt>/      the best WAV(s) and report.json of each prompt
     OUT/results.csv, results.md      prompt × set: best-of-N and mean CLAP score
@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from .generate import GenerateSettings, ModelSet
-from .generate_batch import generate_prompts
+from .generate_batch import generate_sets
 
 RESULTS = "results"
 PLOT = "scores.png"
@@ -54,15 +54,14 @@ def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSe
              gpus_per_actor: float | None = None, log=print) -> list[dict]:
     check_same_scorer(sets)
     out = Path(out)
-    rows = []
-    for name, models in sets.items():
-        log(f"evaluate: model set {name}")
-        index = generate_prompts(prompts, models, settings, out / name, cluster_cpus=cluster_cpus,
-                                 cluster_gpus=cluster_gpus, actors=actors, gpus_per_actor=gpus_per_actor, log=log)
-        rows += [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
-                  "best_score": r["best_score"], "mean_score": r["mean_score"],
-                  "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
-                  "error": r["error"]} for r in index]
+    log(f"evaluate: model sets {', '.join(sets)}")
+    indexes = generate_sets(prompts, {name: (models, out / name) for name, models in sets.items()}, settings,
+                            cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus, actors=actors,
+                            gpus_per_actor=gpus_per_actor, log=log)
+    rows = [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
+             "best_score": r["best_score"], "mean_score": r["mean_score"],
+             "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
+             "error": r["error"]} for name, index in indexes.items() for r in index]
     write_table(rows, out)
     plot(rows, out / PLOT)
     log_tensorboard(rows, out / "tensorboard")

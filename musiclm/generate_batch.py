@@ -1,6 +1,7 @@
-"""Many prompts on Ray: a Ray Data actor pool in which each actor loads one model set once (on a GPU when the
-cluster has them) and generates prompt after prompt, writing ``OUT/<index>-<prompt slug>/`` (the top K WAVs and
-``report.json``) and ``OUT/prompts.json`` (one row per prompt: folder, best and mean CLAP score, error).
+"""Many prompts on Ray: a Ray Data actor pool in which each actor loads a model set once (on a GPU when the
+cluster has them) and generates prompt after prompt (several model sets share one pool, as evaluation needs),
+writing ``OUT/<index>-<prompt slug>/`` (the top K WAVs and ``report.json``) and ``OUT/prompts.json`` (one row
+per prompt: folder, best and mean CLAP score, error).
 
 Checkpoint and token-system paths must be readable from every node (shared storage on a multi-node cluster).
 A prompt whose folder already holds a report made with the same settings and checkpoints is not generated
@@ -37,44 +38,78 @@ def finished_report(folder: Path, prompt: str, settings: GenerateSettings, check
     return report if same else None
 
 
-class PromptWorker:
-    """One Ray Data actor: a loaded model set generating one prompt per call."""
+def cpu_threads(cpus: int) -> int:
+    """Torch threads for a CPU actor given ``cpus``: one fewer than its CPUs, leaving a core for the Ray
+    processes beside it (the driver's streaming executor, the raylet). A team of threads that spans every core
+    stalls each time one of those is scheduled: on 2 CPUs one prompt of the tiny set took 5-7 s with 2 threads
+    and 2.1 s with 1 (2.4 s with 2 threads outside Ray)."""
+    return max(1, cpus - 1)
 
-    def __init__(self, models: ModelSet, settings: dict, device: str, threads: int):
+
+class PromptWorker:
+    """One Ray Data actor generating one prompt per call with the model set its row names. It holds one set at
+    a time and loads another when a row asks for it (rows come grouped by set, so each actor loads each set at
+    most about once)."""
+
+    def __init__(self, sets: dict[str, ModelSet], settings: dict, device: str, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
+        self.sets, self.device = sets, device
         self.settings = GenerateSettings(**settings)
-        self.generator = MusicGenerator(models, device, self.settings.coarse_only)
+        self.loaded, self.generator = None, None
+
+    def _generator(self, name: str) -> MusicGenerator:
+        if name != self.loaded:
+            self.generator = None  # free the previous set before loading the next
+            self.generator = MusicGenerator(self.sets[name], self.device, self.settings.coarse_only)
+            self.loaded = name
+        return self.generator
 
     def __call__(self, batch: dict) -> dict:
         """Generates and writes each prompt's folder; returns its error ("" when it worked). The driver reads
         the scores from the reports, which also covers prompts finished by an earlier run."""
         errors = []
-        for prompt, folder in zip(batch["prompt"], batch["folder"]):
+        for name, prompt, folder in zip(batch["model_set"], batch["prompt"], batch["folder"]):
             error = ""
             try:
-                self.generator.write(self.generator.generate(str(prompt), self.settings), self.settings, str(folder))
+                generator = self._generator(str(name))
+                generator.write(generator.generate(str(prompt), self.settings), self.settings, str(folder))
             except Exception as e:  # one bad prompt must not stop the batch; it is recorded with its reason
                 error = f"{type(e).__name__}: {e}"
                 Path(str(folder)).mkdir(parents=True, exist_ok=True)
                 (Path(str(folder)) / "error.txt").write_text(error + "\n")
             errors.append(error)
-        return {"index": np.asarray(batch["index"]), "error": np.asarray(errors)}
+        return {"model_set": np.asarray(batch["model_set"]), "index": np.asarray(batch["index"]),
+                "error": np.asarray(errors)}
 
 
 def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSettings, out: str | Path, *,
                      cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                      gpus_per_actor: float | None = None, log=print) -> list[dict]:
     """Generate every prompt (skipping finished ones) on the connected Ray cluster; returns the index rows."""
+    return generate_sets(prompts, {"": (models, out)}, settings, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
+                         actors=actors, gpus_per_actor=gpus_per_actor, log=log)[""]
+
+
+def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
+                  cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
+                  gpus_per_actor: float | None = None, log=print) -> dict[str, list[dict]]:
+    """Every prompt with every model set (``name -> (models, out folder)``) in one actor pool, skipping
+    finished prompts; writes each set's ``prompts.json`` and returns its index rows by set name."""
     import ray
 
-    infos = check_model_set(models, settings.stages())  # refuse a mismatched set before any Ray work
-    checkpoints = checkpoint_ids(infos)
-    out = Path(out)
-    rows = [{"index": i, "prompt": p, "folder": str(prompt_folder(out, i, p))} for i, p in enumerate(prompts)]
-    todo = [r for r in rows if finished_report(Path(r["folder"]), r["prompt"], settings, checkpoints) is None]
-    log(f"generate: {len(prompts)} prompts, {len(prompts) - len(todo)} already done")
+    # Refuse a mismatched set before any Ray work.
+    checkpoints = {name: checkpoint_ids(check_model_set(models, settings.stages()))
+                   for name, (models, _) in sets.items()}
+    rows, todo = {}, []
+    for name, (_, out) in sets.items():
+        rows[name] = [{"model_set": name, "index": i, "prompt": p, "folder": str(prompt_folder(out, i, p))}
+                      for i, p in enumerate(prompts)]
+        left = [r for r in rows[name]
+                if finished_report(Path(r["folder"]), r["prompt"], settings, checkpoints[name]) is None]
+        log(f"generate{f' ({name})' if name else ''}: {len(prompts)} prompts, {len(prompts) - len(left)} already done")
+        todo += left
     results = {}
     if todo:
         use_gpu = cluster_gpus > 0
@@ -82,25 +117,33 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
         n = actors or (max(1, int(cluster_gpus // gpus_each)) if use_gpu else 1)
         n = max(1, min(n, len(todo)))
         cpus_each = 1 if use_gpu else max(1, int(cluster_cpus // n))
+        threads = cpus_each if use_gpu else cpu_threads(cpus_each)
         ds = ray.data.from_items(todo).map_batches(
             PromptWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
             num_cpus=cpus_each,
-            fn_constructor_kwargs={"models": models, "settings": asdict(settings),
-                                   "device": "cuda" if use_gpu else "cpu", "threads": cpus_each})
-        results = {int(r["index"]): r for r in ds.take_all()}
-    index = []
-    for row in rows:
-        folder = Path(row["folder"])
-        report = finished_report(folder, row["prompt"], settings, checkpoints)
-        error = str(results.get(row["index"], {}).get("error", "")) or ("" if report else "not generated")
-        index.append({**row, "best_score": report["best_score"] if report else None,
-                      "mean_score": report["mean_score"] if report else None,
-                      "files": report["files"] if report else [], "error": error})
-        if error:
-            log(f"generate: prompt {row['index']} ({row['prompt']!r}) failed: {error}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return index
+            fn_constructor_kwargs={"sets": {name: models for name, (models, _) in sets.items()},
+                                   "settings": asdict(settings), "device": "cuda" if use_gpu else "cpu",
+                                   "threads": threads})
+        results = {(str(r["model_set"]), int(r["index"])): r for r in ds.take_all()}
+    indexes = {}
+    for name, (_, out) in sets.items():
+        index = []
+        for row in rows[name]:
+            report = finished_report(Path(row["folder"]), row["prompt"], settings, checkpoints[name])
+            error = (str(results.get((name, row["index"]), {}).get("error", ""))
+                     or ("" if report else "not generated"))
+            row = {k: v for k, v in row.items() if k != "model_set"}
+            index.append({**row, "best_score": report["best_score"] if report else None,
+                          "mean_score": report["mean_score"] if report else None,
+                          "files": report["files"] if report else [], "error": error})
+            if error:
+                log(f"generate{f' ({name})' if name else ''}: prompt {row['index']} ({row['prompt']!r}) failed: "
+                    f"{error}")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        indexes[name] = index
+    return indexes
 
 
-__all__ = ["generate_prompts", "prompt_folder", "finished_report", "PromptWorker", "INDEX"]
+__all__ = ["generate_prompts", "generate_sets", "prompt_folder", "finished_report", "cpu_threads", "PromptWorker",
+           "INDEX"]

@@ -5,7 +5,8 @@ Inputs: its model JSON (``musiclm_large_small_context.json``), the three transfo
 (``clap.rvq.950_no_fusion.pt``: a ``vector_quantize_pytorch`` ResidualVQ state dict) and the k-means
 (``kmeans_10s_no_fusion.joblib``: a pickled scikit-learn MiniBatchKMeans, read only with ``trust_pickle``;
 its centers as ``.npy`` or ``.safetensors`` need no pickle), and the encoders in transformers format (CLAP,
-MERT, EnCodec: hub ids or local folders).
+MERT, EnCodec: hub ids or local folders), or CLAP as the laion_clap checkpoint open-musiclm loads
+(``clap_checkpoint``, converted by ``tokens.laion_clap``).
 
 Output ``OUT/``: ``token_system/`` (fingerprinted), ``semantic/``, ``coarse/``, ``fine/`` (``model.safetensors`` +
 ``stage.json`` stamped with that fingerprint), and ``import.json`` (sources, sha256 of each input). That is
@@ -194,7 +195,8 @@ def _step(path: Path) -> int:
 
 def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], rvq: str | Path,
                         kmeans: str | Path, out: str | Path, *, clap: str | None = None, mert: str | None = None,
-                        encodec: str | None = None, trust_pickle: bool = False, overwrite: bool = False,
+                        encodec: str | None = None, clap_checkpoint: str | Path | None = None,
+                        clap_tokenizer: str = "roberta-base", trust_pickle: bool = False, overwrite: bool = False,
                         log=print) -> dict:
     """Convert everything in memory first (nothing is written when a file does not convert), then write the
     token system and the stamped stage checkpoints, and check that each loads."""
@@ -221,7 +223,11 @@ def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], 
     centers = load_kmeans_centers(kmeans, trust_pickle)
     log(f"RVQ {c.rq_num_quantizers}x{c.codebook_size}x{c.dim} and k-means {centers.shape} read")
 
-    system = TokenSystem.create(model_cfg.token_system(), out / "token_system", overwrite=overwrite)
+    system = TokenSystem.create(model_cfg.token_system(), out / "token_system", overwrite=overwrite,
+                                clap_checkpoint=clap_checkpoint, clap_tokenizer=clap_tokenizer,
+                                trust_pickle=trust_pickle)
+    if clap_checkpoint:
+        log(f"CLAP converted from the laion_clap checkpoint {clap_checkpoint}")
     quantizer = new_rvq(system.config)
     quantizer.load_tensors(rvq_tensors, str(rvq))
     system.set_rvq(quantizer)
@@ -233,8 +239,9 @@ def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], 
         load_stage(out / stage, stage, fingerprint)  # reads back: the set is usable as written
     record = {"format": 1, "fingerprint": fingerprint, "config": str(config),
               "sources": {name: {"path": str(p), "sha256": _sha256(Path(p))}
-                          for name, p in {**{s: checkpoints[s] for s in states}, "rvq": rvq, "kmeans": kmeans}.items()},
-              "encoders": {k: getattr(model_cfg, k).model_name for k in encoders}}
+                          for name, p in {**{s: checkpoints[s] for s in states}, "rvq": rvq, "kmeans": kmeans,
+                                          **({"clap": clap_checkpoint} if clap_checkpoint else {})}.items()},
+              "encoders": {k: getattr(system.config, k).model_name for k in encoders}}
     (out / "import.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"imported into {out}: {', '.join(states)} stamped with token system {fingerprint[:12]}")
     return record

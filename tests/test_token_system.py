@@ -142,11 +142,14 @@ def test_unfitted_and_existing_systems_are_refused(tmp_path, ten_seconds):
 
 
 def test_clap_features_equal_the_feature_extractor_per_window(tiny_system, corpus):
-    """The shared-frame CLAP featurizer gives exactly the transformers extractor's per-window features."""
+    """The shared-frame CLAP featurizer gives exactly the transformers extractor's per-window features (of the
+    int16-quantized waveform, as laion_clap quantizes it)."""
+    from musiclm.tokens.clap import int16_round_trip
+
     featurizer = tiny_system.clap.featurizer
     audio = load_audio(list_audio_files(corpus)[0], 48000)
     fast = featurizer(audio)
-    slow = featurizer.feature_extractor(list(featurizer.windows(audio)), sampling_rate=48000,
+    slow = featurizer.feature_extractor(list(featurizer.windows(int16_round_trip(audio))), sampling_rate=48000,
                                         truncation="rand_trunc", padding="repeatpad", return_tensors="np")
     assert fast.shape == (2, 1, 1001, 64)
     np.testing.assert_allclose(fast, slow["input_features"], rtol=0, atol=1e-4)

@@ -102,3 +102,13 @@ def test_mismatched_fingerprint_and_model_config_are_refused(token_dataset_dir, 
         check_request(TrainRequest(wide, str(token_dataset_dir), "r", str(tmp_path)))
     assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
                                       init_from=str(tmp_path / "ours")))["fingerprint"] == fingerprint
+
+
+def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
+    # The op serves tensor-parallel inference only; compiling it cost 30-70 s on every fresh machine.
+    from deepspeed.comm.torch import build_shm_op
+
+    from musiclm.train.engine import skip_inference_comm_op
+
+    skip_inference_comm_op()
+    assert build_shm_op() is None

@@ -122,7 +122,8 @@ def build_tiny_clap(seed: int = 0, projection_dim: int = 512):
         projection_dim=projection_dim,
     )
     model = ClapModel(config).eval()
-    processor = ClapProcessor(feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"), tokenizer=tokenizer)
+    features = ClapFeatureExtractor(frequency_min=50, frequency_max=14000, truncation="rand_trunc")  # laion_clap's
+    processor = ClapProcessor(feature_extractor=features, tokenizer=tokenizer)
     return model, processor
 
 

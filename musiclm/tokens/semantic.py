@@ -2,6 +2,8 @@
 
 As open-musiclm: the waveform is normalized to zero mean / unit variance and cut to a multiple of 320
 samples; with ``normalize_embeds`` each feature frame is normalized to zero mean / unit variance too.
+Not yet as open-musiclm: it normalizes over the whole file at the original sample rate, before cropping and
+before torchaudio's sinc resampling to 16 kHz; here each 16 kHz clip (resampled with soxr) is normalized.
 """
 from __future__ import annotations
 

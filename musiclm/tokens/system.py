@@ -3,7 +3,8 @@
     DIR/token_system.json            settings, where each encoder's weights come from, fingerprint (and its parts)
     DIR/clap_rvq.safetensors         RVQ codebooks (absent until `fit-rvq`)
     DIR/semantic_kmeans.safetensors  k-means centers (absent until `fit-kmeans`)
-    DIR/encoders/{clap,semantic,encodec}/   only for `tiny` encoders: their random weights (save_pretrained)
+    DIR/encoders/{clap,semantic,encodec}/   `tiny` encoders' random weights, and a CLAP converted from a
+                                     laion_clap checkpoint (save_pretrained)
 
 The fingerprint is a sha256 over the canonical settings (without weight locations), an identity of each
 encoder's weights (sha256 of its tensors), and the bytes of the RVQ codebooks and k-means centers. Datasets
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..audio import resample
 from ..config import TINY, TokenSystemConfig, from_dict, to_dict
-from . import encoders
+from . import encoders, laion_clap
 from .acoustic import AcousticCodec
 from .clap import ClapFeaturizer, ClapTokenizer
 from .rvq import ResidualVQ
@@ -75,10 +76,14 @@ class TokenSystem:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, config: TokenSystemConfig, out: str | Path, device: str = "cpu", seed: int = 0,
-               overwrite: bool = False) -> "TokenSystem":
+               overwrite: bool = False, clap_checkpoint: str | Path | None = None,
+               clap_tokenizer: str = laion_clap.TOKENIZER, trust_pickle: bool = False) -> "TokenSystem":
         """Build a token system from ``config`` (encoders from hub ids / local dirs, or ``tiny``) into ``out``.
 
-        RVQ and k-means start unfitted; `fit-rvq` and `fit-kmeans` fill them in.
+        ``clap_checkpoint``: a laion_clap ``.pt`` (open-musiclm's ``630k-audioset-best.pt``) converted to
+        transformers' CLAP and saved in ``out/encoders/clap`` (instead of ``clap_rvq_cfg.model_name``), with the
+        RoBERTa tokenizer from ``clap_tokenizer``. RVQ and k-means start unfitted; `fit-rvq` and `fit-kmeans`
+        fill them in (or `import-open-musiclm` sets open-musiclm's).
         """
         out = Path(out)
         if (out / CONFIG_FILE).exists() and not overwrite:
@@ -90,13 +95,21 @@ class TokenSystem:
         if config.clap_rvq_cfg.checkpoint_path:
             raise TokenSystemError(
                 f"clap_rvq_cfg.checkpoint_path={config.clap_rvq_cfg.checkpoint_path!r} is open-musiclm's laion_clap "
-                "file, which is not read here: set clap_rvq_cfg.model_name to a transformers-format CLAP instead")
+                "file: pass it as --clap-checkpoint (converted to transformers' CLAP), or set "
+                "clap_rvq_cfg.model_name to a transformers-format CLAP")
+        converted = None
+        if clap_checkpoint is not None:  # convert before writing anything: a bad file leaves out untouched
+            converted = laion_clap.convert_laion_clap(clap_checkpoint, clap_tokenizer, trust_pickle)
         out.mkdir(parents=True, exist_ok=True)
         sections = {}
         models = {}
         for name, key in ENCODER_KEYS.items():
             section = getattr(config, key)
-            if section.model_name == TINY:
+            if name == "clap" and converted is not None:
+                encoders.save_clap(*converted, out / "encoders/clap")
+                models[name] = converted
+                sections[key] = dataclasses.replace(section, model_name="encoders/clap")
+            elif section.model_name == TINY:
                 built = _build_tiny(name, config, seed)
                 rel = f"encoders/{name}"
                 if name == "clap":
@@ -219,6 +232,10 @@ class TokenSystem:
         problems = []
         if clap_dim != c.clap_rvq_cfg.dim:
             problems.append(f"clap_rvq_cfg.dim is {c.clap_rvq_cfg.dim} but the CLAP model embeds to {clap_dim}")
+        text = self._models["clap"].config.text_config
+        if c.clap_rvq_cfg.text_max_tokens + text.pad_token_id + 1 > text.max_position_embeddings:  # RoBERTa offsets
+            problems.append(f"clap_rvq_cfg.text_max_tokens is {c.clap_rvq_cfg.text_max_tokens} but CLAP's text tower has "
+                            f"{text.max_position_embeddings - text.pad_token_id - 1} positions")
         if hub.num_hidden_layers < c.hubert_kmeans_cfg.embed_layer:
             problems.append(f"hubert_kmeans_cfg.embed_layer is {c.hubert_kmeans_cfg.embed_layer} but the semantic "
                             f"encoder has {hub.num_hidden_layers} layers")

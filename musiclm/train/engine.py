@@ -17,6 +17,20 @@ def uses_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory all-reduce op at ``initialize``.
+
+    That op serves only ``inference_all_reduce`` (tensor-parallel inference), which training never calls; gradient
+    all-reduces go through the gloo process group either way. Compiling it costs 30-70 s the first time
+    ``initialize`` runs in a fresh environment (every new CI machine, every new cluster node). DeepSpeed reads
+    which ops it may build from one cached dict, ``deepspeed.ops.__compatible_ops__``; marking the op
+    incompatible there makes ``build_shm_op`` return None, as on a machine without a compiler.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:

@@ -23,7 +23,7 @@ import torch
 from ..config import Config, from_dict
 from ..models import build_stage, split_batch, stage_loss
 from . import checkpoint as ckpt
-from .engine import deepspeed_config, make_optimizer, uses_bf16
+from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, uses_bf16
 from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers
 
 DS_DIR, DS_TAG = "deepspeed", "state"
@@ -103,6 +103,8 @@ def train_loop(loop_cfg: dict) -> None:
         log(f"initialized from {loop_cfg['init_from']}")
     bf16 = uses_bf16(tc, on_gpu)
     optimizer, scheduler = make_optimizer(model, tc, on_gpu)
+    if not on_gpu:
+        skip_inference_comm_op()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(tc, bf16))
     state = TrainState(world_size=world, zero_stage=tc.zero_stage)

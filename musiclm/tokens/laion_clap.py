@@ -1,0 +1,163 @@
+"""laion_clap checkpoints (the ``630k-audioset-best.pt`` that open-musiclm loads) as a transformers ``ClapModel``.
+
+open-musiclm embeds with laion_clap's unfused HTSAT + RoBERTa CLAP; its released RVQ was fitted on those
+embeddings. transformers' ``ClapModel`` is the same architecture under other parameter names, so a laion_clap
+state dict converts by renaming (and splitting HTSAT's fused ``qkv`` projections into query, key and value):
+
+    laion_clap                                  transformers ClapModel
+    text_branch.*                               text_model.*   (the same RoBERTa names)
+    audio_branch.bn0                            audio_model.audio_encoder.batch_norm
+    audio_branch.<...>.norm1 / norm2            ....layernorm_before / layernorm_after
+    audio_branch.<...>.attn.qkv                 ....attention.self.query / key / value
+    audio_branch.<...>.attn.proj                ....attention.output.dense
+    audio_branch.<...>.attn.relative_position_* ....attention.self.relative_position_*
+    audio_branch.<...>.mlp.fc1 / fc2            ....intermediate.dense / output.dense
+    audio_branch.* (the rest)                   audio_model.audio_encoder.*
+    {text,audio}_projection.0 / .2              {text,audio}_projection.linear1 / linear2
+
+Not carried over: the audio front end's fixed STFT/mel matrices (``ClapFeatureExtractor`` computes the same
+log-mel), HTSAT's classification head (``tscam_conv``, ``head``), the ``{text,audio}_transform`` MLPs (used only
+in laion_clap's training loss) and RoBERTa's ``position_ids`` buffer. The architecture sizes are read from
+the tensors' shapes; every parameter of the new model must be filled, or the conversion is refused.
+
+The processor pairs laion_clap's audio settings (48 kHz, 1024-point FFT, hop 480, 64 Slaney mel bins from
+50 Hz to 14 kHz, 10 s windows, ``rand_trunc`` / ``repeatpad``) with the RoBERTa tokenizer laion_clap uses
+(``roberta-base``), loaded from a hub id or a folder.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+IGNORED = ("audio_branch.spectrogram_extractor.", "audio_branch.logmel_extractor.", "audio_branch.tscam_conv.",
+           "audio_branch.head.", "text_transform.", "audio_transform.", "text_branch.embeddings.position_ids")
+FUSION = ("audio_branch.mel_conv2d.", "audio_branch.fusion_model.")
+BLOCK_RENAMES = (("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
+                 ("attn.relative_position_", "attention.self.relative_position_"),
+                 ("attn.proj.", "attention.output.dense."), ("mlp.fc1.", "intermediate.dense."),
+                 ("mlp.fc2.", "output.dense."))
+TOKENIZER = "roberta-base"  # laion_clap's text tokenizer
+
+
+class LaionClapError(ValueError):
+    """A laion_clap checkpoint that cannot be converted."""
+
+
+def read_laion_state(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict (without DDP's ``module.`` prefix) of a laion_clap ``.pt``: ``{'state_dict': ...}`` as its
+    training saves them, or a bare state dict. Loaded with ``weights_only=True`` unless ``trust_pickle``."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except FileNotFoundError:
+        raise LaionClapError(f"CLAP checkpoint {path} does not exist") from None
+    except Exception as e:
+        hint = ("" if trust_pickle else " If you trust the file, --trust-pickle loads it as a full pickle (it can "
+                                        "run code).")
+        raise LaionClapError(f"cannot read CLAP checkpoint {path}: {str(e).splitlines()[0][:300]}.{hint}") from None
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LaionClapError(f"{path} holds no laion_clap state dict (expected {{'state_dict': {{name: tensor}}}})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _count(state: dict, pattern: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def clap_config(state: dict[str, torch.Tensor]):
+    """The transformers ``ClapConfig`` of a laion_clap state dict (unfused HTSAT audio tower, RoBERTa text)."""
+    from transformers import ClapConfig
+
+    if any(k.startswith(FUSION) for k in state):
+        raise LaionClapError("this laion_clap checkpoint uses feature fusion (630k-*fusion-best.pt); open-musiclm's "
+                             "released RVQ belongs to the unfused 630k-audioset-best.pt")
+    try:
+        words = state["text_branch.embeddings.word_embeddings.weight"]
+        text_layers = _count(state, r"text_branch\.encoder\.layer\.(\d+)\.")
+        patch = state["audio_branch.patch_embed.proj.weight"]
+        n_stages = _count(state, r"audio_branch\.layers\.(\d+)\.")
+        depths = [_count(state, rf"audio_branch\.layers\.{i}\.blocks\.(\d+)\.") for i in range(n_stages)]
+        tables = [state[f"audio_branch.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(n_stages)]
+        fc1 = state["audio_branch.layers.0.blocks.0.mlp.fc1.weight"]
+        projection = state["audio_projection.0.weight"].shape[0]
+        text_config = dict(
+            vocab_size=words.shape[0], hidden_size=words.shape[1], num_hidden_layers=text_layers,
+            num_attention_heads=words.shape[1] // 64,  # RoBERTa's 64-wide heads (roberta-base: 768 / 12)
+            intermediate_size=state["text_branch.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            max_position_embeddings=state["text_branch.embeddings.position_embeddings.weight"].shape[0],
+            type_vocab_size=state["text_branch.embeddings.token_type_embeddings.weight"].shape[0],
+            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,  # roberta-base's
+            projection_dim=projection, projection_hidden_act="relu")
+        audio_config = dict(
+            patch_embeds_hidden_size=patch.shape[0], patch_size=patch.shape[-1], patch_stride=[patch.shape[-1]] * 2,
+            depths=depths, num_attention_heads=[t.shape[1] for t in tables],
+            window_size=(int(round(tables[0].shape[0] ** 0.5)) + 1) // 2,
+            hidden_size=state["audio_branch.norm.weight"].shape[0], mlp_ratio=fc1.shape[0] / fc1.shape[1],
+            num_mel_bins=state["audio_branch.bn0.weight"].shape[0], enable_fusion=False,
+            projection_dim=projection, projection_hidden_act="relu")
+    except KeyError as e:
+        raise LaionClapError(f"not a laion_clap HTSAT/RoBERTa checkpoint: it lacks {e.args[0]}") from None
+    return ClapConfig(text_config=text_config, audio_config=audio_config, projection_dim=projection)
+
+
+def convert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """laion_clap parameter names -> transformers ``ClapModel`` names (see the module docstring)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(IGNORED):
+            continue
+        new = re.sub(r"^(text|audio)_projection\.([02])\.",
+                     lambda m: f"{m.group(1)}_projection.linear{1 if m.group(2) == '0' else 2}.", key)
+        if new.startswith("text_branch."):
+            new = "text_model." + new.removeprefix("text_branch.")
+        elif new.startswith("audio_branch."):
+            new = "audio_model.audio_encoder." + new.removeprefix("audio_branch.")
+            new = new.replace("audio_encoder.bn0.", "audio_encoder.batch_norm.")
+            if ".blocks." in new:
+                for old, renamed in BLOCK_RENAMES:
+                    new = new.replace(f".{old}", f".{renamed}")
+                if ".attn.qkv." in new:
+                    for part, name in zip(value.chunk(3, dim=0), ("query", "key", "value")):
+                        out[new.replace(".attn.qkv.", f".attention.self.{name}.")] = part.clone()
+                    continue
+        out[new] = value
+    return out
+
+
+def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickle: bool = False):
+    """A float32 transformers ``ClapModel`` (eval mode) and ``ClapProcessor`` equal to laion_clap's unfused CLAP
+    loaded from ``path``."""
+    from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    from .encoders import EncoderLoadError, _quiet_transformers
+
+    _quiet_transformers()
+    state = read_laion_state(path, trust_pickle)
+    model = ClapModel(clap_config(state)).eval()
+    converted = convert_state(state)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(converted) - {k for k in own if k.endswith(("position_ids", "token_type_ids"))})
+    unexpected = sorted(set(converted) - set(own))
+    wrong = sorted(k for k in set(own) & set(converted) if own[k].shape != converted[k].shape)
+    if missing or unexpected or wrong:
+        raise LaionClapError(f"{path} does not convert to a transformers ClapModel: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in converted.items()},
+                          strict=False)
+    try:
+        text_tokenizer = RobertaTokenizer.from_pretrained(tokenizer)
+    except Exception as e:
+        raise EncoderLoadError(f"cannot load CLAP's RoBERTa tokenizer from {tokenizer!r}: "
+                               f"{str(e).splitlines()[0][:300]}. Give a folder or hub id holding roberta-base's "
+                               f"tokenizer files (--clap-tokenizer)") from None
+    features = ClapFeatureExtractor(feature_size=model.config.audio_config.num_mel_bins, sampling_rate=48000,
+                                    hop_length=480, fft_window_size=1024, max_length_s=10, frequency_min=50,
+                                    frequency_max=14000, truncation="rand_trunc", padding="repeatpad")
+    return model, ClapProcessor(feature_extractor=features, tokenizer=text_tokenizer)
+
+
+__all__ = ["convert_laion_clap", "read_laion_state", "clap_config", "convert_state", "LaionClapError", "TOKENIZER"]
