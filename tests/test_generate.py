@@ -16,7 +16,8 @@ from musiclm.train.checkpoint import CheckpointError
 
 
 def independent_clap_score(system_dir, prompt: str, wav_path) -> float:
-    """CLAP cosine similarity straight from transformers: the file's audio at 48 kHz, one repeat-padded window."""
+    """CLAP cosine similarity straight from transformers: the file's audio at 48 kHz, quantized to int16 as
+    laion_clap's get_audio_embedding_from_data does, one repeat-padded window."""
     import soxr
     from transformers import ClapModel, ClapProcessor
 
@@ -24,6 +25,7 @@ def independent_clap_score(system_dir, prompt: str, wav_path) -> float:
     processor = ClapProcessor.from_pretrained(system_dir / "encoders" / "clap")
     audio, rate = sf.read(wav_path, dtype="float32")
     audio = soxr.resample(audio, rate, 48000)
+    audio = (np.clip(audio, -1, 1) * np.float32(32767)).astype(np.int16) / np.float32(32767)
     with torch.no_grad():
         feats = processor.feature_extractor(audio, sampling_rate=48000, padding="repeatpad", return_tensors="pt")
         a = model.get_audio_features(input_features=feats["input_features"],
