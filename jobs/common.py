@@ -21,11 +21,13 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_clap_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    from musiclm.tokens.laion_clap import TOKENIZER
+
     parser.add_argument("--clap-checkpoint", metavar="FILE.pt",
                         help="laion_clap checkpoint (open-musiclm's 630k-audioset-best.pt), converted to transformers' "
                              "CLAP and stored in the token system; replaces --clap")
-    parser.add_argument("--clap-tokenizer", default="roberta-base",
-                        help="RoBERTa tokenizer for --clap-checkpoint: hub id or folder (default: roberta-base, "
+    parser.add_argument("--clap-tokenizer", default=TOKENIZER,
+                        help=f"RoBERTa tokenizer for --clap-checkpoint: hub id or folder (default: {TOKENIZER}, "
                              "laion_clap's)")
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tokens.laion_clap import TOKENIZER as CLAP_TOKENIZER
+
 from .config import STAGES, ModelConfig, load_model_config
 from .models import build_stage
 from .train.checkpoint import CheckpointError, load_stage, save_stage
@@ -196,7 +198,7 @@ def _step(path: Path) -> int:
 def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], rvq: str | Path,
                         kmeans: str | Path, out: str | Path, *, clap: str | None = None, mert: str | None = None,
                         encodec: str | None = None, clap_checkpoint: str | Path | None = None,
-                        clap_tokenizer: str = "roberta-base", trust_pickle: bool = False, overwrite: bool = False,
+                        clap_tokenizer: str = CLAP_TOKENIZER, trust_pickle: bool = False, overwrite: bool = False,
                         log=print) -> dict:
     """Convert everything in memory first (nothing is written when a file does not convert), then write the
     token system and the stamped stage checkpoints, and check that each loads."""
