@@ -139,6 +139,16 @@ def test_other_token_system_is_refused(corpus, tiny_system_dir, tmp_path):
     assert fingerprint[:12] in text
 
 
+def test_a_dataset_begun_with_other_waveform_handling_is_not_resumed(corpus, tiny_system_dir, tmp_path):
+    """Rows made before the tokenizers' waveforms were made as open-musiclm makes them carry no ``waveforms``
+    setting: adding rows made the new way to such a dataset would mix two kinds of tokens."""
+    job = prepare(open_source(corpus), tiny_system_dir, tmp_path / "ds", DataConfig(), log=lambda m: None)
+    old = {**job.manifest, "settings": {k: v for k, v in job.manifest["settings"].items() if k != "waveforms"}}
+    layout.write_manifest(job.out, {**old, "status": "in_progress"})
+    with pytest.raises(layout.DatasetError, match="settings.waveforms: dataset has None"):
+        prepare(open_source(corpus), tiny_system_dir, job.out, DataConfig(), log=lambda m: None)
+
+
 def test_a_tracks_tokens_do_not_depend_on_its_batch(corpus, tiny_system_dir, tmp_path):
     """The tokenizer actor encodes each track on its own, so a track gets the same tokens (bit for bit) whatever
     else shares its batch: a resumed or re-batched run writes the rows an uninterrupted run would."""

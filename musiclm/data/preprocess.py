@@ -1,7 +1,8 @@
 """Audio corpus -> token dataset, on Ray Data.
 
     list tracks (driver) -> skip those already on disk
-      -> decode (CPU tasks): read, decode, cut clips, pad short ones, resample to 48/16/24 kHz, CLAP features;
+      -> decode (CPU tasks): read, decode, cut clips, pad short ones, make each tokenizer's waveform as
+         open-musiclm does (tokens.system.tokenizer_inputs: 48/16/24 kHz), CLAP features;
          a file that fails becomes an error row, never a failed task
       -> tokenize (actor pool, GPU when the cluster has one): CLAP tower + RVQ, semantic encoder + k-means,
          EnCodec
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..audio import AudioDecodeError, crop_or_pad, decode_audio, resample
+from ..audio import AudioDecodeError, crop_or_pad, decode_audio
 from ..config import DataConfig
 from ..raycompute import ActorPlan
 from . import dataset as ds_layout
@@ -37,6 +38,9 @@ from .sources import Source, Track
 
 # settings that change what the rows contain; a resumed run must use the same ones
 ROW_SETTINGS = ("clip_seconds", "crops", "min_seconds", "pad_to_seconds", "valid_frac", "seed")
+# how the tokenizers' waveforms are made (tokens.system.tokenizer_inputs), recorded with the settings so that a
+# dataset begun by a version that made them otherwise (soxr, per-clip normalization) is not resumed with these
+WAVEFORMS = "open-musiclm: sinc resampling, int16 grid for CLAP and EnCodec, semantic normalized per track"
 
 
 @dataclass
@@ -70,7 +74,7 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
     manifest = {
         "token_system": str(Path(token_system).resolve()), "fingerprint": meta["fingerprint"],
         "source": {"kind": source.kind, "root": source.root, **source.settings},
-        "settings": {k: getattr(cfg, k) for k in ROW_SETTINGS},
+        "settings": {**{k: getattr(cfg, k) for k in ROW_SETTINGS}, "waveforms": WAVEFORMS},
         "windows": {"clap_seconds": tcfg.clap_audio_length_seconds, "clap_hop_seconds": tcfg.clap_rvq_cfg.hop_seconds,
                     "clip_seconds": cfg.clip_seconds, "pad_to_seconds": cfg.pad_to_seconds},
         "tokens": {  # arrays are flattened time-major with the codebook fastest
@@ -127,6 +131,9 @@ def _error_row(row: dict, stage: str, kind: str, message: str) -> dict:
 
 def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[dict]:
     """One track -> one row per clip with the audio each tokenizer needs, or one error row."""
+    from ..tokens.semantic import waveform_stats
+    from ..tokens.system import tokenizer_inputs
+
     cfg = DataConfig(**cfg)
     try:
         audio, rate = decode_audio(row["path"])
@@ -140,11 +147,14 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
                                                        f"({cfg.min_seconds:g} s)")]
     try:
         spans = clip_spans(len(audio), rate, cfg, row["track_id"])
+        # open-musiclm normalizes the semantic encoder's input over the whole padded track, before cropping
+        stats = waveform_stats(pad_clip(audio, rate, cfg.pad_to_seconds))
         out = []
         for k, (start, length) in enumerate(spans):
             clip = pad_clip(audio[start: start + length], rate, cfg.pad_to_seconds)
             seconds = len(clip) // rate
-            at = {name: crop_or_pad(resample(clip, rate, r), seconds * r) for name, r in rates.items()}
+            at = {name: crop_or_pad(wave, seconds * rates[name])
+                  for name, wave in tokenizer_inputs(clip, rate, rates, stats).items()}
             feats = _featurizer(token_system)(at["clap"])
             out.append({**_base_row(row), "id": row_id(row["track_id"], k, len(spans)),
                         "split": split_of(row["track_id"], cfg.valid_frac, cfg.seed),

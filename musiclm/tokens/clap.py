@@ -5,21 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..audio import crop_or_pad, window_starts
+from ..audio import crop_or_pad, int16_round_trip, window_starts
 from ..config import ClapRVQConfig
 from .rvq import ResidualVQ
 
 
 def _pooled(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
-
-
-def int16_round_trip(audio: np.ndarray) -> np.ndarray:
-    """laion_clap's quantization of every waveform before its features (``get_audio_embedding_from_data``):
-    clamp to [-1, 1], scale by 32767 in float32, truncate to int16, divide by 32767. It matters: the log-mel of
-    quiet bins moves by up to 1.3 dB without it."""
-    x = np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * np.float32(32767.0)
-    return x.astype(np.int16).astype(np.float32) / np.float32(32767.0)
 
 
 class ClapFeaturizer:

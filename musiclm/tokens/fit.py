@@ -20,7 +20,7 @@ import torch
 from ..audio import AudioDecodeError, decode_audio, list_audio_files
 from ..raycompute import ActorPlan
 from .kmeans import fit_minibatch_kmeans
-from .system import TokenSystem, TokenSystemError, new_rvq
+from .system import TokenSystem, TokenSystemError, new_rvq, tokenizer_input
 
 CLAP, SEMANTIC = "clap", "semantic"
 
@@ -33,10 +33,12 @@ class Extracted:
     errors: list[dict] = field(default_factory=list)
 
 
-def _decode_row(row: dict, sample_rate: int, max_seconds: float) -> dict:
+def _decode_row(row: dict, kind: str, sample_rate: int, max_seconds: float) -> dict:
+    """The first ``max_seconds`` of a file as the ``kind`` encoder reads them (``tokenizer_input``: open-musiclm's
+    waveform handling, as in preprocessing)."""
     try:
-        audio, _ = decode_audio(row["path"], sample_rate, max_seconds=max_seconds)
-        return {"path": row["path"], "audio": audio, "error": ""}
+        audio, rate = decode_audio(row["path"], max_seconds=max_seconds)
+        return {"path": row["path"], "audio": tokenizer_input(kind, audio, rate, sample_rate), "error": ""}
     except AudioDecodeError as e:
         return {"path": row["path"], "audio": np.zeros(0, np.float32), "error": e.reason}
 
@@ -86,7 +88,8 @@ def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *
         rate, dim = system.semantic.sample_rate, system.semantic.hubert.config.hidden_size
     log(f"extracting {kind} vectors from {len(paths)} files: {plan.describe()}")
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 64)))
-    ds = ds.map(_decode_row, fn_kwargs={"sample_rate": rate, "max_seconds": max_seconds}, num_cpus=plan.decode_cpus)
+    ds = ds.map(_decode_row, fn_kwargs={"kind": kind, "sample_rate": rate, "max_seconds": max_seconds},
+                num_cpus=plan.decode_cpus)
     ds = ds.map_batches(_Encoder, batch_size=4,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
@@ -185,15 +188,15 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
 def fit_local(system: TokenSystem, paths: list[str], *, rvq_steps: int = 20, kmeans_n_init: int = 1) -> TokenSystem:
     """Fit the RVQ and the k-means of ``system`` on whole files in this process, without Ray, and save it: for
     a handful of files (tests, benchmarks). ``fit_rvq`` / ``fit_kmeans`` are the jobs for real corpora."""
-    from ..audio import load_audio
+    def wave(path: str, kind: str, target_rate: int) -> np.ndarray:
+        return _decode_row({"path": path}, kind, target_rate, max_seconds=None)["audio"]
 
-    emb = torch.cat([system.clap.audio_embeddings(load_audio(p, system.config.clap_rvq_cfg.sample_rate))
-                     for p in paths])
+    emb = torch.cat([system.clap.audio_embeddings(wave(p, CLAP, system.clap.sample_rate)) for p in paths])
     rvq = new_rvq(system.config)
     rvq.fit(emb, steps=rvq_steps, batch_size=64)
     system.set_rvq(rvq)
-    rate = system.config.hubert_kmeans_cfg.target_sample_hz
-    feats = np.concatenate([system.semantic.features(load_audio(p, rate)).numpy() for p in paths])
+    feats = np.concatenate([system.semantic.features(wave(p, SEMANTIC, system.semantic.sample_rate)).numpy()
+                            for p in paths])
     system.set_kmeans(fit_minibatch_kmeans(feats, system.config.hubert_kmeans_cfg.codebook_size,
                                            n_init=kmeans_n_init))
     system.save()

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..audio import resample
+from ..audio import int16_round_trip, sinc_resample
 from ..config import TINY, TokenSystemConfig, from_dict, to_dict
 from . import encoders, laion_clap
 from .acoustic import AcousticCodec
 from .clap import ClapFeaturizer, ClapTokenizer
 from .rvq import ResidualVQ
-from .semantic import SemanticTokenizer
+from .semantic import SemanticTokenizer, prepare_waveform
 
 CONFIG_FILE = "token_system.json"
 RVQ_FILE = "clap_rvq.safetensors"
@@ -206,13 +206,17 @@ class TokenSystem:
         _require_fitted(self.root, {"fit-rvq": self.rvq_fitted, "fit-kmeans": self.kmeans_fitted})
 
     def tokenize(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        """All tokens of one mono clip: ``clap`` (windows, 12), ``semantic`` (T,), ``coarse`` (T', 3), ``fine`` (T', 5)."""
+        """All tokens of one mono clip: ``clap`` (windows, 12), ``semantic`` (T,), ``coarse`` (T', 3), ``fine`` (T', 5),
+        from the waveforms ``tokenizer_inputs`` makes of it (as preprocessing does for a clip that is a whole track)."""
         self.require_fitted()
-        acoustic = self.acoustic.encode(resample(audio, sample_rate, self.acoustic.sample_rate))
+        rates = {"clap": self.clap.sample_rate, "semantic": self.semantic.sample_rate,
+                 "acoustic": self.acoustic.sample_rate}
+        at = tokenizer_inputs(audio, sample_rate, rates)
+        acoustic = self.acoustic.encode(at["acoustic"])
         n_coarse = self.config.num_coarse_quantizers
         return {
-            "clap": self.clap.audio_tokens(resample(audio, sample_rate, self.clap.sample_rate)),
-            "semantic": self.semantic.tokens(resample(audio, sample_rate, self.semantic.sample_rate)),
+            "clap": self.clap.audio_tokens(at["clap"]),
+            "semantic": self.semantic.tokens(at["semantic"]),
             "coarse": acoustic[:, :n_coarse],
             "fine": acoustic[:, n_coarse: n_coarse + self.config.num_fine_quantizers],
         }
@@ -251,6 +255,24 @@ class TokenSystem:
                             f"{c.num_coarse_quantizers + c.num_fine_quantizers}")
         if problems:
             raise TokenSystemError("token system settings do not match its encoders: " + "; ".join(problems))
+
+
+def tokenizer_inputs(clip: np.ndarray, rate: int, rates: dict, semantic_stats: tuple[float, float] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The waveform each tokenizer reads, made from a mono ``clip`` at ``rate`` as open-musiclm's preprocessing
+    makes them (``SoundDatasetForPreprocessing.process_audio``): each resampled to ``rates[name]`` with its sinc
+    filter (``audio.sinc_resample``); CLAP's and EnCodec's quantized to int16 (CLAP's featurizer quantizes once
+    more, as laion_clap does); the semantic encoder's normalized first by ``semantic_stats``, the statistics of
+    the whole track the clip was cut from (``semantic.waveform_stats``; the clip's own when None)."""
+    return {name: tokenizer_input(name, clip, rate, rates[name], semantic_stats) for name in ("clap", "semantic", "acoustic")}
+
+
+def tokenizer_input(name: str, clip: np.ndarray, rate: int, target_rate: int,
+                    semantic_stats: tuple[float, float] | None = None) -> np.ndarray:
+    """One tokenizer's waveform (``name``: clap, semantic or acoustic); see ``tokenizer_inputs``."""
+    if name == "semantic":
+        return prepare_waveform(clip, rate, target_rate, semantic_stats)
+    return int16_round_trip(sinc_resample(clip, rate, target_rate))
 
 
 def read_meta(root: str | Path) -> tuple[dict, TokenSystemConfig]:
