@@ -194,9 +194,10 @@ class TrainConfig:
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * lr_min_ratio
     log_every: int = 10  # steps between train/* reports
     max_failures: int = 3  # worker failures Ray Train recovers from (restarting from the last checkpoint)
-    # A train split whose shards total at most this many MB is read once into Ray's object store and only
-    # cropped anew each epoch: re-listing and re-reading it every epoch costs seconds per epoch, which dominates
-    # when an epoch is a few batches. Larger splits stream from storage every epoch. 0 = always stream.
+    # A train split whose shards total at most this many MB is read once into Ray's object store and held by
+    # every worker, which permutes and crops it anew each epoch (train.data.HeldRows): a Ray Data execution per
+    # epoch costs seconds, which dominates when an epoch is a few batches. Larger splits stream from storage
+    # every epoch. 0 = always stream.
     cache_train_mb: float = 256.0
     seed: int = 0
 

@@ -82,3 +82,42 @@ def test_a_track_whose_crops_span_shards_is_counted_once(tmp_path):
     write_shard(tmp_path, "train", shard(["a:2"], "a"))
     counts = scan(tmp_path).counts()
     assert counts["rows"]["train"] == 3 and counts["tracks"]["train"] == 1
+
+
+def test_rows_held_by_every_worker_are_split_evenly_and_cropped_anew_each_epoch():
+    """The small-train-split path (musiclm.train.data.HeldRows): every epoch the ranks share out one permutation
+    of the rows (disjoint, equal shares), each row is cropped by (seed, epoch, rank, row id), and the same
+    seed gives the same epochs again; validation rows keep their order and their crop."""
+    import pyarrow as pa
+
+    from musiclm.train.data import HeldRows
+
+    rows = [{**_row(20), "id": f"t{i}"} for i in range(9)]
+    table = pa.table({k: [r[k] for r in rows] for k in ("id", "seconds", "clap", "semantic", "coarse")})
+    spec = CropSpec.make("coarse", GlobalConfig(), MANIFEST)
+    train = HeldRows(table, spec, seed=5, fixed=False)
+
+    def epoch(held, e, world=2):
+        return [[b for b in held.batches(e, r, world, batch_size=2, drop_last=True)] for r in range(world)]
+
+    first, second = epoch(train, 0), epoch(train, 1)
+    for batches in (first, second):
+        ids = [[i for b in rank for i in b["id"]] for rank in batches]
+        assert len(ids[0]) == len(ids[1]) == 4 and not set(ids[0]) & set(ids[1])  # 9 // 2 each, in 2 batches
+        assert all(b["coarse"].shape == (2, 300, 3) and b["clap"].shape == (2, 12) for rank in batches for b in rank)
+    starts = lambda batches: {i: int(b["coarse"][k, 0, 0]) for rank in batches for b in rank  # noqa: E731
+                              for k, i in enumerate(b["id"])}
+    order = lambda batches: [list(b["id"]) for rank in batches for b in rank]  # noqa: E731
+    assert order(first) != order(second)  # a new row order every epoch
+    common = set(starts(first)) & set(starts(second))
+    assert any(starts(first)[i] != starts(second)[i] for i in common)  # and new crops
+    again = epoch(HeldRows(table, spec, seed=5, fixed=False), 1)
+    assert order(again) == order(second) and starts(again) == starts(second)  # reproducible
+
+    valid = HeldRows(table, spec, seed=5, fixed=True)
+    assert order(epoch(valid, 0)) == order(epoch(valid, 3)) and starts(epoch(valid, 0)) == starts(epoch(valid, 3))
+    batch = {k: np.array([r[k] for r in rows[:2]], dtype=object) for k in ("clap", "semantic", "coarse")}
+    batch.update(id=np.array(["t0", "t1"]), seconds=np.array([20, 20]))
+    fixed = StageCrop(spec, seed=5)(batch)  # the crops validation had when it ran on Ray Data
+    held = next(valid.batches(0, 0, 1, batch_size=2, drop_last=False))
+    assert all(np.array_equal(fixed[k], held[k]) for k in spec.shapes())

@@ -1,8 +1,8 @@
 """The per-worker training loop of every stage (Ray Train's ``train_loop_per_worker``), used by
 ``jobs.train`` and by Tune trials alike.
 
-Each worker builds the stage model, wraps it in a DeepSpeed engine (ZeRO stage from the config), streams its
-share of the train split, and every ``log_every`` steps reports ``train/*``; every ``save_results_every``
+Each worker builds the stage model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads its
+share of the train split (``train.data``: held by every worker when small, else streamed), and every ``log_every`` steps reports ``train/*``; every ``save_results_every``
 steps all workers evaluate their share of the fixed validation subset and the sums are reduced; every
 ``save_model_every`` steps (and at the end) every worker saves its DeepSpeed shard, rank 0 adds the
 consolidated ``model.safetensors`` + ``stage.json`` and the data position, and all report the checkpoint.
@@ -72,7 +72,14 @@ class Sampler:
             self.enabled = False
 
 
-def _numpy_batches(shard, batch_size: int, drop_last: bool):
+def _batches(held: dict, split: str, epoch: int, rank: int, world: int, batch_size: int, drop_last: bool):
+    """The numpy batches this worker reads of ``split`` in ``epoch``: from the rows every worker holds
+    (``train.data.HeldRows``), else from its shard of the streamed Ray Dataset."""
+    if split in held:
+        return held[split].batches(epoch, rank, world, batch_size, drop_last)
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(split)
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
 
 
@@ -117,14 +124,13 @@ def train_loop(loop_cfg: dict) -> None:
     vocabulary = model.target.codebook_size + 1
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
     sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    held = loop_cfg.get("held_data", {})
 
     def validate() -> dict:
         engine.eval()
         sums, example = ValidSums(q), None
         with torch.no_grad():
-            for batch in _numpy_batches(valid_shard, tc.batch_size, drop_last=False):
+            for batch in _batches(held, "valid", 0, rank, world, tc.batch_size, drop_last=False):
                 cond, tgt = split_batch(model, batch, device)
                 logits = engine(cond, tgt)
                 sums.add(stage_loss(logits, tgt), logits, tgt)
@@ -162,7 +168,7 @@ def train_loop(loop_cfg: dict) -> None:
     skip = state.batches
     while state.step < tc.num_train_steps:
         got_batches = False
-        for batch in _numpy_batches(train_shard, tc.batch_size, drop_last=True):
+        for batch in _batches(held, "train", state.epoch, rank, world, tc.batch_size, drop_last=True):
             got_batches = True
             if skip:
                 skip -= 1

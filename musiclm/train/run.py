@@ -16,7 +16,7 @@ from ..config import Config, ConfigError, to_dict
 from ..data.shards import open_manifest
 from ..models import stage_sequences
 from . import checkpoint as ckpt
-from .data import stage_datasets
+from .data import stage_data
 from .loop import read_train_state, train_loop
 
 SUMMARY = "summary.json"
@@ -112,8 +112,9 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     if not t.use_gpu and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
         raise ConfigError(f"{t.num_workers} workers × {cpus:g} CPUs plus the data pipeline ({DATA_RESERVE:g} CPU) "
                           f"need more than the cluster's {cluster_cpus:g} CPUs: lower num_workers or cpus_per_worker")
-    manifest = loop_cfg.get("manifest")
-    loop_cfg = {**{k: v for k, v in loop_cfg.items() if k != "manifest"}, "threads": max(1, int(cpus))}
+    data = stage_data(cfg, req.data, loop_cfg.get("manifest"))
+    loop_cfg = {**{k: v for k, v in loop_cfg.items() if k != "manifest"}, "threads": max(1, int(cpus)),
+                "held_data": data.held}
     resources = {"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop,
@@ -126,7 +127,7 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
         ),
-        datasets=stage_datasets(cfg, req.data, manifest),
+        datasets=data.datasets,
     )
 
 
