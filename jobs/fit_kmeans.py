@@ -10,7 +10,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm fit-kmeans", description=__doc__)
     add_fit_args(p, "a k-means")
     p.add_argument("--frames-per-track", type=int, default=100, help="random feature frames kept per track")
-    p.add_argument("--max-frames", type=int, default=1_000_000, help="cap on feature frames kept in memory")
+    p.add_argument("--max-frames", type=int, default=1_000_000,
+                   help="feature frames to fit on; the tracks sampled (uniformly, seeded) follow from it at "
+                        "--frames-per-track each, so only those are decoded")
     add_ray_args(p)
     return p
 

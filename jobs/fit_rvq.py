@@ -11,7 +11,9 @@ def parser() -> argparse.ArgumentParser:
     add_fit_args(p, "an RVQ")
     p.add_argument("--steps", type=int, default=1000, help="EMA steps after k-means init (open-musiclm: 1000)")
     p.add_argument("--batch-size", type=int, default=2048, help="embeddings per EMA step")
-    p.add_argument("--max-embeddings", type=int, default=200_000, help="cap on embeddings kept in memory")
+    p.add_argument("--max-embeddings", type=int, default=200_000,
+                   help="CLAP embeddings to fit on; the tracks sampled (uniformly, seeded) follow from it, about "
+                        "21 windows per 30 s track, so only those are decoded")
     add_ray_args(p)
     return p
 

@@ -19,10 +19,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from . import mp3
+
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif")
-# A decode that ends this many samples before the length the file's header declares means the file is cut
-# short (an MP3's Xing/Info frame and every WAV/FLAC header declare the length). One MP3 frame is 1152.
-_TRUNCATION_TOLERANCE = 2 * 1152
+# A decode that ends more than this many samples before the length a WAV/FLAC/OGG header declares means the
+# file is cut short: those headers state the length exactly (MP3s are checked from their frames instead:
+# musiclm.mp3). benchmarks/truncation.py: no intact WAV, FLAC or OGG file comes within it.
+_TRUNCATION_TOLERANCE = 16
 
 
 class AudioDecodeError(Exception):
@@ -39,13 +42,14 @@ class AudioDecodeError(Exception):
         return (AudioDecodeError, (self.path, self.reason, self.kind))
 
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_soundfile(data: bytes, check_declared: bool) -> tuple[np.ndarray, int]:
     with sf.SoundFile(io.BytesIO(data)) as f:
         declared = f.frames
         audio = f.read(dtype="float32", always_2d=True)
         rate = f.samplerate
-    if 0 < declared and audio.shape[0] + _TRUNCATION_TOLERANCE < declared:
-        raise _Truncated(audio.shape[0] / rate, declared / rate)
+    if check_declared and 0 < declared and audio.shape[0] + _TRUNCATION_TOLERANCE < declared:
+        raise _Truncated(f"file is truncated: its header declares {declared / rate:.2f} s but only "
+                         f"{audio.shape[0] / rate:.2f} s decode")
     return audio, rate
 
 
@@ -70,8 +74,24 @@ def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
 
 
 class _Truncated(Exception):
-    def __init__(self, got: float, declared: float):
-        super().__init__(f"file is truncated: its header declares {declared:.2f} s but only {got:.2f} s decode")
+    pass
+
+
+def _wav_truncation(data: bytes) -> str | None:
+    """Why a RIFF/WAVE file looks cut (its data chunk declares more bytes than follow), or None. libsndfile
+    clamps the declared length to what is there, so its length cannot show this."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4: pos + 8], "little")
+        if data[pos: pos + 4] == b"data":
+            present = len(data) - pos - 8
+            if 0 < size < 0xFFFFFFFF and present < size:  # 0 and 0xFFFFFFFF: a streamed WAV, length unknown
+                return f"file is truncated: its data chunk declares {size} bytes but {present} follow"
+            return None
+        pos += 8 + size + (size & 1)
+    return None
 
 
 def decode_audio(source: str | os.PathLike | bytes, sample_rate: int | None = None, *, path: str | None = None,
@@ -91,8 +111,18 @@ def decode_audio(source: str | os.PathLike | bytes, sample_rate: int | None = No
             raise AudioDecodeError(name, f"cannot read file: {e.strerror or e}", "unreadable") from None
     if len(data) == 0:
         raise AudioDecodeError(name, "file is empty (0 bytes)", "empty")
+    # An MP3 is judged complete or cut from its own frames (musiclm.mp3); the length libsndfile declares for it
+    # is an estimate unless a Xing/VBRI header gives it. Other formats' headers declare their length exactly.
+    stream = mp3.inspect(data)
     try:
-        audio, rate = _decode_soundfile(data)
+        cut = stream.truncation() if stream is not None else _wav_truncation(data)
+        if cut:
+            raise _Truncated(cut)
+        audio, rate = _decode_soundfile(data, check_declared=stream is None)
+        if stream is not None and audio.shape[0] < stream.seconds * rate - 2 * stream.samples_per_frame:
+            # libsndfile stops at the length it estimated (a VBR MP3 without a Xing header: 7 of 30 s);
+            # FFmpeg decodes every frame
+            audio, rate = _decode_pyav(data)
     except _Truncated as e:
         raise AudioDecodeError(name, str(e), "truncated") from None
     except Exception as sf_error:  # libsndfile cannot read it: try FFmpeg
@@ -214,7 +244,25 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> P
 
 def list_audio_files(folder: str | os.PathLike, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[str]:
     """All audio files under ``folder`` (recursive), sorted, by extension."""
+    return scan_audio_files(folder, extensions)[0]
+
+
+def scan_audio_files(folder: str | os.PathLike, extensions: tuple[str, ...] = AUDIO_EXTENSIONS
+                     ) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """(audio files, problems) under ``folder`` (recursive), sorted. A problem is an entry named like an audio
+    file that is not one: ``(path, kind, reason)`` with kind ``not_a_file`` (a directory or device) or
+    ``broken_link`` (a symbolic link to nothing)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder {root} does not exist or is not a directory")
-    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    files, problems = [], []
+    for p in root.rglob("*"):
+        if p.suffix.lower() not in extensions:
+            continue
+        if p.is_file():
+            files.append(str(p))
+        elif p.is_symlink() and not p.exists():
+            problems.append((str(p), "broken_link", f"symbolic link to {os.readlink(p)}, which does not exist"))
+        else:
+            problems.append((str(p), "not_a_file", "named like an audio file but is a directory or special file"))
+    return sorted(files), sorted(problems)

@@ -86,3 +86,44 @@ def test_as_written_is_exactly_what_the_wav_file_holds(tmp_path):
     scored = as_written(x)
     back, _ = sf.read(write_wav(tmp_path / "a.wav", scored, 24000), dtype="float32")
     assert np.array_equal(back, scored) and np.abs(scored - np.clip(x, -1, 1)).max() <= 1 / 32768 + 1e-7
+
+
+def test_intact_mp3s_of_every_kind_decode_and_cut_ones_are_caught_or_shorter(tmp_path):
+    """A small corpus from musiclm.mp3_corpus (FFmpeg and libsndfile encoders, CBR/VBR, 8-44.1 kHz, with and
+    without a Xing header, ID3 tags, digital silence, a WAV named .mp3), each intact and cut at 33/50/90/99 % of
+    its bytes and at a frame boundary. benchmarks/truncation.py runs the full corpus."""
+    from musiclm import mp3_corpus
+
+    files = mp3_corpus.write(tmp_path, mp3_corpus.small_variants(seconds=4.0))
+    kept_cut = []
+    for f in files:
+        if not f.cut:
+            audio, rate = decode_audio(f.path)  # never rejected
+            assert abs(len(audio) / rate - f.intact_seconds) < 0.1, f.path.name
+            continue
+        try:
+            audio, rate = decode_audio(f.path)
+        except AudioDecodeError as e:
+            assert e.kind == "truncated", (f.path.name, e.reason)
+            continue
+        assert len(audio) / rate < f.intact_seconds - 0.01, f.path.name  # kept: its real, shorter length
+        kept_cut.append(f.path.name)
+    # only a cut exactly between two frames of an MP3 without a Xing header passes as a shorter file
+    assert all(name.endswith(".cutframe.mp3") and "noxing" in name for name in kept_cut), kept_cut
+
+
+def test_the_length_libsndfile_estimates_for_an_mp3_without_xing_header_is_not_truncation(tmp_path):
+    """libsndfile estimates an MP3's length from its size when no Xing/VBRI header gives it, and overshoots:
+    an intact file must not be rejected for that."""
+    import soundfile as sf
+
+    from musiclm import mp3, mp3_corpus
+
+    v = mp3_corpus.Variant("silence-22k-mono-noxing", "ffmpeg", 22050, 1, kbps=64, xing=False, id3v1=True,
+                           content="silence", seconds=30.0)
+    path = mp3_corpus.write(tmp_path, [v], cuts=(), frame_cut=False)[0].path
+    stream = mp3.inspect(path.read_bytes())
+    assert stream.declared_frames is None and stream.truncation() is None and stream.tail_bytes == 0
+    audio, rate = decode_audio(path)
+    assert abs(len(audio) / rate - 30.0) < 0.1
+    assert sf.info(str(path)).frames > len(audio)  # what libsndfile declares exceeds what decodes

@@ -37,3 +37,25 @@ def test_fit_jobs_on_local_ray(local_ray, corpus, tmp_path):
 
     with pytest.raises(TokenSystemError, match="already fitted.*--overwrite"):
         fit_rvq.main(["--token-system", str(ts), "--audio", str(audio)])
+
+    # A bounded fit samples only the tracks it needs (uniformly, seeded) and decodes nothing else.
+    fit_rvq.main(["--token-system", str(ts), "--audio", str(audio), "--steps", "5", "--max-seconds", "11",
+                  "--max-embeddings", "4", "--overwrite", "--seed", "1"])
+    bounded = json.loads((ts / "fit_rvq.report.json").read_text())
+    sample = bounded["sample"]
+    assert sample["files_in_folder"] == 7 and sample["sampled"] == 3  # 4 embeddings / 2 per track x 1.2
+    assert bounded["tracks"] + len(bounded["failed"]) == 3 and bounded["embeddings"] == 4
+
+
+def test_fit_samples_are_uniform_over_folders():
+    """FMA's folders hold tracks in id order: keeping the first vectors to arrive favoured the earliest folders.
+    The sample is drawn over every file at once."""
+    from musiclm.tokens.fit import sample_tracks
+
+    paths = [f"/fma_large/{f:03d}/{f:03d}{i:03d}.mp3" for f in range(100) for i in range(40)]
+    sample = sample_tracks(paths, 1000, seed=0)
+    assert len(set(sample)) == 1000 and sample == sample_tracks(list(reversed(paths)), 1000, seed=0)
+    per_folder = [sum(p.startswith(f"/fma_large/{f:03d}/") for p in sample) for f in range(100)]
+    assert min(per_folder) >= 1 and max(per_folder) <= 25  # 10 expected in each
+    assert 450 <= sum(per_folder[:50]) <= 550  # as many from the later folders as from the earlier ones
+    assert sample_tracks(paths, 1000, seed=1) != sample

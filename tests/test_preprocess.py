@@ -51,7 +51,7 @@ def read_errors(out) -> dict[str, dict]:
 
 def test_synthetic_corpus_to_dataset(local_ray, corpus, tiny_system_dir, tmp_path):
     out = tmp_path / "ds"
-    _, summary = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3))
+    _, summary = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3, rows_per_shard=2))
     rows = read_rows(out)
     ids = sorted(json.loads(line)["id"] for line in (corpus / "captions.jsonl").read_text().splitlines())
     assert sorted(rows) == ids and summary["run"]["tracks"] == 6
@@ -64,7 +64,10 @@ def test_synthetic_corpus_to_dataset(local_ray, corpus, tiny_system_dir, tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == {
         s: sum(r["split"] == s for r in rows.values()) for s in layout.SPLITS}
-    again, _ = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3))
+    for split in layout.SPLITS:  # rows_per_shard rows in every shard of a split but its last
+        sizes = sorted((pq.ParquetFile(f).metadata.num_rows for f in layout.shard_files(out, split)), reverse=True)
+        assert sizes[:-1] == [2] * (len(sizes) - 1) and 1 <= sizes[-1] <= 2, (split, sizes)
+    again, _ = preprocess(corpus, tiny_system_dir, out, DataConfig(valid_frac=0.3, rows_per_shard=2))
     assert again.pending == []  # a finished dataset: nothing left to do
 
 
@@ -80,6 +83,8 @@ def test_bad_files_become_error_rows(local_ray, corpus, tiny_system_dir, tmp_pat
     (folder / "text.mp3").write_text("this is not audio\n" * 50)
     sf.write(folder / "short.mp3", np.sin(np.arange(44100) / 10).astype(np.float32) * 0.3, 44100,
              format="MP3", subtype="MPEG_LAYER_III")
+    (folder / "dir.mp3").mkdir()  # named like a track, but a directory
+    (folder / "link.mp3").symlink_to(tmp_path / "gone.mp3")  # a link to nothing
     shutil.copy(good[1], folder / "locked.mp3")
     os.chmod(folder / "locked.mp3", 0)
     try:
@@ -88,13 +93,17 @@ def test_bad_files_become_error_rows(local_ray, corpus, tiny_system_dir, tmp_pat
         os.chmod(folder / "locked.mp3", 0o644)
     rows, errors = read_rows(tmp_path / "ds"), read_errors(tmp_path / "ds")
     kinds = {k: e["kind"] for k, e in errors.items()}
-    expected = {"truncated": "truncated", "empty": "empty", "text": "not_audio", "short": "too_short"}
+    expected = {"truncated": "truncated", "empty": "empty", "text": "not_audio", "short": "too_short",
+                "dir": "not_a_file", "link": "broken_link"}
     root_reads_anything = os.geteuid() == 0  # permissions do not stop root: then the locked file is good
     if not root_reads_anything:
         expected["locked"] = "unreadable"
     assert kinds == expected
     assert sorted(rows) == sorted(["good0", "good1"] + (["locked"] if root_reads_anything else []))
     assert "shorter than min_seconds" in errors["short"]["message"] and errors["text"]["stage"] == "decode"
+    assert errors["link"]["stage"] == "list" and "gone.mp3" in errors["link"]["message"]
+    counted = json.loads((tmp_path / "ds" / "manifest.json").read_text())["counts"]["errors_by_kind"]
+    assert counted == {kind: 1 for kind in expected.values()}
 
 
 def test_interrupt_and_resume_equals_uninterrupted(local_ray, tiny_system_dir, tmp_path):

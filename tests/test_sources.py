@@ -95,3 +95,38 @@ def test_folder_with_captions_and_synth(tmp_path, corpus):
     assert (synth.tracks[0].id, synth.tracks[0].caption) == (first["id"], first["caption"])
     with pytest.raises(ValueError, match="need FMA metadata"):
         open_source(folder, subset="small")
+
+
+def test_listed_tracks_that_cannot_be_read_are_named_not_dropped(fma_root, tiny_system_dir, tmp_path):
+    """A track tracks.csv lists for this folder's subset but the disk lacks, a directory named like a track and
+    a symbolic link to nothing each stay in the listing with their reason, and become error rows."""
+    from musiclm.config import DataConfig
+    from musiclm.data.preprocess import decode_local, prepare
+
+    with open(fma_root / "fma_metadata" / "tracks.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        for tid, subset in ((11, "large"), (12, "small"), (13, "large"), (14, "large")):
+            w.writerow([tid, "An album", "An artist", "training", subset, 30, 1, "Rock", "[12]", "[12]", "", 5,
+                        "[]", f"Track {tid}"])
+    audio = fma_root / "fma_large" / "000"
+    (audio / "000013.mp3").mkdir()
+    (audio / "000014.mp3").symlink_to(fma_root / "nowhere.mp3")
+    src = open_source(fma_root / "fma_large")
+    problems = {t.id: (t.problem_kind, t.problem) for t in src.tracks if t.problem_kind}
+    assert {k: v[0] for k, v in problems.items()} == {
+        "000011": "missing", "000012": "missing", "000013": "not_a_file", "000014": "broken_link"}
+    assert "listed in tracks.csv (large subset) but not found at" in problems["000011"][1]
+    assert "nowhere.mp3" in problems["000014"][1]
+    assert "8 tracks of which 1 broken link, 2 missing, 1 not a file (each gets an error row)" in src.describe()
+    # a folder of the small subset expects only its own tracks; a custom-named folder expects none
+    assert {t.id for t in open_source(fma_root / "fma_large", subset="small").tracks if t.problem_kind} == {"000012"}
+    shutil.copytree(fma_root / "fma_large", fma_root / "my_audio", symlinks=True)
+    mine = open_source(fma_root / "my_audio", "fma", metadata=fma_root / "fma_metadata")
+    assert {t.id: t.problem_kind for t in mine.tracks if t.problem_kind} == {"000013": "not_a_file",
+                                                                             "000014": "broken_link"}
+
+    job = prepare(src, tiny_system_dir, tmp_path / "ds", DataConfig(), log=lambda m: None)
+    rows = {t.id: decode_local(job, t) for t in job.pending if t.problem_kind}
+    for tid, (kind, reason) in problems.items():
+        [row] = rows[tid]
+        assert (row["stage"], row["kind"], row["message"]) == ("list", kind, reason)

@@ -119,6 +119,14 @@ def caption(track: FmaTrack, genres: dict[int, str]) -> str:
     return text
 
 
+def in_subset(track: FmaTrack, subset: str) -> bool:
+    """Whether ``track`` belongs to FMA ``subset`` (nested: small is inside medium, medium inside large);
+    "full" holds every track."""
+    if subset == "full":
+        return True
+    return track.subset in SUBSETS and SUBSETS.index(track.subset) <= SUBSETS.index(subset)
+
+
 @dataclass
 class FmaFilter:
     """Which tracks to keep. ``subset`` keeps the tracks of that FMA subset (small is inside medium, medium
@@ -139,7 +147,7 @@ class FmaFilter:
 
     def reason_to_drop(self, track: FmaTrack, genre_ids: set[int]) -> str | None:
         """None to keep the track, else the name of the filter that drops it."""
-        if self.subset and (track.subset not in SUBSETS or SUBSETS.index(track.subset) > SUBSETS.index(self.subset)):
+        if self.subset and not in_subset(track, self.subset):
             return "subset"
         if genre_ids and not genre_ids.intersection(track.genres_all):
             return "genre"

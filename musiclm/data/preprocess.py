@@ -135,6 +135,8 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
     from ..tokens.system import tokenizer_inputs
 
     cfg = DataConfig(**cfg)
+    if row.get("problem_kind"):  # listed, but there is no file to read (missing, a directory, a broken link)
+        return [_error_row(row, "list", row["problem_kind"], row["problem"])]
     try:
         audio, rate = decode_audio(row["path"])
     except AudioDecodeError as e:
@@ -222,31 +224,51 @@ class Tokenizer:
 
 
 class ShardWriter:
-    """Ray Data actor (one per job): writes each batch of tokenized rows as shards. One long-lived process
-    instead of a task per shard; token rows are small (about 80 KB per 30 s track), so one writer keeps up."""
+    """Writes tokenized rows as shards of exactly ``rows_per_shard`` rows per split (train, valid, errors), the
+    last of each smaller. One per job: a Ray actor the driver makes (so that it can ``flush`` it when the stream
+    ends), fed by the pipeline's last step (``_to_writer``), or an object in this process (``run_local``).
+    Rows wait in its buffers until a shard is full: an interrupted run loses only those, and the rerun redoes
+    them (resuming reads what is on disk). Token rows are small (about 80 KB per 30 s track): one writer keeps up."""
 
-    def __init__(self, out: str, skip_rows: frozenset):
-        self.out, self.skip_rows = out, skip_rows
+    def __init__(self, out: str, skip_rows: frozenset, rows_per_shard: int):
+        self.out, self.skip_rows, self.rows_per_shard = out, skip_rows, rows_per_shard
+        self.buffers: dict[str, list[dict]] = {part: [] for part in (*ds_layout.SPLITS, ds_layout.ERRORS)}
 
-    def __call__(self, batch: dict) -> dict:
-        return write_batch(batch, self.out, self.skip_rows)
+    def add(self, batch: dict) -> None:
+        """Take a batch of tokenized rows; write every shard that is full."""
+        for i in range(len(batch["id"])):
+            if batch["kind"][i]:
+                self.buffers[ds_layout.ERRORS].append({c: str(batch[c][i]) for c in ds_layout.ERROR_SCHEMA.names})
+            elif batch["id"][i] not in self.skip_rows:  # rows of a partly written track already on disk
+                self.buffers[str(batch["split"][i])].append({c: batch[c][i] for c in ds_layout.ROW_SCHEMA.names})
+        for part in self.buffers:
+            while len(self.buffers[part]) >= self.rows_per_shard:
+                self._write(part, self.rows_per_shard)
+
+    def flush(self) -> None:
+        """Write what the buffers hold (the end of the stream)."""
+        for part in self.buffers:
+            if self.buffers[part]:
+                self._write(part, len(self.buffers[part]))
+
+    def _write(self, part: str, n: int) -> None:
+        rows, self.buffers[part] = self.buffers[part][:n], self.buffers[part][n:]
+        schema = ds_layout.ERROR_SCHEMA if part == ds_layout.ERRORS else ds_layout.ROW_SCHEMA
+        ds_layout.write_shard(self.out, part, pa.table({c: [r[c] for r in rows] for c in schema.names}, schema=schema))
 
 
-def write_batch(batch: dict, out: str, skip_rows: frozenset) -> dict:
-    """Write one batch of tokenized rows as shards; return one summary row per input row."""
-    n = len(batch["id"])
-    failed = [i for i in range(n) if batch["kind"][i]]
-    good = [i for i in range(n) if not batch["kind"][i] and batch["id"][i] not in skip_rows]
-    if failed:
-        errs = {c: [str(batch[c][i]) for i in failed] for c in ds_layout.ERROR_SCHEMA.names}
-        ds_layout.write_shard(out, ds_layout.ERRORS, pa.table(errs, schema=ds_layout.ERROR_SCHEMA))
-    for split in ds_layout.SPLITS:
-        rows = [i for i in good if batch["split"][i] == split]
-        if rows:
-            cols = {c: [batch[c][i] for i in rows] for c in ds_layout.ROW_SCHEMA.names}
-            ds_layout.write_shard(out, split, pa.table(cols, schema=ds_layout.ROW_SCHEMA))
+def summary_rows(batch: dict) -> dict:
+    """What the driver hears of each tokenized row (for progress)."""
     return {"track_id": [str(t) for t in batch["track_id"]], "split": [str(s) for s in batch["split"]],
             "kind": [str(k) for k in batch["kind"]], "audio_seconds": np.asarray(batch["audio_seconds"], np.float64)}
+
+
+def _to_writer(batch: dict, writer) -> dict:
+    """The pipeline's last step: hand the batch to the job's writer actor, pass its summary on."""
+    import ray
+
+    ray.get(writer.add.remote(batch))
+    return summary_rows(batch)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -286,7 +308,7 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
     ds_layout.write_manifest(job.out, {**job.manifest, "created": job.created, "status": "in_progress",
                                        "counts": job.scan.counts()})
     log(f"tokenizing {len(job.pending)} tracks into {job.out}: {plan.describe()}")
-    items = [{"track_id": t.id, "path": t.path, "caption": t.caption} for t in job.pending]
+    items = [track_row(t) for t in job.pending]
     data = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // tracks_per_task)))
     data = data.flat_map(decode_track, num_cpus=plan.decode_cpus,
                          fn_kwargs={"token_system": str(job.token_system), "cfg": dataclasses.asdict(job.cfg),
@@ -297,9 +319,9 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
                             fn_constructor_kwargs={"token_system": str(job.token_system),
                                                    "fingerprint": job.manifest["fingerprint"],
                                                    "device": plan.device, "threads": plan.threads_per_actor})
-    data = data.map_batches(ShardWriter, batch_size=job.cfg.rows_per_shard, num_cpus=0.05,
-                            compute=ray.data.ActorPoolStrategy(size=1),
-                            fn_constructor_kwargs={"out": str(job.out), "skip_rows": frozenset(job.scan.partial_rows)})
+    writer = ray.remote(num_cpus=0.05)(ShardWriter).remote(str(job.out), frozenset(job.scan.partial_rows),
+                                                            job.cfg.rows_per_shard)
+    data = data.map_batches(_to_writer, batch_size=tokenize_batch, num_cpus=0.05, fn_kwargs={"writer": writer})
     progress = Progress(len(job.pending))
     try:
         for row in data.iter_rows():
@@ -307,6 +329,7 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
             if time.time() - progress.last_log >= log_every:
                 progress.last_log = time.time()
                 log(progress.line())
+        ray.get(writer.flush.remote())
     except KeyboardInterrupt:
         log(f"interrupted after {len(progress.tracks)} tracks; every shard written so far is kept. Run the same "
             f"command again to tokenize the rest.")
@@ -316,8 +339,13 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
 
 def decode_local(job: PreprocessJob, track) -> list[dict]:
     """``decode_track`` of one of the job's tracks, in this process."""
-    return decode_track({"track_id": track.id, "path": track.path, "caption": track.caption}, str(job.token_system),
-                        dataclasses.asdict(job.cfg), job.rates)
+    return decode_track(track_row(track), str(job.token_system), dataclasses.asdict(job.cfg), job.rates)
+
+
+def track_row(track: Track) -> dict:
+    """The row a listed track enters the pipeline as."""
+    return {"track_id": track.id, "path": track.path, "caption": track.caption,
+            "problem_kind": track.problem_kind, "problem": track.problem}
 
 
 def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
@@ -328,10 +356,11 @@ def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
     tokenizer = Tokenizer(str(job.token_system), job.manifest["fingerprint"], "cpu", threads=0) \
         if job.pending else None
     rows = [r for t in job.pending for r in decode_local(job, t)]
+    writer = ShardWriter(str(job.out), frozenset(job.scan.partial_rows), job.cfg.rows_per_shard)
     for i in range(0, len(rows), batch_rows):
         chunk = rows[i: i + batch_rows]
-        batch = tokenizer({c: [r[c] for r in chunk] for c in chunk[0]})
-        write_batch(batch, str(job.out), frozenset(job.scan.partial_rows))
+        writer.add(tokenizer({c: [r[c] for r in chunk] for c in chunk[0]}))
+    writer.flush()
     return finish(job, None, log)
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..audio import list_audio_files
+from ..audio import scan_audio_files
 from . import fma
 
 KINDS = ("auto", "fma", "folder", "synth")
@@ -22,6 +22,10 @@ class Track:
     id: str
     path: str
     caption: str = ""
+    # a track that is listed but cannot be read (kind: missing, not_a_file, broken_link): preprocessing writes
+    # an error row for it with this reason instead of decoding
+    problem_kind: str = ""
+    problem: str = ""
 
 
 @dataclass
@@ -34,6 +38,10 @@ class Source:
 
     def describe(self) -> str:
         text = f"{self.kind} source {self.root}: {len(self.tracks)} tracks"
+        problems = Counter(t.problem_kind for t in self.tracks if t.problem_kind)
+        if problems:
+            text += (" of which " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(problems.items()))
+                     + " (each gets an error row)")
         if self.skipped:
             text += " (left out: " + ", ".join(f"{v} by {k}" for k, v in sorted(self.skipped.items())) + ")"
         return text
@@ -89,25 +97,48 @@ def fma_source(root: Path, metadata: str | Path | None, filt: fma.FmaFilter) -> 
     tracks_meta = fma.read_tracks(meta_dir / "tracks.csv")
     genres = fma.read_genres(meta_dir / "genres.csv")
     genre_ids = filt.genre_ids(genres)
-    out, skipped = [], Counter()
-    for path in list_audio_files(audio_dir):
+    files, problems = scan_audio_files(audio_dir)
+    out, skipped, seen = [], Counter(), set()
+    entries = [(path, "", "") for path in files] + list(problems)
+    for path, problem_kind, problem in sorted(entries):
         stem = Path(path).stem
         meta = tracks_meta.get(int(stem)) if stem.isdigit() else None
         if meta is None:
             if filt.active():
                 skipped["no_metadata"] += 1
                 continue
-            out.append(Track(stem, path, ""))
+            out.append(Track(stem, path, "", problem_kind, problem))
             continue
-        reason = filt.reason_to_drop(meta, genre_ids)
-        if reason:
-            skipped[reason] += 1
+        drop = filt.reason_to_drop(meta, genre_ids)
+        if drop:
+            skipped[drop] += 1
             continue
-        out.append(Track(meta.id, path, fma.caption(meta, genres)))
+        seen.add(meta.track_id)
+        out.append(Track(meta.id, path, fma.caption(meta, genres), problem_kind, problem))
+    expected = expected_subset(audio_dir, filt)
+    if expected is not None:  # tracks the metadata lists for this folder that are not on disk at all
+        for tid, meta in sorted(tracks_meta.items()):
+            if tid in seen or not fma.in_subset(meta, expected) or filt.reason_to_drop(meta, genre_ids):
+                continue
+            path = audio_dir / f"{tid // 1000:03d}" / f"{tid:06d}.mp3"
+            out.append(Track(meta.id, str(path), fma.caption(meta, genres), "missing",
+                             f"listed in tracks.csv ({expected} subset) but not found at {path}"))
     _check_unique(out)
     settings = {"metadata": str(meta_dir), "subset": filt.subset, "genres": sorted(filt.genres),
                 "min_duration": filt.min_duration, "filter_fma": filt.filter_fma}
     return Source("fma", str(audio_dir), out, dict(skipped), settings)
+
+
+def expected_subset(audio_dir: Path, filt: fma.FmaFilter) -> str | None:
+    """Which tracks of ``tracks.csv`` this audio folder should hold: the ``--subset`` asked for, else the one
+    its name says (``fma_small``, ``fma_medium``, ``fma_large``; ``fma_full`` and the synthetic set hold every
+    listed track: "full"); None for a folder named otherwise (nothing can be said to be missing)."""
+    if filt.subset:
+        return filt.subset
+    name = audio_dir.name
+    if name in ("fma_full", "fma_synth"):
+        return "full"
+    return name[len("fma_"):] if name.startswith("fma_") and name[len("fma_"):] in fma.SUBSETS else None
 
 
 def folder_source(root: Path, captions: str | Path | None = None, kind: str = "folder") -> Source:
@@ -118,10 +149,11 @@ def folder_source(root: Path, captions: str | Path | None = None, kind: str = "f
     by_path = {str((root / e["path"]).resolve()): e for e in entries if e.get("path")}
     by_id = {str(e["id"]): e for e in entries if e.get("id")}
     out = []
-    for path in list_audio_files(root):
+    files, problems = scan_audio_files(root)
+    for path, problem_kind, problem in sorted([(path, "", "") for path in files] + list(problems)):
         rel_id = Path(path).relative_to(root).with_suffix("").as_posix()
         entry = by_path.get(str(Path(path).resolve())) or by_id.get(rel_id) or by_id.get(Path(path).stem) or {}
-        out.append(Track(str(entry.get("id") or rel_id), path, str(entry.get("caption", ""))))
+        out.append(Track(str(entry.get("id") or rel_id), path, str(entry.get("caption", "")), problem_kind, problem))
     _check_unique(out)
     matched = sum(1 for t in out if t.caption)
     skipped = {"caption_without_file": max(0, len(entries) - matched)} if entries and len(entries) > matched else {}

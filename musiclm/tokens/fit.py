@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,32 +97,54 @@ def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *
                         fn_constructor_kwargs={"token_system": str(system.root), "kind": kind,
                                                "device": plan.device, "threads": plan.threads_per_actor,
                                                "frames_per_track": frames_per_track})
-    chunks, errors, tracks, seconds, total = [], [], 0, 0.0, 0
+    chunks, errors, tracks, seconds = [], [], 0, 0.0
     for row in ds.iter_rows():
         if row["error"]:
             errors.append({"path": row["path"], "stage": f"fit_{kind}", "message": row["error"]})
             continue
         tracks += 1
         seconds += float(row["seconds"])
-        if max_vectors is None or total < max_vectors:
-            flat = np.asarray(row["vectors"], dtype=np.float32).reshape(-1, dim)
-            chunks.append(flat)
-            total += len(flat)
+        chunks.append(np.asarray(row["vectors"], dtype=np.float32).reshape(-1, dim))
     if not chunks:
         raise TokenSystemError(f"no {kind} vectors could be extracted: all {len(paths)} files failed "
                                f"({errors[0]['message'] if errors else 'no files'})")
     vectors = np.concatenate(chunks)
-    return Extracted(vectors[:max_vectors] if max_vectors else vectors, tracks, seconds, errors)
+    if max_vectors and len(vectors) > max_vectors:  # a uniform subset, not the first tracks to arrive
+        keep = np.sort(np.random.default_rng(len(vectors)).choice(len(vectors), max_vectors, replace=False))
+        vectors = vectors[keep]
+    return Extracted(vectors, tracks, seconds, errors)
 
 
-def _select(folder: str | Path, max_tracks: int | None, seed: int) -> list[str]:
+SAMPLE_MARGIN = 1.2  # tracks sampled beyond the estimate, for short and undecodable ones
+
+
+def sample_tracks(paths: list[str], n: int, seed: int) -> list[str]:
+    """``n`` of ``paths`` drawn uniformly without replacement by a generator seeded with ``seed`` (sorted)."""
+    if n >= len(paths):
+        return sorted(paths)
+    return sorted(np.random.default_rng(seed).choice(sorted(paths), n, replace=False).tolist())
+
+
+def _select(folder: str | Path, per_track: int, max_vectors: int | None, max_tracks: int | None, seed: int,
+            log=print) -> tuple[list[str], dict]:
+    """The tracks to encode: a uniform seeded sample of the folder, as many as ``max_vectors`` needs at
+    ``per_track`` vectors each (plus a margin), at most ``max_tracks``; and its description for the report.
+    Only these are decoded: on FMA Large a fit no longer encodes the whole corpus to keep a tenth of it."""
     paths = list_audio_files(folder)
     if not paths:
         raise FileNotFoundError(f"no audio files (mp3, wav, flac, ogg, ...) found under {folder}")
-    if max_tracks and len(paths) > max_tracks:
-        rng = np.random.default_rng(seed)
-        paths = sorted(rng.choice(paths, max_tracks, replace=False).tolist())
-    return paths
+    n = len(paths)
+    if max_vectors:
+        n = min(n, math.ceil(max_vectors / max(per_track, 1) * SAMPLE_MARGIN))
+    if max_tracks:
+        n = min(n, max_tracks)
+    sample = sample_tracks(paths, n, seed)
+    info = {"files_in_folder": len(paths), "sampled": len(sample), "seed": seed,
+            "vectors_per_track_expected": per_track, "folders_sampled": len({str(Path(p).parent) for p in sample}),
+            "folders_in_folder": len({str(Path(p).parent) for p in paths})}
+    log(f"sampled {len(sample)} of {len(paths)} files (seed {seed}, from {info['folders_sampled']} of "
+        f"{info['folders_in_folder']} folders): about {per_track} vectors each")
+    return sample, info
 
 
 def _guard(system: TokenSystem, fitted: bool, what: str, overwrite: bool) -> None:
@@ -143,7 +166,9 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
     start = time.time()
     system = TokenSystem.load(token_system)
     _guard(system, system.rvq_fitted, "CLAP RVQ", overwrite)
-    paths = _select(folder, max_tracks, seed)
+    c = system.config.clap_rvq_cfg
+    windows = max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
+    paths, sample = _select(folder, windows, max_vectors, max_tracks, seed, log)
     data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, log=log)
     log(f"fitting RVQ {system.rvq.num_quantizers}x{system.rvq.codebook_size} on {len(data.vectors)} CLAP embeddings")
     rvq = new_rvq(system.config)
@@ -152,7 +177,8 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
     system.save()
     report = {"kind": "clap_rvq", "fingerprint": system.fingerprint, "tracks": data.tracks,
               "seconds_of_audio": round(data.seconds, 1), "embeddings": int(len(data.vectors)),
-              "fit": asdict(fit), "failed": data.errors, "wall_seconds": round(time.time() - start, 1)}
+              "sample": sample, "fit": asdict(fit), "failed": data.errors,
+              "wall_seconds": round(time.time() - start, 1)}
     _write_report(system, "fit_rvq", report)
     log(fit.summary())
     _log_errors(data.errors, log)
@@ -166,7 +192,7 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     start = time.time()
     system = TokenSystem.load(token_system)
     _guard(system, system.kmeans_fitted, "semantic k-means", overwrite)
-    paths = _select(folder, max_tracks, seed)
+    paths, sample = _select(folder, frames_per_track, max_vectors, max_tracks, seed, log)
     data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
                    max_vectors=max_vectors, log=log)
     k = system.config.hubert_kmeans_cfg.codebook_size
@@ -178,7 +204,7 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     used = int(np.unique(tokens).size)
     report = {"kind": "semantic_kmeans", "fingerprint": system.fingerprint, "tracks": data.tracks,
               "seconds_of_audio": round(data.seconds, 1), "frames": int(len(data.vectors)), "clusters_used": used,
-              "failed": data.errors, "wall_seconds": round(time.time() - start, 1)}
+              "sample": sample, "failed": data.errors, "wall_seconds": round(time.time() - start, 1)}
     _write_report(system, "fit_kmeans", report)
     log(f"k-means fit: {used}/{k} clusters used on the fit frames; token system now {system.fingerprint[:12]}")
     _log_errors(data.errors, log)
