@@ -299,7 +299,7 @@ class Progress:
                 f"audio, {self.audio_seconds / wall:.1f} s audio/s, {done / wall:.2f} tracks/s, ETA {eta:.0f} s")
 
 
-def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokenize_batch: int = 4,
+def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokenize_batch: int = 1,
         log_every: float = 10.0, log=print) -> dict:
     """Tokenize the job's pending tracks on the connected Ray cluster; returns the run's summary."""
     import ray
@@ -321,7 +321,9 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
                                                    "device": plan.device, "threads": plan.threads_per_actor})
     writer = ray.remote(num_cpus=0.05)(ShardWriter).remote(str(job.out), frozenset(job.scan.partial_rows),
                                                             job.cfg.rows_per_shard)
-    data = data.map_batches(_to_writer, batch_size=tokenize_batch, num_cpus=0.05, fn_kwargs={"writer": writer})
+    # rows go to the writer as the tokenizers finish them (the tokenizer encodes row by row; a batch of one
+    # hands each row on at once: the writer, not the batching, decides the shard size)
+    data = data.map_batches(_to_writer, batch_size=None, num_cpus=0.05, fn_kwargs={"writer": writer})
     progress = Progress(len(job.pending))
     try:
         for row in data.iter_rows():
