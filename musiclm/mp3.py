@@ -167,6 +167,15 @@ def _vbr_header(b: bytes | memoryview, pos: int, head: FrameHeader) -> tuple[int
     return None
 
 
+def first_frame(data: bytes) -> int | None:
+    """Offset of the first MPEG frame (after ID3v2 tags and junk), or None when ``data`` is not an MP3."""
+    if data[:4] in _OTHER_CONTAINERS:
+        return None
+    b = memoryview(data)
+    found = _first_frame(b, _id3v2_end(b), _stream_end(b))
+    return None if found is None else found[0]
+
+
 def inspect(data: bytes) -> Mp3Stream | None:
     """Walk an MP3's frames; None when ``data`` is not an MPEG audio stream (WAV, FLAC, OGG, ... or garbage)."""
     if data[:4] in _OTHER_CONTAINERS:  # PCM or other codecs' bytes can happen to look like two MPEG frames

@@ -148,13 +148,12 @@ def _encode_ffmpeg(v: Variant, audio: np.ndarray) -> bytes:
 
 def frame_boundary_near(data: bytes, fraction: float) -> int | None:
     """The byte offset of the MPEG frame boundary nearest ``fraction`` of the file (None: not an MP3)."""
-    b = memoryview(data)
-    found = mp3._first_frame(b, mp3._id3v2_end(b), mp3._stream_end(b))
-    if found is None:
+    pos = mp3.first_frame(data)
+    if pos is None:
         return None
-    pos, target = found[0], int(len(data) * fraction)
+    target = int(len(data) * fraction)
     while pos < target:
-        head = mp3.parse_header(b, pos)
+        head = mp3.parse_header(data, pos)
         if head is None:
             return None
         pos += head.length

@@ -79,7 +79,7 @@ class _Encoder:
 
 
 def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *, max_seconds: float = 30.0,
-            frames_per_track: int = 100, max_vectors: int | None = None, log=print) -> Extracted:
+            frames_per_track: int = 100, max_vectors: int | None = None, seed: int = 0, log=print) -> Extracted:
     """Run the decode -> encoder pipeline on Ray Data and gather the vectors on the driver."""
     import ray
 
@@ -110,7 +110,7 @@ def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *
                                f"({errors[0]['message'] if errors else 'no files'})")
     vectors = np.concatenate(chunks)
     if max_vectors and len(vectors) > max_vectors:  # a uniform subset, not the first tracks to arrive
-        keep = np.sort(np.random.default_rng(len(vectors)).choice(len(vectors), max_vectors, replace=False))
+        keep = np.sort(np.random.default_rng(seed).choice(len(vectors), max_vectors, replace=False))
         vectors = vectors[keep]
     return Extracted(vectors, tracks, seconds, errors)
 
@@ -169,7 +169,7 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
     c = system.config.clap_rvq_cfg
     windows = max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
     paths, sample = _select(folder, windows, max_vectors, max_tracks, seed, log)
-    data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, log=log)
+    data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, seed=seed, log=log)
     log(f"fitting RVQ {system.rvq.num_quantizers}x{system.rvq.codebook_size} on {len(data.vectors)} CLAP embeddings")
     rvq = new_rvq(system.config)
     fit = rvq.fit(data.vectors, steps=steps, batch_size=batch_size, seed=seed, log=log)
@@ -194,7 +194,7 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     _guard(system, system.kmeans_fitted, "semantic k-means", overwrite)
     paths, sample = _select(folder, frames_per_track, max_vectors, max_tracks, seed, log)
     data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
-                   max_vectors=max_vectors, log=log)
+                   max_vectors=max_vectors, seed=seed, log=log)
     k = system.config.hubert_kmeans_cfg.codebook_size
     log(f"fitting MiniBatchKMeans k={k} on {len(data.vectors)} feature frames")
     centers = fit_minibatch_kmeans(data.vectors, k, seed=seed)
