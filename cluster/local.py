@@ -1,13 +1,16 @@
 """A real multi-process Ray cluster on this machine, for developing and testing job submission.
 
     python cluster/local.py start [--workers 1] [--cpus-per-node N] [--port 6379] [--dashboard-port 8265]
+    python cluster/local.py add-node [--gpus G] [--cpus-per-node N]
     python cluster/local.py status
     python cluster/local.py stop
 
 `start` runs `ray start --head` plus ``--workers`` worker nodes (separate raylets, like separate machines),
 all on 127.0.0.1 with token authentication on (RAY_AUTH_MODE=token; the token is ~/.ray/auth_token,
 created when missing). The dashboard and the job server (the same HTTP server) listen on 127.0.0.1 only. It
-prints the address and how to submit a job. Everything the cluster runs lives under one temp dir named after
+prints the address and how to submit a job. `add-node` joins one more worker node to the running cluster, as
+an autoscaler would (``--gpus`` declares GPUs Ray schedules by, whether or not the machine has them: enough to
+see a job that waits for GPU nodes pick them up). Everything the cluster runs lives under one temp dir named after
 the port, and `stop` ends exactly the processes of that cluster (and their children): another Ray on this
 machine, started by `ray start` or a job's `ray.init()`, is left alone.
 
@@ -100,8 +103,7 @@ def start(args: argparse.Namespace) -> dict:
     cpus = args.cpus_per_node or max(1, (os.cpu_count() or 2) // (args.workers + 1))
     tmp.mkdir(parents=True, exist_ok=True)
     _ray(["get-auth-token", "--generate"])  # creates ~/.ray/auth_token when missing; prints nothing we keep
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(tmp),
-              "--disable-usage-stats"]
+    common = _node_args(tmp, cpus)
     _ray(["start", "--head", "--port", str(args.port), "--dashboard-host", "127.0.0.1",
           "--dashboard-port", str(args.dashboard_port), *common])
     for _ in range(args.workers):
@@ -118,6 +120,26 @@ Submit a job from this repository:
   ray job submit --working-dir . -- python -m jobs.preprocess --source data/synth --token-system tokens/tiny --out data/tokens
 Run a job's driver here instead:   RAY_AUTH_MODE=token RAY_ADDRESS={state['address']} python -m jobs.train ...
 Stop it:                           python cluster/local.py stop --port {args.port}""")
+    return state
+
+
+def _node_args(tmp: Path, cpus: int) -> list[str]:
+    return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(tmp), "--disable-usage-stats"]
+
+
+def add_node(args: argparse.Namespace) -> dict:
+    """One more worker node in the running cluster (what an autoscaler does when a job asks for resources)."""
+    path = temp_dir(args.port) / STATE
+    if not processes(args.port) or not path.exists():
+        raise SystemExit(f"error: no cluster started by this script runs on port {args.port}; `start` one first")
+    state = json.loads(path.read_text())
+    cpus = args.cpus_per_node or state["cpus_per_node"]
+    _ray(["start", "--address", state["address"], *_node_args(Path(state["temp_dir"]), cpus),
+          *(["--num-gpus", str(args.gpus)] if args.gpus else [])])
+    state["nodes"] += 1
+    state.setdefault("added", []).append({"cpus": cpus, "gpus": args.gpus})
+    path.write_text(json.dumps(state, indent=2))
+    print(f"node added: {cpus} CPUs, {args.gpus} GPUs; the cluster has {state['nodes']} nodes")
     return state
 
 
@@ -158,13 +180,14 @@ def status(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cluster/local.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "add-node", "stop", "status"])
     p.add_argument("--port", type=int, default=6379, help="the head's GCS port (names the cluster)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server (127.0.0.1)")
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
     p.add_argument("--cpus-per-node", type=int, default=None, help="default: this machine's CPUs / nodes")
+    p.add_argument("--gpus", type=int, default=0, help="add-node: GPUs the new node declares")
     args = p.parse_args(argv)
-    {"start": start, "stop": stop, "status": status}[args.action](args)
+    {"start": start, "add-node": add_node, "stop": stop, "status": status}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import os
 import sys
 
 
+DEFAULT_WAIT_S = 900.0  # a cloud GPU node takes minutes to boot and join
+
+
 def log(message: str) -> None:
     print(f"[musiclm] {message}", flush=True)
 
@@ -17,7 +20,12 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                    help="Ray cluster address (else $RAY_ADDRESS, else a local Ray started on 127.0.0.1)")
     g.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray (default: all)")
     g.add_argument("--actors", type=int, default=None, help="encoder actors (default: one per GPU, else per 4 CPUs)")
-    g.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per encoder actor (default: 1 if the cluster has any). Asked for, the job waits for "
+                        "the autoscaler to add them (--wait-for-nodes)")
+    g.add_argument("--wait-for-nodes", type=float, default=None, metavar="SECONDS",
+                   help=f"how long to wait for GPUs the job was asked for (--gpus-per-actor, --use-gpu) to join the "
+                        f"cluster (default: {DEFAULT_WAIT_S:.0f} on a cluster, 0 on a local Ray)")
 
 
 def add_clap_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +65,6 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
 
 def stage_args_config(args: argparse.Namespace):
     """(Config, init-from checkpoint) from the arguments of ``add_stage_args``."""
-    import json
-
     from musiclm.config import stage_config
 
     overrides = list(args.set)
@@ -68,7 +74,9 @@ def stage_args_config(args: argparse.Namespace):
         overrides.append("train.use_gpu=true")
     init_from = args.init_from
     if init_from and init_from.endswith(".json"):  # a sweep's best.json names its checkpoint
-        init_from = json.loads(open(init_from).read()).get("checkpoint")
+        from musiclm import storage
+
+        init_from = storage.read_json(init_from).get("checkpoint")
         if not init_from:
             raise ValueError(f"{args.init_from} names no checkpoint")
     return stage_config(args.stage, args.preset, args.config, overrides), init_from
@@ -95,9 +103,41 @@ def connect(args: argparse.Namespace) -> dict:
     return resources
 
 
+def wait_seconds(args: argparse.Namespace) -> float:
+    """--wait-for-nodes, else 15 min on a cluster and 0 on a local Ray (nothing adds nodes to it)."""
+    if getattr(args, "wait_for_nodes", None) is not None:
+        return max(0.0, args.wait_for_nodes)
+    return DEFAULT_WAIT_S if (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")) else 0.0
+
+
+def gpu_resources(args: argparse.Namespace, resources: dict, what: str, bundles: list[dict] | None = None) -> dict:
+    """The cluster's resources once the GPUs the user asked for are there (``bundles``, else one per
+    ``--actors`` of ``--gpus-per-actor``): asks the autoscaler and waits (``raycompute.wait_for``). Without a
+    request for GPUs, says so when the job will run on CPUs."""
+    from musiclm.raycompute import cpu_fallback_note, wait_for
+
+    if bundles is None and getattr(args, "gpus_per_actor", None):
+        bundles = [{"CPU": 1.0, "GPU": args.gpus_per_actor} for _ in range(getattr(args, "actors", None) or 1)]
+    if bundles:
+        return wait_for(bundles, what, wait_seconds(args), log)
+    note = cpu_fallback_note(resources, asked_for_gpus=False)
+    if note:
+        log(note)
+    return resources
+
+
+def actor_plan(args: argparse.Namespace, resources: dict, what: str):
+    """The encoder-actor plan of a Ray Data job (preprocess, fits), after waiting for GPUs asked for."""
+    from musiclm.raycompute import plan_actors
+
+    return plan_actors(gpu_resources(args, resources, what), args.actors, args.gpus_per_actor)
+
+
 def run(main) -> None:
     """Run a job's main, turning the project's user-facing errors into one clear line and exit status 2."""
     from musiclm.audio import AudioDecodeError
+    from musiclm.raycompute import ResourceWaitTimeout
+    from musiclm.storage import StorageError
     from musiclm.config_io import ConfigError
     from musiclm.data.dataset import DatasetError
     from musiclm.tokens.encoders import EncoderLoadError
@@ -109,7 +149,8 @@ def run(main) -> None:
     except KeyboardInterrupt:
         print("interrupted: work already written is kept; run the same command again to continue", file=sys.stderr)
         sys.exit(130)
-    except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError,
+            FileNotFoundError, ValueError, StorageError, ResourceWaitTimeout) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, log, read_prompts, run
+from jobs.common import (add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, read_prompts,
+                         run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", required=True, help="file of prompts (one per line, or a JSON list)")
     p.add_argument("--models", required=True, help="NAME=DIR[,NAME=DIR…]: model-set folders to compare")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder or object-store URI")
     add_generate_args(p)
     add_ray_args(p)
     return p
@@ -27,21 +28,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from musiclm import storage
     from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
 
     settings = generate_settings(args)
     sets = parse_model_sets(args.models, args.token_system)
     prompts = read_prompts(args.prompts)
-    resources = connect(args)
+    resources = gpu_resources(args, connect(args), "the generation actors")
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                     cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                     log=log)
-    print(open(f"{args.out}/{RESULTS}.md").read())
-    log(f"table: {args.out}/{RESULTS}.csv, {args.out}/{RESULTS}.md; plot: {args.out}/{PLOT}")
-    log(f"watch: tensorboard --logdir {args.out}/tensorboard --host 127.0.0.1")
+    out = storage.location(args.out)
+    print(storage.read_text(storage.join(out, f"{RESULTS}.md")))
+    log(f"table: {storage.join(out, RESULTS)}.csv, .md; plot: {storage.join(out, PLOT)}")
+    log(f"watch: tensorboard --logdir {storage.join(out, 'tensorboard')} --host 127.0.0.1")
     if any(r["error"] for r in rows):
         sys.exit(1)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_fit_args, add_ray_args, connect, log, run
+from jobs.common import actor_plan, add_fit_args, add_ray_args, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,10 +19,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.raycompute import plan_actors
     from musiclm.tokens.fit import fit_kmeans
 
-    plan = plan_actors(connect(args), args.actors, args.gpus_per_actor)
+    plan = actor_plan(args, connect(args), "fit-kmeans's semantic-encoder actors")
     fit_kmeans(args.token_system, args.audio, plan, frames_per_track=args.frames_per_track,
                max_tracks=args.max_tracks, max_seconds=args.max_seconds, max_vectors=args.max_frames,
                seed=args.seed, overwrite=args.overwrite, log=log)

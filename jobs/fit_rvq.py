@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_fit_args, add_ray_args, connect, log, run
+from jobs.common import actor_plan, add_fit_args, add_ray_args, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,10 +20,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.raycompute import plan_actors
     from musiclm.tokens.fit import fit_rvq
 
-    plan = plan_actors(connect(args), args.actors, args.gpus_per_actor)
+    plan = actor_plan(args, connect(args), "fit-rvq's CLAP actors")
     fit_rvq(args.token_system, args.audio, plan, steps=args.steps, batch_size=args.batch_size,
             max_tracks=args.max_tracks, max_seconds=args.max_seconds, max_vectors=args.max_embeddings,
             seed=args.seed, overwrite=args.overwrite, log=log)

@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, log, read_prompts, run
+from jobs.common import (add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, read_prompts,
+                         run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,8 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_set(args: argparse.Namespace):
-    from pathlib import Path
-
+    from musiclm import storage
     from musiclm.generate import ModelSet, resolve_checkpoint
 
     if args.models:
@@ -40,7 +40,7 @@ def model_set(args: argparse.Namespace):
         missing = [f"--{k.replace('_', '-')}" for k in ("semantic", "coarse", "token_system") if not getattr(args, k)]
         if missing or not (args.fine or args.coarse_only):
             raise ValueError(f"give --models DIR, or {', '.join(missing or ['--fine'])} (and --fine unless --coarse-only)")
-        models = ModelSet(None, None, None, Path(args.token_system))
+        models = ModelSet(None, None, None, storage.location(args.token_system))
     for stage in ("semantic", "coarse", "fine"):
         if getattr(args, stage):
             setattr(models, stage, resolve_checkpoint(getattr(args, stage)))
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         from musiclm.generate_batch import generate_prompts
 
         prompts = read_prompts(args.prompts)
-        resources = connect(args)
+        resources = gpu_resources(args, connect(args), "the generation actors")
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()

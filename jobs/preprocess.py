@@ -7,10 +7,9 @@ set them with --set KEY=VALUE or the data section of a --config JSON."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jobs.common import add_ray_args, connect, log, run
+from jobs.common import actor_plan, add_ray_args, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,8 +26,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-duration", type=float, help="FMA: keep tracks whose metadata duration is at least this")
     g.add_argument("--filter-fma", action="store_true",
                    help="FMA: open-musiclm's rule, drop Experimental tracks with <= 1000 listens or <= 5 favorites")
-    p.add_argument("--token-system", required=True, help="fitted token-system directory")
-    p.add_argument("--out", required=True, help="token dataset directory (created, or resumed)")
+    p.add_argument("--token-system", required=True, help="fitted token-system folder or object-store URI")
+    p.add_argument("--out", required=True, help="token dataset folder or object-store URI, e.g. s3://bucket/datasets/fma (created, or resumed)")
     p.add_argument("--config", help="Config JSON whose data section gives the row settings")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override row settings, e.g. clip_seconds=20 crops=3 valid_frac=0.1")
@@ -42,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     import dataclasses
 
+    from musiclm import storage
     from musiclm.config import DataConfig, apply_overrides, load_config
     from musiclm.data.preprocess import finish, prepare
     from musiclm.data.preprocess import run as run_preprocess
     from musiclm.data.sources import open_source
-    from musiclm.raycompute import plan_actors
 
     cfg = load_config(args.config).data if args.config else DataConfig()
     cfg = apply_overrides(cfg, args.set)
@@ -63,14 +62,14 @@ def main(argv: list[str] | None = None) -> None:
         if job.status != "complete":  # a run that stopped after its last shard: record that it is done
             finish(job, None, log)
         return
-    plan = plan_actors(connect(args), args.actors, args.gpus_per_actor)
+    plan = actor_plan(args, connect(args), "the tokenizer actors")
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # else our progress lines
     if args.threads_per_actor:
         plan = dataclasses.replace(plan, threads_per_actor=args.threads_per_actor)
     summary = run_preprocess(job, plan, log=log)
-    (job.out / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_json(storage.join(job.out, "last_run.json"), summary)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,15 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_args, add_stage_args, connect, log, run, stage_args_config
+from jobs.common import add_ray_args, add_stage_args, connect, gpu_resources, log, run, stage_args_config
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm train", description=__doc__)
     add_stage_args(p)
     p.add_argument("--run-name", required=True, help="name of the run; the same name resumes it")
-    p.add_argument("--storage", default="runs", help="where runs are kept (shared storage on a multi-node cluster)")
+    p.add_argument("--storage", default="runs", help="where runs are kept: a folder every node reaches, or an "
+                                                     "object-store URI such as s3://bucket/runs")
     add_ray_args(p)
     return p
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, init_from = stage_args_config(args)
     req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
     resources = connect(args)
+    if cfg.train.use_gpu:  # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
+        resources = gpu_resources(args, resources, f"{cfg.train.num_workers} training workers",
+                                  [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable

@@ -234,12 +234,19 @@ def as_written(audio: np.ndarray) -> np.ndarray:
     return (to_pcm16(audio) / 32768.0).astype(np.float32)
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> Path:
-    """Write float audio as 16-bit PCM WAV (``to_pcm16``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), to_pcm16(audio), sample_rate, subtype="PCM_16")
-    return path
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Float audio as the bytes of a 16-bit PCM WAV file (``to_pcm16``)."""
+    buf = io.BytesIO()
+    sf.write(buf, to_pcm16(audio), sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> str:
+    """Write float audio as 16-bit PCM WAV to a file or an object-store URI, atomically; returns where."""
+    from . import storage
+
+    storage.write_bytes(path, wav_bytes(audio, sample_rate))
+    return storage.location(path)
 
 
 def list_audio_files(folder: str | os.PathLike, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[str]:

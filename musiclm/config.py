@@ -309,7 +309,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def _file_kind(path: str | Path) -> tuple[str, dict | None]:
     """What a config file holds: ``model`` (an open-musiclm model JSON), ``sweep`` (a sweep's best.json, whose
     ``config`` section is a full Config) or ``config`` (anything else, read strictly as a Config)."""
-    data = json.loads(Path(path).read_text()) if Path(path).exists() else None
+    from . import storage
+
+    data = json.loads(storage.read_text(path)) if storage.exists(path) else None
     if isinstance(data, dict) and "global_cfg" in data:
         return "model", data
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:

@@ -118,9 +118,10 @@ def to_dict(obj: Any) -> Any:
 
 
 def load_json(cls: type[T], path: str | Path) -> T:
-    path = Path(path)
+    from . import storage
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))  # a file, or an object-store URI (a sweep's best.json)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except json.JSONDecodeError as e:

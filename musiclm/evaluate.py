@@ -14,8 +14,11 @@ have different CLAP weights are refused.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
+
+from . import storage
 
 from .generate import GenerateSettings, ModelSet
 from .generate_batch import generate_sets
@@ -53,9 +56,9 @@ def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSe
              cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
              gpus_per_actor: float | None = None, log=print) -> list[dict]:
     check_same_scorer(sets)
-    out = Path(out)
+    out = storage.location(out)
     log(f"evaluate: model sets {', '.join(sets)}")
-    indexes = generate_sets(prompts, {name: (models, out / name) for name, models in sets.items()}, settings,
+    indexes = generate_sets(prompts, {name: (models, storage.join(out, name)) for name, models in sets.items()}, settings,
                             cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus, actors=actors,
                             gpus_per_actor=gpus_per_actor, log=log)
     rows = [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
@@ -63,8 +66,8 @@ def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSe
              "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
              "error": r["error"]} for name, index in indexes.items() for r in index]
     write_table(rows, out)
-    plot(rows, out / PLOT)
-    log_tensorboard(rows, out / "tensorboard")
+    plot(rows, storage.join(out, PLOT))
+    log_tensorboard(rows, storage.join(out, "tensorboard"))
     return rows
 
 
@@ -83,13 +86,13 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def write_table(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_table(rows: list[dict], out: str | Path) -> None:
     fields = ["prompt_index", "prompt", "model_set", "best_score", "mean_score", "num_samples", "best_file", "error"]
-    with open(out / f"{RESULTS}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(out, f"{RESULTS}.csv"), table.getvalue())
     prompts, names, cell = _by(rows)
     n = rows[0]["num_samples"] if rows else 0
     lines = [f"CLAP text–audio cosine similarity, best of {n} and mean of {n} candidates per prompt.", "",
@@ -107,10 +110,10 @@ def write_table(rows: list[dict], out: Path) -> None:
             pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
             lines.append(f"\n{a} scores higher than {b} (best of {n}) on {sum(x > y for x, y in pairs)} of "
                          f"{len(pairs)} prompts.")
-    (out / f"{RESULTS}.md").write_text("\n".join(lines) + "\n")
+    storage.write_text(storage.join(out, f"{RESULTS}.md"), "\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,11 +135,13 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("text–audio similarity by model set")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format=storage.name(path).rsplit(".", 1)[-1])
     plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
 
 
-def log_tensorboard(rows: list[dict], log_dir: Path) -> None:
+def log_tensorboard(rows: list[dict], log_dir: str | Path) -> None:
     import soundfile as sf
 
     from .train.metrics import TensorBoard
@@ -147,10 +152,10 @@ def log_tensorboard(rows: list[dict], log_dir: Path) -> None:
         if r["best_score"] is not None:
             board.scalars({f"evaluate/{m}/best": r["best_score"], f"evaluate/{m}/mean": r["mean_score"]}, i)
         if r["best_file"]:
-            audio, rate = sf.read(r["best_file"], dtype="float32")
+            audio, rate = sf.read(io.BytesIO(storage.read_bytes(r["best_file"])), dtype="float32")
             board.audio(f"samples/{m}/{i:03d}", audio, rate, 0)
         board.text(f"prompts/{i:03d}", r["prompt"], 0)
-    board.flush()
+    board.close()
 
 
 __all__ = ["evaluate", "parse_model_sets", "check_same_scorer", "write_table", "plot", "RESULTS",

@@ -16,7 +16,6 @@ Window starts of the coarse stage lie on the common grid of the two token rates 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import storage
 from .audio import as_written, resample, write_wav
 from .config import STAGES, check
 from .models.sampling import sample
@@ -64,46 +64,48 @@ class GenerateSettings:
 
 
 # ---------------------------------------------------------------------------------------------- model sets
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A stage checkpoint folder, or the best (else latest) checkpoint of a `musiclm train` run folder."""
-    path = Path(path)
-    summary = path / "summary.json"
-    if not (path / "stage.json").exists() and summary.exists():
-        data = json.loads(summary.read_text())
+def resolve_checkpoint(path: str | Path) -> str:
+    """A stage checkpoint folder, or the best (else latest) checkpoint of a `musiclm train` run folder (either
+    may be an object-store URI)."""
+    path = storage.location(path)
+    summary = storage.join(path, "summary.json")
+    if not storage.exists(storage.join(path, "stage.json")) and storage.exists(summary):
+        data = storage.read_json(summary)
         chosen = data.get("best_checkpoint") or data.get("latest_checkpoint")
         if chosen:
-            return Path(chosen)
+            return storage.location(chosen)
     return path
 
 
 @dataclass
 class ModelSet:
-    """Three stage checkpoints and the token system they were trained with."""
+    """Three stage checkpoints and the token system they were trained with (folders or object-store URIs)."""
 
-    semantic: Path
-    coarse: Path
-    fine: Path | None
-    token_system: Path
+    semantic: str | None
+    coarse: str | None
+    fine: str | None
+    token_system: str
 
     @classmethod
     def from_dir(cls, root: str | Path, token_system: str | Path | None = None) -> "ModelSet":
         """A folder with ``semantic/``, ``coarse/``, ``fine/`` (checkpoints or run folders) and, unless given,
         ``token_system/`` (the layout `import-open-musiclm` and `pipeline` write), or a JSON file naming them."""
-        root = Path(root)
-        if root.is_file():
-            data = json.loads(root.read_text())
-            where = {k: (root.parent / v if v and not Path(v).is_absolute() else v) for k, v in data.items()}
+        root = storage.location(root)
+        if storage.is_file(root):
+            data = storage.read_json(root)
+            where = {k: (storage.join(storage.parent(root), v) if v and not storage.is_remote(v)
+                         and not Path(v).is_absolute() else v) for k, v in data.items()}
         else:
-            where = {k: root / k for k in (*STAGES, "token_system")}
+            where = {k: storage.join(root, k) for k in (*STAGES, "token_system")}
         if token_system is not None:
             where["token_system"] = token_system
-        missing = [k for k in (*STAGES, "token_system") if not where.get(k) or not Path(where[k]).exists()]
+        missing = [k for k in (*STAGES, "token_system") if not where.get(k) or not storage.exists(where[k])]
         if missing:
             raise FileNotFoundError(f"model set {root} lacks {', '.join(missing)}: give a folder with semantic/, "
                                     f"coarse/, fine/ and token_system/, or a JSON file naming them")
-        return cls(*(resolve_checkpoint(where[s]) for s in STAGES), Path(where["token_system"]))
+        return cls(*(resolve_checkpoint(where[s]) for s in STAGES), storage.location(where["token_system"]))
 
-    def paths(self) -> dict[str, Path]:
+    def paths(self) -> dict[str, str]:
         return {s: p for s, p in zip(STAGES, (self.semantic, self.coarse, self.fine)) if p is not None}
 
 
@@ -299,20 +301,19 @@ class MusicGenerator:
 
     def write(self, result: Candidates, settings: GenerateSettings, out: str | Path) -> dict:
         """The top K as ``sample_<rank>.wav`` and ``report.json`` (every candidate's score, best first)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = storage.location(out)  # a folder or an object-store URI; report.json last: it marks the folder done
         ranked = []
         for rank, i in enumerate(result.ranking, 1):
             name = f"sample_{rank}.wav" if rank <= settings.top else None
             if name:
-                write_wav(out / name, result.audio[i], result.sample_rate)
+                write_wav(storage.join(out, name), result.audio[i], result.sample_rate)
             ranked.append({"rank": rank, "candidate": i, "score": float(result.scores[i]), "file": name})
         report = {"prompt": result.prompt, "seed": settings.seed, "duration_s": settings.duration,
                   "sample_rate": result.sample_rate, "scores": [c["score"] for c in ranked],
                   "best_score": ranked[0]["score"], "mean_score": float(np.mean(result.scores)),
-                  "candidates": ranked, "files": [str(out / c["file"]) for c in ranked if c["file"]],
+                  "candidates": ranked, "files": [storage.join(out, c["file"]) for c in ranked if c["file"]],
                   "settings": asdict(settings), **self.describe(), "timings": result.timings}
-        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        storage.write_json(storage.join(out, REPORT), report)
         return report
 
 

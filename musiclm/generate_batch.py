@@ -17,24 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set, checkpoint_ids
 
 INDEX = "prompts.json"
 
 
-def prompt_folder(out: str | Path, index: int, prompt: str) -> Path:
+def prompt_folder(out: str | Path, index: int, prompt: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
-    return Path(out) / f"{index:03d}-{slug}"
+    return storage.join(out, f"{index:03d}-{slug}")
 
 
-def finished_report(folder: Path, prompt: str, settings: GenerateSettings, checkpoints: dict) -> dict | None:
+def finished_report(folder: str | Path, prompt: str, settings: GenerateSettings, checkpoints: dict) -> dict | None:
     """The folder's report when it was made for this prompt with these settings and checkpoints."""
     try:
-        report = json.loads((folder / REPORT).read_text())
+        report = storage.read_json(storage.join(folder, REPORT))
     except (OSError, json.JSONDecodeError):
         return None
     same = (report.get("prompt") == prompt and report.get("settings") == asdict(settings)
-            and report.get("checkpoints") == checkpoints and all(Path(f).exists() for f in report.get("files", [])))
+            and report.get("checkpoints") == checkpoints and all(storage.exists(f) for f in report.get("files", [])))
     return report if same else None
 
 
@@ -77,8 +78,7 @@ class PromptWorker:
                 generator.write(generator.generate(str(prompt), self.settings), self.settings, str(folder))
             except Exception as e:  # one bad prompt must not stop the batch; it is recorded with its reason
                 error = f"{type(e).__name__}: {e}"
-                Path(str(folder)).mkdir(parents=True, exist_ok=True)
-                (Path(str(folder)) / "error.txt").write_text(error + "\n")
+                storage.write_text(storage.join(str(folder), "error.txt"), error + "\n")
             errors.append(error)
         return {"model_set": np.asarray(batch["model_set"]), "index": np.asarray(batch["index"]),
                 "error": np.asarray(errors)}
@@ -104,10 +104,10 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
                    for name, (models, _) in sets.items()}
     rows, todo = {}, []
     for name, (_, out) in sets.items():
-        rows[name] = [{"model_set": name, "index": i, "prompt": p, "folder": str(prompt_folder(out, i, p))}
+        rows[name] = [{"model_set": name, "index": i, "prompt": p, "folder": prompt_folder(out, i, p)}
                       for i, p in enumerate(prompts)]
         left = [r for r in rows[name]
-                if finished_report(Path(r["folder"]), r["prompt"], settings, checkpoints[name]) is None]
+                if finished_report(r["folder"], r["prompt"], settings, checkpoints[name]) is None]
         log(f"generate{f' ({name})' if name else ''}: {len(prompts)} prompts, {len(prompts) - len(left)} already done")
         todo += left
     results = {}
@@ -129,7 +129,7 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
     for name, (_, out) in sets.items():
         index = []
         for row in rows[name]:
-            report = finished_report(Path(row["folder"]), row["prompt"], settings, checkpoints[name])
+            report = finished_report(row["folder"], row["prompt"], settings, checkpoints[name])
             error = (str(results.get((name, row["index"]), {}).get("error", ""))
                      or ("" if report else "not generated"))
             row = {k: v for k, v in row.items() if k != "model_set"}
@@ -139,8 +139,7 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
             if error:
                 log(f"generate{f' ({name})' if name else ''}: prompt {row['index']} ({row['prompt']!r}) failed: "
                     f"{error}")
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        storage.write_json(storage.join(out, INDEX), index)
         indexes[name] = index
     return indexes
 

@@ -1,6 +1,8 @@
 """Shared fixtures: a small synthetic corpus and a fitted tiny token system (built once per test session)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from musiclm import synth
@@ -30,12 +32,59 @@ def tiny_system(tiny_system_dir):
     return TokenSystem.load(tiny_system_dir)
 
 
+class ObjectStore:
+    """An S3-compatible server on 127.0.0.1 (moto's, from PyPI: pure Python, starts in a second in this process,
+    speaks the S3 REST protocol that pyarrow's C++ S3 client, Ray's storage and boto3 use). Its endpoint and
+    credentials are in the ``AWS_*`` variables of this process and of every process started after it (Ray's
+    workers included), the way credentials reach the nodes of a real cluster."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "musiclm-test", "AWS_SECRET_ACCESS_KEY": "musiclm-test",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        self._buckets = 0
+
+    def bucket(self) -> str:
+        """A new, empty bucket: its URI."""
+        import pyarrow.fs as pafs
+
+        self._buckets += 1
+        name = f"musiclm-test-{self._buckets}"
+        pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+    def close(self) -> None:
+        self.server.stop()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
-def local_ray():
+def object_store(tmp_path_factory):
+    pytest.importorskip("moto")
+    os.environ.setdefault("MUSICLM_CACHE", str(tmp_path_factory.mktemp("remote-cache")))  # not the user's cache
+    store = ObjectStore()
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def local_ray(object_store):
     """One local Ray for every test that needs one (starting Ray and its worker processes costs 5-10 s each
     time). The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner needs
     between Tune trials. Tests that must own a Ray of their own (a cluster, a killed driver) start it in a
-    subprocess."""
+    subprocess. The object store starts first, so that Ray's workers inherit its endpoint."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              log_to_driver=False)

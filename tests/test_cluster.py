@@ -108,6 +108,30 @@ def test_rayjob_entrypoints_are_valid_job_command_lines(path):
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": _clusters()[0]["metadata"]["name"]}
 
 
+GPU_DRIVER = """
+import argparse, ray
+from jobs.common import actor_plan
+from musiclm.raycompute import ResourceWaitTimeout, wait_for
+
+ray.init()
+try:
+    wait_for([{"GPU": 8}], "probe", timeout_s=1, poll_s=0.2)
+except ResourceWaitTimeout as e:
+    print(f"timed out: {e}")
+args = argparse.Namespace(actors=1, gpus_per_actor=1.0, wait_for_nodes=120, address=None)
+plan = actor_plan(args, ray.cluster_resources(), "the test's GPU actor")
+print(f"plan: {plan.actors} actor(s), {plan.gpus_per_actor:g} GPU each")
+
+class Ids:
+    def __call__(self, batch):
+        return {"ids": [ray.get_gpu_ids()] * len(batch["id"])}
+
+rows = ray.data.range(1).map_batches(Ids, compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                                     num_gpus=plan.gpus_per_actor, num_cpus=0.5, batch_size=1).take_all()
+print(f"actor GPU ids: {[[int(i) for i in r['ids']] for r in rows]}")
+"""
+
+
 def _local(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLUSTER / "local.py"), *args], capture_output=True, text=True,
                           check=check, timeout=180)
@@ -147,6 +171,24 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
                                                                     HOME=str(tmp_path)),
                                 capture_output=True, text=True, timeout=60)
         assert denied.returncode != 0 and "Authentication" in denied.stdout + denied.stderr
+
+        # A driver asked for a GPU actor on a cluster with no GPU node waits for one (asking the autoscaler),
+        # and goes on when a GPU node joins (cluster/local.py add-node, standing in for the autoscaler).
+        driver = subprocess.Popen([sys.executable, "-u", "-c", GPU_DRIVER], env=dict(env, RAY_ADDRESS="127.0.0.1:6399"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        seen = []
+        for line in driver.stdout:
+            seen.append(line)
+            if "waiting for 1 GPU" in line:
+                break
+        assert any("probe: waited 1 s for 8 GPU" in s for s in seen), "".join(seen)
+        assert any("waiting for 1 GPU more for the test's GPU actor" in s for s in seen), "".join(seen)
+        added = _local("add-node", "--gpus", "1", "--cpus-per-node", "1", *ports)
+        assert "1 GPUs" in added.stdout
+        rest = driver.communicate(timeout=180)[0]
+        assert driver.returncode == 0, "".join(seen) + rest
+        assert "the cluster has grown to" in rest and "plan: 1 actor(s), 1 GPU each" in rest
+        assert "actor GPU ids: [[0]]" in rest, rest
     finally:
         stopped = _local("stop", *ports)
     assert "stopped" in stopped.stdout

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from musiclm import synth
+from musiclm import storage, synth
 from musiclm.audio import list_audio_files
 from musiclm.config import DataConfig
 from musiclm.data import dataset as layout
@@ -39,7 +40,8 @@ def read_rows(out) -> dict[str, dict]:
     rows = {}
     for split in layout.SPLITS:
         for f in layout.shard_files(out, split):
-            for r in pq.read_table(f).to_pylist():  # plain pyarrow opens every shard
+            fs, path = storage.resolve(f)  # a local path or a bucket's key
+            for r in pq.read_table(path, filesystem=fs).to_pylist():  # plain pyarrow opens every shard
                 assert r["id"] not in rows, f"row {r['id']} written twice"
                 rows[r["id"]] = r
     return rows
@@ -106,24 +108,42 @@ def test_bad_files_become_error_rows(local_ray, corpus, tiny_system_dir, tmp_pat
     assert counted == {kind: 1 for kind in expected.values()}
 
 
-def test_interrupt_and_resume_equals_uninterrupted(local_ray, tiny_system_dir, tmp_path):
+def test_killed_run_into_a_bucket_resumes_to_the_uninterrupted_rows(local_ray, object_store, tiny_system_dir,
+                                                                      tmp_path):
+    """The driver (and the local Ray it started) killed with SIGKILL once the first shard is in the bucket: the
+    rerun tokenizes only the rest, and the dataset equals an uninterrupted local run's, token for token."""
     corpus, n = tmp_path / "corpus", 8
     synth.write_corpus(corpus, n, 11.0, seed=5)
-    out = tmp_path / "interrupted"
+    out = object_store.bucket() + "/datasets/interrupted"
     cmd = [sys.executable, "-m", "jobs.preprocess", "--source", str(corpus), "--token-system", str(tiny_system_dir),
-           "--out", str(out), "--num-cpus", "2", "--set", "rows_per_shard=1"]
+           "--out", out, "--num-cpus", "2", "--set", "rows_per_shard=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=Path(__file__).parents[1])
+
+    def shards():
+        return [f for part in (*layout.SPLITS, layout.ERRORS) for f in layout.shard_files(out, part)]
+
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/part-*.parquet")):
+    while time.time() < deadline and proc.poll() is None and not shards():
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C once the first shard is on disk
-    output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, output
+    # the driver and every process of its Ray at once (a lost node), mid-upload or not: no goodbye. Ray's
+    # workers are not in the driver's process group, so they are found as its descendants.
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *ray_processes]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    output = proc.communicate(timeout=60)[0].decode()  # reaps the driver (psutil must not: its status is ours)
+    psutil.wait_procs(ray_processes, timeout=30)
+    assert proc.returncode == -signal.SIGKILL, output
+    assert "no GPUs in the cluster now: running on CPUs" in output, output  # the CPU fallback is announced
     first = read_rows(out)
     assert 0 < len(first) < n, f"the first run should have stopped part way, it wrote {len(first)} rows"
-    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+    assert storage.read_json(storage.join(out, layout.MANIFEST))["status"] == "in_progress"
+    objects = storage.list_files(out, recursive=True)
+    assert all(storage.name(o) == layout.MANIFEST or storage.name(o).startswith("part-") for o in objects), objects
 
     cfg = DataConfig(rows_per_shard=1)
     job, _ = preprocess(corpus, tiny_system_dir, out, cfg)
@@ -134,6 +154,20 @@ def test_interrupt_and_resume_equals_uninterrupted(local_ray, tiny_system_dir, t
     for rid, row in straight.items():
         for col in layout.TOKEN_COLUMNS:
             assert resumed[rid][col] == row[col], (rid, col)
+    assert storage.read_json(storage.join(out, layout.MANIFEST))["status"] == "complete"
+
+
+def test_gpus_asked_of_a_local_ray_without_them_are_refused_at_once(local_ray, corpus, tiny_system_dir, tmp_path):
+    """Asked for GPUs, a job plans for them instead of falling back to CPUs; a local Ray never grows, so it does
+    not wait (on a cluster it asks the autoscaler and waits: tests/test_cluster.py)."""
+    from jobs.preprocess import main
+    from musiclm.raycompute import ResourceWaitTimeout
+
+    assert plan_actors({"CPU": 8.0}, gpus_per_actor=1.0).gpus_per_actor == 1.0  # none up yet: still a GPU plan
+    assert plan_actors({"CPU": 8.0, "GPU": 4.0}).actors == 4
+    with pytest.raises(ResourceWaitTimeout, match=r"tokenizer actors: 1 CPU, 1 GPU asked for, .*--wait-for-nodes 0"):
+        main(["--source", str(corpus), "--token-system", str(tiny_system_dir), "--out", str(tmp_path / "ds"),
+              "--gpus-per-actor", "1"])
 
 
 def test_other_token_system_is_refused(corpus, tiny_system_dir, tmp_path):

@@ -1,12 +1,12 @@
-"""Training a stage on Ray Train + DeepSpeed ZeRO-2 with 2 CPU workers, resuming, and the guards."""
+"""Training a stage on Ray Train + DeepSpeed ZeRO-2 with 2 CPU workers, data and run in a bucket, resuming, and
+the guards."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from musiclm import storage
 from musiclm.config import model_preset, stage_config
 from musiclm.data.dataset import DatasetError
 from musiclm.models import build_stage
@@ -18,23 +18,29 @@ STEPS = ["train.batch_size=2", "train.save_results_every=10", "train.save_model_
          "train.valid_batches=1", "train.lr=3e-3", "train.lr_warmup=40"]
 
 
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    return read_scalars(run_dir / "tensorboard")
+def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    return read_scalars(storage.join(run_dir, "tensorboard"))
 
 
-def _train(data, storage, steps, run="coarse-run"):
+def _train(data, runs, steps, run="coarse-run"):
     from jobs.train import main
 
-    main(["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(storage),
+    main(["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(runs),
           "--num-workers", "2", "--set", f"train.num_train_steps={steps}", *STEPS])
-    return json.loads((Path(storage) / run / "summary.json").read_text())
+    return storage.read_json(storage.join(runs, run, "summary.json"))
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, token_dataset_dir, tmp_path):
-    summary = _train(token_dataset_dir, tmp_path, steps=20)
-    run_dir = tmp_path / "coarse-run"
+def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tmp_path):
+    """The token dataset is read from a bucket and the run is kept in one, as on a cluster without a shared
+    file system: checkpoints go up, the resume comes back down."""
+    bucket = object_store.bucket()
+    data, runs = bucket + "/datasets/synth", bucket + "/runs"
+    storage.upload_dir(token_dataset_dir, data)
+    summary = _train(data, runs, steps=20)
+    run_dir = storage.join(runs, "coarse-run")
+    assert summary["run"] == run_dir and summary["latest_checkpoint"].startswith(run_dir + "/checkpoint_")
     scalars = _scalars(run_dir)
     for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/loss", "valid/accuracy",
                  "valid/accuracy_q0", "valid/accuracy_q1", "valid/accuracy_q2"):
@@ -46,11 +52,12 @@ def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, token_dataset_d
     # fresh model that computes the same outputs.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    latest = Path(summary["latest_checkpoint"])
+    latest = summary["latest_checkpoint"]
     model, info = ckpt.load_stage(latest, stage="coarse")
     assert info.step == 20
     reference = build_stage("coarse", model_preset("tiny")).eval()
-    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(latest / "deepspeed"), tag="state"))
+    storage.download_dir(storage.join(latest, "deepspeed"), tmp_path / "deepspeed")
+    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "deepspeed"), tag="state"))
     fresh = build_stage("coarse", info.model).eval()
     assert not torch.equal(fresh.logit_weights[0], reference.logit_weights[0])
     cond = [torch.randint(0, 1024, (2, 12)), torch.randint(0, 1024, (2, 10))]
@@ -60,7 +67,7 @@ def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, token_dataset_d
     # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule.
     first_loss = scalars["train/loss"][0][1]
     loss_at_20 = dict(scalars["train/loss"])[20]
-    _train(token_dataset_dir, tmp_path, steps=30)
+    _train(data, runs, steps=30)
     after = _scalars(run_dir)
     resumed = dict(after["train/loss"])
     assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
@@ -69,7 +76,7 @@ def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, token_dataset_d
     assert ckpt.read_stage(ckpt_latest(run_dir)).step == 30
 
 
-def ckpt_latest(run_dir: Path) -> Path:
+def ckpt_latest(run_dir: str) -> str:
     from musiclm.train.run import latest_checkpoint
 
     return latest_checkpoint(run_dir)

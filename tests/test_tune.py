@@ -1,11 +1,14 @@
-"""A learning-rate sweep with ASHA on the synthetic token dataset, 2 CPUs, and training from its best.json."""
+"""A learning-rate sweep with ASHA on the synthetic token dataset, 2 CPUs, kept in a bucket, and training from
+its best.json."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import pytest
 
+from musiclm import storage
 from musiclm.config import ConfigError
 from tune.space import build_space
 
@@ -24,30 +27,34 @@ def test_search_space_specs():
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, token_dataset_dir, tmp_path):
+def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_store, token_dataset_dir, tmp_path):
     from jobs.train import main as train
     from musiclm.train.metrics import read_scalars
     from tune.sweep import main as sweep
 
-    sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", str(tmp_path),
+    sweeps = object_store.bucket() + "/sweeps"
+    sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", sweeps,
            "--lr", "grid:3e-3,10", "--grace-period", "4", "--reduction-factor", "2", "--set", *SETTINGS])
-    sweep_dir = tmp_path / "lr"
-    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    sweep_dir = storage.join(sweeps, "lr")
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep_dir, "results.csv")))))
     assert len(rows) == 2
     by_lr = {float(r["train.lr"]): r for r in rows}
     # trials run one at a time in grid order: 3e-3 meets every rung first and goes on; 10 is worse at a rung
     assert by_lr[10.0]["stopped_early"] == "True" and int(by_lr[10.0]["steps"]) < 12
     assert by_lr[3e-3]["stopped_early"] == "False" and int(by_lr[3e-3]["steps"]) == 12
-    best = json.loads((sweep_dir / "best.json").read_text())
+    best = storage.read_json(storage.join(sweep_dir, "best.json"))
+    assert best["checkpoint"].startswith(storage.join(sweep_dir, "trials") + "/")
     assert best["search"]["train.lr"] == 3e-3
     assert best["config"]["train"]["lr"] == best["search"]["train.lr"]
-    for trial in (sweep_dir / "trials").iterdir():
-        assert "valid/loss" in read_scalars(trial / "tensorboard"), trial
+    trials = storage.list_dirs(storage.join(sweep_dir, "trials"))
+    assert len(trials) == 2
+    for trial in trials:
+        assert "valid/loss" in read_scalars(storage.join(trial, "tensorboard")), trial
 
     # best.json is a config and names a checkpoint: a training run starts from it
     train(["--stage", "semantic", "--data", str(token_dataset_dir), "--run-name", "from-best",
-           "--storage", str(tmp_path / "runs"), "--config", str(sweep_dir / "best.json"),
-           "--init-from", str(sweep_dir / "best.json"),
+           "--storage", str(tmp_path / "runs"), "--config", storage.join(sweep_dir, "best.json"),
+           "--init-from", storage.join(sweep_dir, "best.json"),
            "--set", "train.num_train_steps=2", "train.save_model_every=2", "train.save_results_every=2"])
     summary = json.loads((tmp_path / "runs" / "from-best" / "summary.json").read_text())
     assert summary["metrics"]["step"] == 2

@@ -10,20 +10,23 @@ Token arrays are uint16 lists flattened time-major with the codebook fastest: ``
 ``semantic`` T, ``coarse`` T' x 3, ``fine`` T' x 5. Every shard is written to a temporary name and renamed,
 so a shard on disk is always whole; its name is a hash of its row ids, so writing it again (a retried task)
 replaces it with the same rows. Resuming reads the ids already on disk and skips those tracks.
+
+OUT may be a local folder or an object-store URI (``s3://bucket/datasets/fma``): every read and write goes
+through ``musiclm.storage``, which keeps the same guarantee there (a shard is uploaded whole in one request, so
+it exists whole or not at all; no temporary objects).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from .. import storage
 
 FORMAT = "musiclm-token-dataset"
 SCHEMA_VERSION = 1
@@ -58,17 +61,19 @@ class DatasetError(ValueError):
     """The output directory cannot take this run (another token system, other settings, not a dataset)."""
 
 
-def shard_files(root: str | Path, part: str) -> list[Path]:
-    folder = Path(root) / part
-    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+def shard_files(root: str | Path, part: str) -> list[str]:
+    """The split's (or errors') shards, as locations, in name order."""
+    return storage.list_files(storage.join(root, part), "part-*.parquet")
 
 
 def read_manifest(root: str | Path) -> dict | None:
-    path = Path(root) / MANIFEST
-    if not path.exists():
+    path = storage.join(root, MANIFEST)
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON ({e.msg}); restore it or use a new output folder") from None
     if data.get("format") != FORMAT:
@@ -81,7 +86,7 @@ def read_manifest(root: str | Path) -> dict | None:
 
 def write_manifest(root: str | Path, data: dict) -> None:
     data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **data, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _atomic_write(Path(root) / MANIFEST, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    storage.write_text(storage.join(root, MANIFEST), json.dumps(data, indent=2) + "\n")
 
 
 def check_compatible(root: str | Path, existing: dict, wanted: dict) -> None:
@@ -123,7 +128,7 @@ def scan(root: str | Path) -> Scan:
     for split in SPLITS:
         tracks_in_split: set[str] = set()  # a track's crops can span shards: count it once
         for f in shard_files(root, split):
-            t = pq.read_table(f, columns=["id", "track_id", "rows_in_track", "seconds"])
+            t = storage.read_parquet(f, columns=["id", "track_id", "rows_in_track", "seconds"])
             ids, tracks = t["id"].to_pylist(), t["track_id"].to_pylist()
             for rid, tid, n in zip(ids, tracks, t["rows_in_track"].to_pylist()):
                 rows_of.setdefault(tid, []).append(rid)
@@ -138,36 +143,20 @@ def scan(root: str | Path) -> Scan:
         else:
             out.partial_rows.update(rids)
     for f in shard_files(root, ERRORS):
-        t = pq.read_table(f, columns=["track_id", "kind"])
+        t = storage.read_parquet(f, columns=["track_id", "kind"])
         out.done_tracks.update(t["track_id"].to_pylist())
         out.errors.update(t["kind"].to_pylist())
     return out
 
 
-def write_shard(root: str | Path, part: str, table: pa.Table) -> Path:
-    """Write ``table`` as OUT/part/part-<hash of its ids>.parquet, atomically."""
+def write_shard(root: str | Path, part: str, table: pa.Table) -> str:
+    """Write ``table`` as OUT/part/part-<hash of its ids>.parquet, atomically; returns its location."""
     digest = hashlib.sha256("\n".join(sorted(table["id"].to_pylist())).encode()).hexdigest()[:20]
-    path = Path(root) / part / f"part-{digest}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd"))
+    path = storage.join(root, part, f"part-{digest}.parquet")
+    storage.write_bytes(path, storage.parquet_bytes(table, compression="zstd"))
     return path
 
 
 def remove_stale_temporaries(root: str | Path) -> int:
-    """Temporary files left by a run that was killed while writing."""
-    n = 0
-    for part in (*SPLITS, ERRORS, "."):
-        for f in (Path(root) / part).glob(".tmp-*"):
-            f.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Temporary files left by a run that was killed while writing (local folders only: see ``storage``)."""
+    return sum(storage.remove_temporaries(storage.join(root, part)) for part in (*SPLITS, ERRORS, "."))

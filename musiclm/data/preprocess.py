@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .. import storage
 from ..audio import AudioDecodeError, crop_or_pad, decode_audio
 from ..config import DataConfig
 from ..raycompute import ActorPlan
@@ -46,8 +47,8 @@ WAVEFORMS = "open-musiclm: sinc resampling, int16 grid for CLAP and EnCodec, sem
 @dataclass
 class PreprocessJob:
     source: Source
-    token_system: Path
-    out: Path
+    token_system: str  # a folder or an object-store URI
+    out: str  # the same
     cfg: DataConfig
     manifest: dict  # what this run writes into manifest.json (without counts and status)
     pending: list[Track]
@@ -62,7 +63,7 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
     """Check the token system and the output folder, and work out which tracks still need tokenizing."""
     from ..tokens.system import acoustic_sample_rate, read_meta, require_fitted_files
 
-    out = Path(out).expanduser().resolve()
+    out, token_system = storage.location(out), storage.location(token_system)
     # The driver reads the token system's description only; each tokenizer actor loads the models, checks the
     # files still give this fingerprint, and refuses to run otherwise (Tokenizer.__init__).
     meta, tcfg = read_meta(token_system)
@@ -72,7 +73,7 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
             f"pad_to_seconds ({cfg.pad_to_seconds} s) is shorter than the CLAP window "
             f"({tcfg.clap_audio_length_seconds:g} s): every row needs at least one full CLAP window")
     manifest = {
-        "token_system": str(Path(token_system).resolve()), "fingerprint": meta["fingerprint"],
+        "token_system": token_system, "fingerprint": meta["fingerprint"],
         "source": {"kind": source.kind, "root": source.root, **source.settings},
         "settings": {**{k: getattr(cfg, k) for k in ROW_SETTINGS}, "waveforms": WAVEFORMS},
         "windows": {"clap_seconds": tcfg.clap_audio_length_seconds, "clap_hop_seconds": tcfg.clap_rvq_cfg.hop_seconds,
@@ -91,19 +92,19 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
     existing = ds_layout.read_manifest(out)
     if existing is not None:
         ds_layout.check_compatible(out, existing, manifest)
-    elif out.exists() and any(out.iterdir()):
+    elif not storage.is_empty_dir(out):
         raise ds_layout.DatasetError(f"output folder {out} is not empty and holds no {ds_layout.MANIFEST}: "
                                      f"choose an empty or new folder for the token dataset")
     if retry_errors:
         for f in ds_layout.shard_files(out, ds_layout.ERRORS):
-            f.unlink()
+            storage.delete(f)
     if ds_layout.remove_stale_temporaries(out):
         log(f"removed partly written files of an interrupted run in {out}")
     scan = ds_layout.scan(out)
     pending = [t for t in source.tracks if t.id not in scan.done_tracks]
     rates = {"clap": tcfg.clap_rvq_cfg.sample_rate, "semantic": tcfg.hubert_kmeans_cfg.target_sample_hz,
              "acoustic": acoustic_sample_rate(token_system)}
-    return PreprocessJob(source, Path(token_system).resolve(), out, cfg, manifest, pending, scan, rates,
+    return PreprocessJob(source, token_system, out, cfg, manifest, pending, scan, rates,
                          (existing or {}).get("created"), (existing or {}).get("status"))
 
 
@@ -384,7 +385,7 @@ def finish(job: PreprocessJob, progress: Progress | None, log=print) -> dict:
         log(f"this run: {progress.line()}")
         if progress.failed:
             log("failed by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(progress.failed.items()))
-                + f" (see {job.out / ds_layout.ERRORS})")
+                + f" (see {storage.join(job.out, ds_layout.ERRORS)})")
     log(f"dataset {job.out}: {status}; rows {counts['rows']}, tracks {counts['tracks']}, errors "
         f"{counts['errors']}, {counts['seconds']:.0f} s tokenized"
         + (f"; {remaining} tracks still to do: run the same command again" if remaining else ""))

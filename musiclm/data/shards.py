@@ -37,23 +37,32 @@ def open_manifest(root: str | Path, fingerprint: str | None = None) -> dict:
 
 
 def split_files(root: str | Path, split: str) -> list[str]:
+    """The split's shards as locations (paths, or URIs in object storage)."""
     if split not in layout.SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(layout.SPLITS)}")
-    return [str(f) for f in layout.shard_files(root, split)]
+    return layout.shard_files(root, split)
+
+
+def read_shards(files: list[str], **kwargs):
+    """``ray.data.read_parquet`` of shards on a local or object-store filesystem."""
+    import ray
+
+    from .. import storage
+
+    fs, paths = storage.filesystem_paths(files)
+    return ray.data.read_parquet(paths, filesystem=fs, **kwargs)
 
 
 def token_dataset(root: str | Path, split: str = "train", stage: str | None = None,
                   fingerprint: str | None = None):
     """A Ray Dataset streaming the split's shards (only the columns ``stage`` reads, when given)."""
-    import ray
-
     open_manifest(root, fingerprint)
     files = split_files(root, split)
     if not files:
         raise layout.DatasetError(f"token dataset {root} has no {split} shards"
                                   + (" (is valid_frac 0?)" if split == "valid" else ""))
     columns = None if stage is None else ["id", "seconds", *STAGE_INPUTS[stage]]
-    return ray.data.read_parquet(files, columns=columns)
+    return read_shards(files, columns=columns)
 
 
 @dataclass(frozen=True)

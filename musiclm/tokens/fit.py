@@ -21,7 +21,7 @@ import torch
 from ..audio import AudioDecodeError, decode_audio, list_audio_files
 from ..raycompute import ActorPlan
 from .kmeans import fit_minibatch_kmeans
-from .system import TokenSystem, TokenSystemError, new_rvq, tokenizer_input
+from .system import TokenSystem, TokenSystemError, new_rvq, tokenizer_input, writable_root
 
 CLAP, SEMANTIC = "clap", "semantic"
 
@@ -164,7 +164,7 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
             max_vectors: int = 200_000, seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Fit the CLAP RVQ on the audio under ``folder`` and save it into ``token_system``."""
     start = time.time()
-    system = TokenSystem.load(token_system)
+    system = TokenSystem.load(writable_root(token_system))
     _guard(system, system.rvq_fitted, "CLAP RVQ", overwrite)
     c = system.config.clap_rvq_cfg
     windows = max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
@@ -190,7 +190,7 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
                seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Fit the semantic k-means on the audio under ``folder`` and save its centers into ``token_system``."""
     start = time.time()
-    system = TokenSystem.load(token_system)
+    system = TokenSystem.load(writable_root(token_system))
     _guard(system, system.kmeans_fitted, "semantic k-means", overwrite)
     paths, sample = _select(folder, frames_per_track, max_vectors, max_tracks, seed, log)
     data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import storage
 from ..audio import int16_round_trip, sinc_resample
 from ..config import TINY, TokenSystemConfig, from_dict, to_dict
 from . import encoders, laion_clap
@@ -85,7 +86,7 @@ class TokenSystem:
         RoBERTa tokenizer from ``clap_tokenizer``. RVQ and k-means start unfitted; `fit-rvq` and `fit-kmeans`
         fill them in (or `import-open-musiclm` sets open-musiclm's).
         """
-        out = Path(out)
+        out = Path(writable_root(out))
         if (out / CONFIG_FILE).exists() and not overwrite:
             raise TokenSystemError(f"{out} already holds a token system; datasets made with it would no longer "
                                    f"match. Choose another directory, or pass --overwrite if that is intended.")
@@ -131,7 +132,8 @@ class TokenSystem:
 
     @classmethod
     def load(cls, root: str | Path, device: str = "cpu", verify: bool = True) -> "TokenSystem":
-        root = Path(root)
+        """The token system at ``root``: a folder, or an object-store URI (copied to this node's cache once)."""
+        root = local_root(root)
         meta, config = read_meta(root)
 
         def source(key: str) -> str:
@@ -188,7 +190,7 @@ class TokenSystem:
         return hashlib.sha256(json.dumps(self.fingerprint_parts(), sort_keys=True).encode()).hexdigest()
 
     def save(self, root: str | Path | None = None) -> Path:
-        root = Path(root or self.root)
+        root = Path(writable_root(root or self.root))
         root.mkdir(parents=True, exist_ok=True)
         if self.rvq_fitted:
             _atomic(root / RVQ_FILE, lambda p: save_file(self.rvq.tensors(), str(p)))
@@ -275,15 +277,34 @@ def tokenizer_input(name: str, clip: np.ndarray, rate: int, target_rate: int,
     return int16_round_trip(sinc_resample(clip, rate, target_rate))
 
 
+def local_root(root: str | Path) -> Path:
+    """A token system's folder on this node: ``root`` itself, or, for an object-store URI, a cached copy (keyed
+    by its ``token_system.json``, so a system fitted since is fetched again)."""
+    if storage.is_remote(root):
+        read_meta(root)  # a clear error when it is not a token system
+        return storage.local_copy(root, version_file=CONFIG_FILE)
+    return Path(root)
+
+
+def writable_root(out: str | Path) -> str | Path:
+    """``out`` when a token system can be written there (a local folder); a clear error for a URI."""
+    if storage.is_remote(out):
+        raise TokenSystemError(f"token systems are made in a local folder, not at {out}: make it locally, then "
+                               f"copy the folder to object storage (`aws s3 sync DIR {out}`); jobs read it from there")
+    return out
+
+
 def read_meta(root: str | Path) -> tuple[dict, TokenSystemConfig]:
     """The contents of ``token_system.json`` and its config, without loading any weights."""
-    root = Path(root)
-    meta_path = root / CONFIG_FILE
-    if not meta_path.exists():
-        raise TokenSystemError(f"{root} is not a token system (no {CONFIG_FILE}); create one with "
-                               f"`musiclm init-token-system --preset tiny --out {root}` or import a released one")
+    meta_path = storage.join(root, CONFIG_FILE)
     try:
-        meta = json.loads(meta_path.read_text())
+        text = storage.read_text(meta_path)
+    except FileNotFoundError:
+        raise TokenSystemError(f"{root} is not a token system (no {CONFIG_FILE}); create one with "
+                               f"`musiclm init-token-system --preset tiny --out {root}` or import a released one") \
+            from None
+    try:
+        meta = json.loads(text)
         config = from_dict(TokenSystemConfig, meta["config"])
     except (json.JSONDecodeError, KeyError, ValueError) as e:
         raise TokenSystemError(f"{meta_path} is unreadable: {e}") from None
@@ -300,7 +321,8 @@ def encoder_source(root: Path, config: TokenSystemConfig, key: str) -> str:
 
 def require_fitted_files(root: str | Path) -> None:
     """``require_fitted`` without loading any weights."""
-    _require_fitted(root, {"fit-rvq": (Path(root) / RVQ_FILE).exists(), "fit-kmeans": (Path(root) / KMEANS_FILE).exists()})
+    _require_fitted(root, {"fit-rvq": storage.exists(storage.join(root, RVQ_FILE)),
+                           "fit-kmeans": storage.exists(storage.join(root, KMEANS_FILE))})
 
 
 def _require_fitted(root, fitted: dict[str, bool]) -> None:
@@ -311,21 +333,24 @@ def _require_fitted(root, fitted: dict[str, bool]) -> None:
 
 def acoustic_sample_rate(root: str | Path) -> int:
     """EnCodec's sample rate, from its config alone."""
+    root = local_root(root)
     _, config = read_meta(root)
-    return int(encoders.load_encodec_config(encoder_source(Path(root), config, "encodec_cfg")).sampling_rate)
+    return int(encoders.load_encodec_config(encoder_source(root, config, "encodec_cfg")).sampling_rate)
 
 
 def load_acoustic_codec(root: str | Path, device: str = "cpu") -> AcousticCodec:
     """EnCodec alone (to decode acoustic tokens to audio), without the other encoders."""
+    root = local_root(root)
     _, config = read_meta(root)
-    model = encoders.load_encodec(encoder_source(Path(root), config, "encodec_cfg"))
+    model = encoders.load_encodec(encoder_source(root, config, "encodec_cfg"))
     return AcousticCodec(model.to(device), config.encodec_cfg, device)
 
 
 def load_clap_featurizer(root: str | Path) -> ClapFeaturizer:
     """CLAP's feature extraction for this token system, without loading any model weights."""
+    root = local_root(root)
     _, config = read_meta(root)
-    extractor = encoders.load_clap_feature_extractor(encoder_source(Path(root), config, "clap_rvq_cfg"))
+    extractor = encoders.load_clap_feature_extractor(encoder_source(root, config, "clap_rvq_cfg"))
     return ClapFeaturizer(extractor, config.clap_rvq_cfg, config.clap_audio_length_seconds)
 
 

@@ -4,7 +4,8 @@
 token layout and windows travel with the weights). Loading checks that the file is of the stage asked for,
 of the same token system, and of the same model shape, and names both sides when it is not. A Ray Train
 checkpoint directory of this project holds these two files next to the DeepSpeed shards, so it can be given
-wherever a stage checkpoint is expected.
+wherever a stage checkpoint is expected. Checkpoints are read from a folder or an object-store URI (a run kept
+in ``s3://``); ``save_stage`` writes into a local folder (Ray Train uploads it with the rest of the checkpoint).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
+from .. import storage
 from ..config import ModelConfig, from_dict, to_dict
 from ..models import build_stage, stage_sequences
 from ..models.transformer import TokenConditionedTransformer
@@ -34,7 +37,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class StageInfo:
-    path: Path
+    path: Path | str  # a folder, or an object-store URI
     stage: str
     step: int
     fingerprint: str
@@ -57,13 +60,17 @@ def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, mode
 
 
 def read_stage(path: str | Path) -> StageInfo:
-    path = Path(path)
-    meta = path / STAGE_FILE
-    if not meta.exists() or not (path / MODEL_FILE).exists():
+    path = storage.location(path)
+    meta = storage.join(path, STAGE_FILE)
+    try:
+        text = storage.read_text(meta)
+    except FileNotFoundError:
+        text = None
+    if text is None or not storage.exists(storage.join(path, MODEL_FILE)):
         raise CheckpointError(f"{path} is not a stage checkpoint (it needs {STAGE_FILE} and {MODEL_FILE}); give "
                               f"a checkpoint folder written by `musiclm train` or `musiclm import-open-musiclm`")
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(text)
         fmt = int(data.get("format", 1))
     except (ValueError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{meta} is unreadable: {e}") from None
@@ -78,7 +85,7 @@ def read_stage(path: str | Path) -> StageInfo:
                               f"({FORMAT_VERSION}): update musiclm")
     try:
         model = from_dict(ModelConfig, data["model"], "model")
-        return StageInfo(path, data["stage"], int(data["step"]), data["fingerprint"], model, data.get("metrics", {}))
+        return StageInfo(Path(path) if not storage.is_remote(path) else path, data["stage"], int(data["step"]), data["fingerprint"], model, data.get("metrics", {}))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{meta} is unreadable: {e}") from None
 
@@ -116,7 +123,7 @@ def check_fits(info: StageInfo, stage: str | None = None, fingerprint: str | Non
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / MODEL_FILE))
+    return load_safetensors(storage.read_bytes(storage.join(path, MODEL_FILE)))
 
 
 def load_into(model: TokenConditionedTransformer, state: dict[str, torch.Tensor], path) -> None:

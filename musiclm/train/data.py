@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from .. import storage
 from ..config import Config
 from ..data import dataset as layout
 from ..data.clips import stable_fraction
-from ..data.shards import STAGE_INPUTS, CropSpec, StageCrop, crop_row, open_manifest, split_files
+from ..data.shards import STAGE_INPUTS, CropSpec, StageCrop, crop_row, open_manifest, read_shards, split_files
 
 DATA_CPUS = 0.25
 
@@ -39,7 +39,7 @@ def valid_subset(root: str | Path, rows: int) -> list[str]:
     chosen, total = [], 0
     for f in split_files(root, "valid"):
         chosen.append(f)
-        total += pq.ParquetFile(f).metadata.num_rows
+        total += storage.parquet_rows(f)
         if total >= rows:
             break
     return chosen
@@ -51,20 +51,24 @@ def _columns(stage: str) -> list[str]:
 
 def _stream(files: list[str], stage: str):
     """Read anew every epoch, files in a new order each time."""
-    import ray
-
-    return ray.data.read_parquet(files, columns=_columns(stage), shuffle="files", num_cpus=DATA_CPUS)
+    return read_shards(files, columns=_columns(stage), shuffle="files", num_cpus=DATA_CPUS)
 
 
 def _table(files: list[str], stage: str):
     """The shards' rows (the columns ``stage`` reads) as one Arrow table, read here."""
     import pyarrow as pa
 
-    return pa.concat_tables([pq.read_table(f, columns=_columns(stage)) for f in files])
+    return pa.concat_tables([storage.read_parquet(f, columns=_columns(stage)) for f in files])
 
 
-def files_mb(files: list[str]) -> float:
-    return sum(Path(f).stat().st_size for f in files) / 2 ** 20 if all(Path(f).exists() for f in files) else float("inf")
+def files_mb(files: list[str], limit: float = float("inf")) -> float:
+    """The shards' size in MiB; once past ``limit``, the size so far (one request per file in object storage)."""
+    total = 0.0
+    for f in files:
+        total += storage.size(f) / 2 ** 20
+        if total > limit:
+            break
+    return total
 
 
 @dataclass
@@ -159,7 +163,7 @@ def stage_data(cfg: Config, root: str | Path, manifest: dict | None = None) -> S
                                   f"training needs a validation split")
     held = {"valid": HeldRows(ray.put(_table(valid_files, stage)), spec, cfg.train.seed, fixed=True)}
     datasets = {}
-    if files_mb(train_files) <= cfg.train.cache_train_mb:
+    if files_mb(train_files, cfg.train.cache_train_mb) <= cfg.train.cache_train_mb:
         held["train"] = HeldRows(ray.put(_table(train_files, stage)), spec, cfg.train.seed, fixed=False)
     else:
         datasets["train"] = _stream(train_files, stage).map_batches(StageCrop(spec), batch_format="numpy",

@@ -41,8 +41,13 @@ class TrainState:
 
 
 def read_train_state(path: str | Path) -> TrainState | None:
-    f = Path(path) / TRAIN_STATE
-    return TrainState(**json.loads(f.read_text())) if f.exists() else None
+    """The data position saved with a checkpoint (a folder or an object-store URI); None when it has none."""
+    from .. import storage
+
+    try:
+        return TrainState(**storage.read_json(storage.join(path, TRAIN_STATE)))
+    except FileNotFoundError:
+        return None
 
 
 class Sampler:
@@ -215,7 +220,7 @@ def train_loop(loop_cfg: dict) -> None:
                 ray.train.report(report)
             if (report or {}).get("fresh_valid"):  # tokens/s measures training only
                 window_start, window_positions = time.perf_counter(), 0
-            tb.flush()
+            tb.flush(upload=bool((report or {}).get("fresh_valid")))
             if done:
                 break
         if not got_batches:

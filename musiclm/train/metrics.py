@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -62,14 +63,25 @@ def chance_message(stage: str, step: int, valid_loss: float, vocabulary: int) ->
 
 
 class TensorBoard:
-    """Scalars, audio and text to TensorBoard from rank 0; a no-op elsewhere."""
+    """Scalars, audio and text to TensorBoard from rank 0; a no-op elsewhere.
 
-    def __init__(self, log_dir: str | None, purge_step: int | None = None):
-        self.writer = None
+    ``log_dir`` may be an object-store URI: events are then written to a local folder and each event file is
+    uploaded whole at a ``flush`` at most every ``upload_every_s`` seconds or when asked, and at ``close`` (one
+    new file per writer, so a resumed run never rewrites another's file)."""
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None, upload_every_s: float = 30.0):
+        self.writer, self.remote, self.local = None, None, None
+        self.upload_every_s, self._uploaded = upload_every_s, None
         if log_dir is not None:
+            import tempfile
+
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+            from .. import storage
+
+            if storage.is_remote(log_dir):
+                self.remote, self.local = log_dir, tempfile.mkdtemp(prefix="musiclm-tb-")
+            self.writer = SummaryWriter(self.local or log_dir, purge_step=purge_step)
 
     def scalars(self, metrics: dict, step: int) -> None:
         if self.writer:
@@ -85,25 +97,50 @@ class TensorBoard:
         if self.writer:
             self.writer.add_text(tag, text, step)
 
-    def flush(self) -> None:
+    def flush(self, upload: bool = False) -> None:
+        """Write the events out; to an object store too when ``upload`` (after a validation: a worker stopped
+        early, by Tune's scheduler say, never reaches ``close``) or when ``upload_every_s`` have passed."""
         if self.writer:
             self.writer.flush()
+            if upload or self._uploaded is None or time.monotonic() - self._uploaded >= self.upload_every_s:
+                self._upload()
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+            self._upload()
+            if self.local:
+                import shutil
+
+                shutil.rmtree(self.local, ignore_errors=True)
+            self.writer = None
+
+    def _upload(self) -> None:
+        if self.remote:
+            from .. import storage
+
+            storage.upload_dir(self.local, self.remote)
+            self._uploaded = time.monotonic()
 
 
 def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the TensorBoard event files in ``log_dir``: {tag: [(step, value), ...]} (later files win)."""
-    from pathlib import Path
+    import tempfile
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from .. import storage
+
     out: dict[str, dict[int, float]] = {}
-    for events in sorted(Path(log_dir).glob("events.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download_dir(log_dir, tmp, "events.*") if storage.is_remote(log_dir) else \
+            storage.list_files(log_dir, "events.*")
+        for events in sorted(local, key=lambda p: str(p).rsplit("/", 1)[-1]):
+            _read_events(EventAccumulator(str(events)), out)
     return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def _read_events(acc, out: dict) -> None:
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})

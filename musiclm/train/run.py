@@ -4,14 +4,16 @@ being resumed all agree, then build the Ray ``TorchTrainer`` (Train V2) around `
 A run lives at ``STORAGE/RUN_NAME``: Ray Train's checkpoints (``checkpoint_*``: DeepSpeed shards,
 ``model.safetensors``, ``stage.json``, ``train_state.json``) and ``tensorboard/``. Running the same command
 again resumes from the latest checkpoint; ``summary.json`` names the best and the latest checkpoints.
+STORAGE is a folder every node can reach, or an object-store URI (``s3://bucket/runs``): Ray Train uploads each
+checkpoint there through the same ``pyarrow`` filesystem (``musiclm.storage``), and the driver reads it back
+from there on resume.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
+from .. import storage
 from ..config import Config, ConfigError, to_dict
 from ..data.shards import open_manifest
 from ..models import stage_sequences
@@ -33,8 +35,8 @@ class TrainRequest:
     token_system: str | None = None  # to check the fingerprint and decode audio samples (default: the dataset's)
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage).expanduser().resolve() / self.run_name
+    def run_dir(self) -> str:
+        return storage.join(storage.location(self.storage), self.run_name)
 
 
 def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
@@ -49,13 +51,13 @@ def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
                               f"use the model config of the token system that made the dataset")
 
 
-def stage_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoints that hold a stage checkpoint, earliest step first."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / ckpt.STAGE_FILE).exists()]
+def stage_checkpoints(run_dir: str) -> list[str]:
+    """The run's checkpoints that hold a stage checkpoint, earliest step first (locations)."""
+    found = [p for p in storage.list_dirs(run_dir, "checkpoint_*") if storage.exists(storage.join(p, ckpt.STAGE_FILE))]
     return sorted(found, key=lambda p: ckpt.read_stage(p).step)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: str) -> str | None:
     return (stage_checkpoints(run_dir) or [None])[-1]
 
 
@@ -68,7 +70,7 @@ def check_request(req: TrainRequest, log=print) -> dict:
     token_system = req.token_system
     manifest = open_manifest(req.data, read_meta(token_system)[0]["fingerprint"] if token_system else None)
     fingerprint = manifest["fingerprint"]
-    if token_system is None and manifest.get("token_system") and Path(manifest["token_system"]).exists():
+    if token_system is None and manifest.get("token_system") and storage.exists(manifest["token_system"]):
         token_system = manifest["token_system"]
     check_token_layout(cfg, manifest, req.data)
     if req.init_from:
@@ -85,10 +87,10 @@ def check_request(req: TrainRequest, log=print) -> dict:
                 f"this command asks for {cfg.train.num_workers} workers with ZeRO stage {cfg.train.zero_stage}. "
                 f"DeepSpeed's shards only resume with the same layout: use the same settings, or start a new run "
                 f"name with --init-from {previous} (weights only).")
-        log(f"resuming run {req.run_name} from {previous.name} (step {info.step})")
+        log(f"resuming run {req.run_name} from {storage.name(previous)} (step {info.step})")
     return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system,
-            "init_from": str(Path(req.init_from).resolve()) if req.init_from else None,
-            "tensorboard_dir": str(req.run_dir / "tensorboard"), "manifest": manifest}
+            "init_from": storage.location(req.init_from) if req.init_from else None,
+            "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
 
 
 def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
@@ -116,12 +118,13 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     loop_cfg = {**{k: v for k, v in loop_cfg.items() if k != "manifest"}, "threads": max(1, int(cpus)),
                 "held_data": data.held}
     resources = {"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
+    fs, storage_path = storage.resolve(storage.parent(req.run_dir))
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=req.run_name, storage_path=str(req.run_dir.parent),
+            name=req.run_name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_best, checkpoint_score_attribute="valid/loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -131,20 +134,25 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     )
 
 
+def checkpoint_location(run_dir: str, checkpoint) -> str | None:
+    """Where a Ray Train checkpoint of the run is, as the user would name it (Ray gives the path inside its
+    filesystem: ``bucket/runs/x/checkpoint_...`` without the scheme)."""
+    return storage.join(run_dir, storage.name(checkpoint.path)) if checkpoint is not None else None
+
+
 def write_summary(req: TrainRequest, result) -> dict:
     best = None
     if result.best_checkpoints:
         best = min(result.best_checkpoints, key=lambda cm: cm[1].get("valid/loss", math.inf))
     summary = {
-        "stage": req.config.train.stage, "run": str(req.run_dir),
-        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "best_checkpoint": best[0].path if best else None,
+        "stage": req.config.train.stage, "run": req.run_dir,
+        "latest_checkpoint": checkpoint_location(req.run_dir, result.checkpoint),
+        "best_checkpoint": checkpoint_location(req.run_dir, best[0]) if best else None,
         "best_valid_loss": best[1].get("valid/loss") if best else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "tensorboard": f"tensorboard --logdir {req.run_dir / 'tensorboard'} --host 127.0.0.1",
+        "tensorboard": f"tensorboard --logdir {storage.join(req.run_dir, 'tensorboard')} --host 127.0.0.1",
     }
-    req.run_dir.mkdir(parents=True, exist_ok=True)
-    (req.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    storage.write_json(storage.join(req.run_dir, SUMMARY), summary)
     return summary
 
 
