@@ -57,7 +57,11 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="Config JSON: ours, a sweep's best.json, or open-musiclm's model JSON")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
     parser.add_argument("--num-workers", type=int, help="training workers per run (train.num_workers)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu=true); the job "
+                                                               "waits for the autoscaler when the cluster has none")
+    device.add_argument("--cpu", action="store_true", help="train on CPUs even when the cluster has GPUs "
+                                                           "(default, train.use_gpu=auto: GPUs when it has them)")
     parser.add_argument("--init-from", help="stage checkpoint to start from (fine-tuning), or a sweep's best.json")
     parser.add_argument("--token-system", help="token system to check against and to decode audio samples with "
                                                "(default: the dataset's, when it exists here)")
@@ -72,6 +76,8 @@ def stage_args_config(args: argparse.Namespace):
         overrides.append(f"train.num_workers={args.num_workers}")
     if args.use_gpu:
         overrides.append("train.use_gpu=true")
+    if getattr(args, "cpu", False):
+        overrides.append("train.use_gpu=false")
     init_from = args.init_from
     if init_from and init_from.endswith(".json"):  # a sweep's best.json names its checkpoint
         from musiclm import storage

@@ -25,11 +25,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.train.run import TrainRequest, train
+    from musiclm.train.run import TrainRequest, resolve_use_gpu, train
 
     cfg, init_from = stage_args_config(args)
-    req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
     resources = connect(args)
+    cfg = resolve_use_gpu(cfg, resources, log)
+    req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
     if cfg.train.use_gpu:  # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
         resources = gpu_resources(args, resources, f"{cfg.train.num_workers} training workers",
                                   [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers)

@@ -188,7 +188,7 @@ class TrainConfig:
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them at the start (logged)
     cpus_per_worker: float = 0.0  # 0: 1 with GPUs; on CPUs 3/4 of the cluster's CPUs shared by the workers
     mask_prob: float = 0.15  # open-musiclm's forgetful causal mask: fraction of keys hidden in training
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * lr_min_ratio

@@ -112,7 +112,7 @@ def test_killed_run_into_a_bucket_resumes_to_the_uninterrupted_rows(local_ray, o
                                                                       tmp_path):
     """The driver (and the local Ray it started) killed with SIGKILL once the first shard is in the bucket: the
     rerun tokenizes only the rest, and the dataset equals an uninterrupted local run's, token for token."""
-    corpus, n = tmp_path / "corpus", 8
+    corpus, n = tmp_path / "corpus", 6
     synth.write_corpus(corpus, n, 11.0, seed=5)
     out = object_store.bucket() + "/datasets/interrupted"
     cmd = [sys.executable, "-m", "jobs.preprocess", "--source", str(corpus), "--token-system", str(tiny_system_dir),
@@ -148,6 +148,8 @@ def test_killed_run_into_a_bucket_resumes_to_the_uninterrupted_rows(local_ray, o
     cfg = DataConfig(rows_per_shard=1)
     job, _ = preprocess(corpus, tiny_system_dir, out, cfg)
     assert len(job.pending) == n - len(first)  # tokenized tracks are not repeated
+    # the uninterrupted run on Ray too: the tokenizer actors' one thread each (run_local's torch threads sum in
+    # another order, which moves a few near-tie codes)
     preprocess(corpus, tiny_system_dir, tmp_path / "straight", cfg)
     resumed, straight = read_rows(out), read_rows(tmp_path / "straight")
     assert sorted(resumed) == sorted(straight)

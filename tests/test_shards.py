@@ -121,3 +121,34 @@ def test_rows_held_by_every_worker_are_split_evenly_and_cropped_anew_each_epoch(
     fixed = StageCrop(spec, seed=5)(batch)  # the crops validation had when it ran on Ray Data
     held = next(valid.batches(0, 0, 1, batch_size=2, drop_last=False))
     assert all(np.array_equal(fixed[k], held[k]) for k in spec.shapes())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_streamed_rows_are_shuffled_and_cropped_anew_each_epoch_on_the_worker(local_ray, monkeypatch):
+    """The large-train-split path (musiclm.train.data.StreamedRows) on a real Ray Dataset iterator: rows mixed
+    by a seeded local shuffle buffer, each cropped on the worker by (seed, epoch, rank, row id); the same seed
+    gives the same epoch again, another epoch or rank other crops. (It used to crop on the driver's dataset
+    with one pickled generator: the same crop of a row in every epoch.)"""
+    import pyarrow as pa
+    import ray.train
+
+    from musiclm.train.data import StreamedRows
+
+    rows = [{**_row(20), "id": f"t{i}"} for i in range(12)]
+    table = pa.table({k: [r[k] for r in rows] for k in ("id", "seconds", "clap", "semantic", "coarse")})
+    data = local_ray.data.from_arrow(table)
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda split: data.iterator())
+    spec = CropSpec.make("coarse", GlobalConfig(), MANIFEST)
+
+    def epoch(e, rank=0):
+        batches = list(StreamedRows(spec, seed=5, shuffle_rows=8).batches(e, rank, 1, batch_size=4, drop_last=True))
+        assert all(b["coarse"].shape == (4, 300, 3) and b["clap"].shape == (4, 12) for b in batches)
+        return [i for b in batches for i in b["id"]], {i: int(c[0, 0]) for b in batches
+                                                       for i, c in zip(b["id"], b["coarse"])}
+
+    (order0, crops0), (order1, crops1) = epoch(0), epoch(1)
+    assert sorted(order0) == sorted(r["id"] for r in rows) and order0 != sorted(order0)  # every row, mixed
+    assert epoch(0) == (order0, crops0)  # reproducible
+    assert order1 != order0 and sum(crops0[i] != crops1[i] for i in crops0) >= 6  # a new order, new crops
+    assert sum(crops0[i] != epoch(0, rank=1)[1][i] for i in crops0) >= 6  # ranks crop differently

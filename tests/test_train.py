@@ -119,3 +119,114 @@ def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
 
     skip_inference_comm_op()
     assert build_shm_op() is None
+
+
+def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
+    """Under bf16 the module's weights are rounded copies of DeepSpeed's fp32 masters: the export must be the
+    masters, as DeepSpeed's own consolidation of its checkpoint gives them (one process, gloo, on CPU)."""
+    import dataclasses
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from musiclm.config import TrainConfig
+    from musiclm.models import stage_loss
+    from musiclm.train.engine import deepspeed_config, make_optimizer, skip_inference_comm_op
+    from musiclm.train.loop import export_weights
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_stage("coarse", model_preset("tiny"))
+        tc = dataclasses.replace(TrainConfig(), precision="bf16", zero_stage=2, batch_size=2, grad_accum_every=1, lr=3e-3,
+                                 lr_warmup=0)
+        optimizer, scheduler = make_optimizer(model, tc, on_gpu=False)
+        skip_inference_comm_op()
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(tc, bf16=True))
+        for _ in range(3):
+            cond = [torch.randint(0, 1024, (2, 12)), torch.randint(0, 1024, (2, 10))]
+            target = torch.randint(0, 1024, (2, 6, 3))
+            engine.backward(stage_loss(engine(cond, target), target))
+            engine.step()
+        exported = export_weights(engine)
+        engine.save_checkpoint(str(tmp_path / "ds"), tag="t")
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ds"), tag="t")
+        rounded = engine.module.state_dict()
+        assert next(iter(rounded.values())).dtype == torch.bfloat16
+        assert set(exported) == set(rounded) and all(v.dtype == torch.float32 for v in exported.values())
+        for k in masters:
+            assert torch.equal(exported[k], masters[k].float()), k
+        assert any(not torch.equal(exported[k], rounded[k].float()) for k in masters)  # not the bf16 copies
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_of_the_loop_run_on_the_training_device(monkeypatch):
+    """NCCL (Ray Train's process group on GPUs) takes CUDA tensors only: the loop reduces through one helper that
+    moves the tensor to the engine's device. Checked with a stand-in process group of two workers (the device is
+    only named: this machine has no GPU to move a tensor to)."""
+    import inspect
+
+    import numpy as np
+
+    from musiclm.train import loop, metrics
+
+    handed = []
+
+    class TwoWorkers:
+        is_available = staticmethod(lambda: True)
+        is_initialized = staticmethod(lambda: True)
+        get_world_size = staticmethod(lambda: 2)
+
+        @staticmethod
+        def all_reduce(t):
+            handed.append(t)
+            t.mul_(2)  # the other worker holds the same sums
+
+    monkeypatch.setattr(metrics, "dist", TwoWorkers)
+    sums = metrics.ValidSums(2)
+    logits, target = torch.zeros(1, 5, 7), torch.zeros(1, 2, 2, dtype=torch.long)  # 2 steps x 2 codebooks, eos
+    sums.add(torch.tensor(1.5), logits, target)
+    kept = sums.t.clone()
+    out = sums.reduce(torch.device("cpu"))
+    assert out["valid/loss"] == 1.5 and torch.equal(sums.t, kept)  # reduced a copy: the sums are untouched
+    assert metrics.mean_over_workers(3.0, "cpu") == 3.0 and len(handed) == 2
+
+    devices = []
+    real = metrics.all_reduce_sum
+    monkeypatch.setattr(metrics, "all_reduce_sum", lambda t, device: devices.append(device) or real(t, "cpu"))
+    s = metrics.ValidSums(2)
+    s.add(torch.tensor(0.0), logits, target)
+    s.reduce(torch.device("cuda", 3))
+    metrics.mean_over_workers(float(np.mean([1.0])), torch.device("cuda", 3))
+    assert devices == [torch.device("cuda", 3)] * 2
+    # and the loop reduces only through these, always with the engine's device
+    source = inspect.getsource(loop)
+    assert "dist." not in source and "all_reduce" not in source
+    assert source.count("sums.reduce(device)") == 1 and source.count("mean_over_workers(") == 2
+    assert source.count(", device)") >= 3
+
+
+def test_use_gpu_auto_follows_the_cluster_and_says_so():
+    from musiclm.config import ConfigError
+    from musiclm.train.run import TrainRequest, build_trainer, resolve_use_gpu
+
+    cfg = stage_config("coarse", "tiny", None, [])
+    assert cfg.train.use_gpu == "auto"
+    said = []
+    assert resolve_use_gpu(cfg, {"CPU": 16.0, "GPU": 2.0}, said.append).train.use_gpu is True
+    assert resolve_use_gpu(cfg, {"CPU": 16.0}, said.append).train.use_gpu is False
+    assert "2 GPUs" in said[0] and "--cpu" in said[0] and "runs on CPUs" in said[1] and "--use-gpu" in said[1]
+    forced = stage_config("coarse", "tiny", None, ["train.use_gpu=false"])
+    assert resolve_use_gpu(forced, {"GPU": 8.0}, said.append) is forced and len(said) == 2  # asked: kept, quiet
+    with pytest.raises(ConfigError, match="use_gpu is 'auto'"):
+        build_trainer(TrainRequest(cfg, "unused", "r"), {}, 2.0)

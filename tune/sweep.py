@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import tune
 
     from musiclm.config import to_dict
+    from musiclm.train.run import resolve_use_gpu
 
     from .trial import run_trial
 
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     entries = space_entries(args)
     space = build_space(entries)
     resources = connect(args)
+    base = resolve_use_gpu(base, resources, log)
     if base.train.use_gpu:  # at least one trial's GPUs, asked of the autoscaler when the cluster has none yet
         resources = gpu_resources(args, resources, "the first trial's workers",
                                   [{"CPU": 1.0, "GPU": 1.0}] * base.train.num_workers)

@@ -135,19 +135,18 @@ def crop_row(row: dict, spec: CropSpec, rng: np.random.Generator) -> dict[str, n
 
 
 class StageCrop:
-    """``Dataset.map_batches(StageCrop(spec))``: one random crop per row. With ``seed`` the crop of each row is
-    fixed (by its id): use that for validation; training passes a new seed per epoch, or none."""
+    """``Dataset.map_batches(StageCrop(spec, seed))``: one crop per row, fixed by (seed, row id). Training crops
+    anew every epoch on the workers instead (``train.data``): a generator made here would travel pickled to
+    every task and draw the same crops each time."""
 
-    def __init__(self, spec: CropSpec, seed: int | None = None):
+    def __init__(self, spec: CropSpec, seed: int):
         self.spec, self.seed = spec, seed
-        self.rng = np.random.default_rng()
 
     def __call__(self, batch: dict) -> dict:
         ids = [str(i) for i in batch["id"]]
         rows = []
         for i, rid in enumerate(ids):
-            rng = self.rng if self.seed is None else np.random.default_rng(
-                int(stable_fraction(self.seed, "window:" + rid) * 2 ** 63))
+            rng = np.random.default_rng(int(stable_fraction(self.seed, "window:" + rid) * 2 ** 63))
             rows.append(crop_row({k: batch[k][i] for k in batch}, self.spec, rng))
         out = {k: np.stack([r[k] for r in rows]) for k in self.spec.shapes()}
         out["id"] = np.asarray(ids)

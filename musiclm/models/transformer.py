@@ -70,11 +70,13 @@ class RelativePositionBias(nn.Module):
         self.out = nn.Linear(dim, heads)
 
     def table(self, n: int, device) -> Tensor:
-        """Bias for distances 0..n-1: (heads, n)."""
-        x = torch.arange(n, device=device, dtype=self.out.weight.dtype)[:, None]
+        """Bias for distances 0..n-1: (heads, n), in the weights' dtype. Computed in float32 whatever that dtype:
+        bf16 holds whole numbers exactly only up to 256 (of distances up to 1,216 only 537 survive: 1100-1103
+        all become 1104), and the MLP's small outputs would round again on the way."""
+        x = torch.arange(n, device=device, dtype=torch.float32)[:, None]
         for layer in self.hidden:
-            x = F.silu(layer(x))
-        return self.out(x).t()
+            x = F.silu(F.linear(x, layer.weight.float(), layer.bias.float()))
+        return F.linear(x, self.out.weight.float(), self.out.bias.float()).t().to(self.out.weight.dtype)
 
 
 class Attention(nn.Module):

@@ -10,9 +10,12 @@ Two ways to hand the train split to the workers, chosen by its size:
   id): new crops and a new row order every epoch, the same ones on a rerun, and a resume skips exactly the
   batches that were consumed. No Ray Data execution per epoch: that cost 1.2-1.4 s per epoch inside a 2-worker
   run on 2 CPUs (measured from the run's logs), which is the whole run when an epoch is one batch.
-- **Streamed** (larger splits): a Ray Dataset handed to ``TorchTrainer(datasets=...)``; Ray Train splits it
-  between the workers (``streaming_split(equal=True)``), so no worker holds the whole split; every epoch re-reads
-  the Parquet shards (files in a new order) and crops anew.
+- **Streamed** (larger splits): a Ray Dataset of the stage's columns handed to ``TorchTrainer(datasets=...)``;
+  Ray Train splits it between the workers (``streaming_split(equal=True)``), so no worker holds the whole split;
+  every epoch re-reads the Parquet shards (files in a new order), each worker mixes rows through a local shuffle
+  buffer seeded by (seed, epoch, rank) and crops each row on the worker with a generator seeded by (seed, epoch,
+  rank, row id), as the held path does (``StreamedRows``). Cropping on the driver's dataset instead drew every
+  epoch's crops from one pickled generator: the same crop of a row in every epoch.
 The validation subset (``valid_batches × batch_size × workers`` rows, from the first valid shards) is always
 held by every worker, its crops fixed by row id, so validation needs no Ray Data execution either.
 Reads and crops of the streamed path ask for a quarter CPU so they fit beside training workers on small machines.
@@ -29,7 +32,7 @@ from .. import storage
 from ..config import Config
 from ..data import dataset as layout
 from ..data.clips import stable_fraction
-from ..data.shards import STAGE_INPUTS, CropSpec, StageCrop, crop_row, open_manifest, read_shards, split_files
+from ..data.shards import STAGE_INPUTS, CropSpec, crop_row, open_manifest, read_shards, split_files
 
 DATA_CPUS = 0.25
 
@@ -69,6 +72,21 @@ def files_mb(files: list[str], limit: float = float("inf")) -> float:
         if total > limit:
             break
     return total
+
+
+def crop_rng(seed: int, row_id: str, epoch_rank: tuple[int, int] | None) -> np.random.Generator:
+    """The generator of one row's crop: fixed by (seed, row id) for validation, else by (seed, epoch, rank, row
+    id): a new crop every epoch, the same on a rerun."""
+    key = f"window:{row_id}" if epoch_rank is None else f"crop:{epoch_rank[0]}:{epoch_rank[1]}:{row_id}"
+    return np.random.default_rng(int(stable_fraction(seed, key) * 2 ** 63))
+
+
+def crop_batch(rows: list[dict], spec: CropSpec, rngs) -> dict:
+    """Crop each row with its generator; stack into a batch as ``DataIterator.iter_batches`` gives it."""
+    crops = [crop_row(r, spec, g) for r, g in zip(rows, rngs)]
+    batch = {k: np.stack([c[k] for c in crops]) for k in spec.shapes()}
+    batch["id"] = np.asarray([str(r["id"]) for r in rows])
+    return batch
 
 
 @dataclass
@@ -119,8 +137,7 @@ class HeldRows:
         return order[: each * world][rank::world]
 
     def rng(self, row_id: str, epoch: int, rank: int) -> np.random.Generator:
-        key = f"window:{row_id}" if self.fixed else f"crop:{epoch}:{rank}:{row_id}"
-        return np.random.default_rng(int(stable_fraction(self.seed, key) * 2 ** 63))
+        return crop_rng(self.seed, row_id, None if self.fixed else (epoch, rank))
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int, drop_last: bool) -> Iterator[dict]:
         """Numpy batches as ``DataIterator.iter_batches`` gives them: each input stacked, and ``id``."""
@@ -128,13 +145,32 @@ class HeldRows:
         stop = len(mine) - len(mine) % batch_size if drop_last else len(mine)
         for start in range(0, stop, batch_size):
             rows = [self._row(int(i)) for i in mine[start: start + batch_size]]
-            crops = [crop_row(r, self.spec, self.rng(r["id"], epoch, rank)) for r in rows]
-            batch = {k: np.stack([c[k] for c in crops]) for k in self.spec.shapes()}
-            batch["id"] = np.asarray([r["id"] for r in rows])
-            yield batch
+            yield crop_batch(rows, self.spec, [self.rng(r["id"], epoch, rank) for r in rows])
 
     def __getstate__(self):  # ship the reference, never the loaded rows
         return {**self.__dict__, "_rows": None}
+
+
+@dataclass
+class StreamedRows:
+    """The worker's side of a streamed split (Ray Train's dataset shard ``split``): rows mixed through a local
+    shuffle buffer seeded by (seed, epoch, rank), each cropped on the worker (``crop_rng``)."""
+
+    spec: CropSpec
+    seed: int
+    split: str = "train"
+    shuffle_rows: int = 256  # the local shuffle buffer, in rows
+
+    def batches(self, epoch: int, rank: int, world: int, batch_size: int, drop_last: bool) -> Iterator[dict]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(self.split)
+        shuffle_seed = int(stable_fraction(self.seed, f"shuffle:{epoch}:{rank}") * 2 ** 31)
+        for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                      local_shuffle_buffer_size=self.shuffle_rows or None,
+                                      local_shuffle_seed=shuffle_seed):
+            rows = [{k: raw[k][i] for k in raw} for i in range(len(raw["id"]))]
+            yield crop_batch(rows, self.spec, [crop_rng(self.seed, str(r["id"]), (epoch, rank)) for r in rows])
 
 
 @dataclass
@@ -166,9 +202,9 @@ def stage_data(cfg: Config, root: str | Path, manifest: dict | None = None) -> S
     if files_mb(train_files, cfg.train.cache_train_mb) <= cfg.train.cache_train_mb:
         held["train"] = HeldRows(ray.put(_table(train_files, stage)), spec, cfg.train.seed, fixed=False)
     else:
-        datasets["train"] = _stream(train_files, stage).map_batches(StageCrop(spec), batch_format="numpy",
-                                                                    num_cpus=DATA_CPUS)
+        datasets["train"] = _stream(train_files, stage)
+        held["train"] = StreamedRows(spec, cfg.train.seed)  # not held: how each worker crops its stream
     return StageData(datasets, held)
 
 
-__all__ = ["stage_data", "StageData", "HeldRows", "valid_subset", "files_mb", "DATA_CPUS"]
+__all__ = ["stage_data", "StageData", "HeldRows", "StreamedRows", "crop_rng", "crop_batch", "valid_subset", "files_mb", "DATA_CPUS"]

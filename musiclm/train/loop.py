@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Config, from_dict
+from ..data.clips import stable_fraction
 from ..models import build_stage, split_batch, stage_loss
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, uses_bf16
@@ -48,6 +49,20 @@ def read_train_state(path: str | Path) -> TrainState | None:
         return TrainState(**storage.read_json(storage.join(path, TRAIN_STATE)))
     except FileNotFoundError:
         return None
+
+
+def export_weights(engine) -> dict[str, torch.Tensor]:
+    """The model's weights in float32, for ``model.safetensors``: DeepSpeed's fp32 master copies where it keeps
+    them (bf16 training under ZeRO 1/2/3, where the module's weights are rounded bf16 copies of them), else the
+    module's own weights. A collective: every rank calls it, parameters in the same order (ZeRO-3: inside
+    ``GatheredParameters``, so that buffers and any parameter without a master copy are whole)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, t in engine.module.state_dict(keep_vars=True).items():
+        master = safe_get_full_fp32_param(t) if isinstance(t, torch.nn.Parameter) else None
+        out[name] = (master if master is not None else t.detach()).float().cpu()
+    return out
 
 
 class Sampler:
@@ -79,13 +94,8 @@ class Sampler:
 
 def _batches(held: dict, split: str, epoch: int, rank: int, world: int, batch_size: int, drop_last: bool):
     """The numpy batches this worker reads of ``split`` in ``epoch``: from the rows every worker holds
-    (``train.data.HeldRows``), else from its shard of the streamed Ray Dataset."""
-    if split in held:
-        return held[split].batches(epoch, rank, world, batch_size, drop_last)
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(split)
-    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
+    (``train.data.HeldRows``), or from its shard of the streamed Ray Dataset (``train.data.StreamedRows``)."""
+    return held[split].batches(epoch, rank, world, batch_size, drop_last)
 
 
 def train_loop(loop_cfg: dict) -> None:
@@ -124,7 +134,15 @@ def train_loop(loop_cfg: dict) -> None:
         with resume.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
             state = read_train_state(d)
+            if state is None:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint this run resumes from ({resume.path}) has no {TRAIN_STATE}: it was not written "
+                    f"by this training loop, or it is incomplete. Start a new run name with --init-from on it "
+                    f"(weights only), or remove that checkpoint folder to resume from the one before.")
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batches})")
+    # every rank built the same initial weights from tc.seed; from here each draws its own dropout and forgetful
+    # mask, and a resumed run draws new ones rather than the first steps' again
+    torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
     q = model.target.num_quantizers
     vocabulary = model.target.codebook_size + 1
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
@@ -143,7 +161,7 @@ def train_loop(loop_cfg: dict) -> None:
                     example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
                     example["predicted"] = logits[0, :-1, :-1].argmax(-1).reshape(tgt.shape[1:]).cpu().numpy()  # no eos
         engine.train()
-        out = sums.reduce()
+        out = sums.reduce(device)
         state.valid_loss = out["valid/loss"]
         log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}")
         tb.scalars(out, state.step)
@@ -160,8 +178,8 @@ def train_loop(loop_cfg: dict) -> None:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG)
             params = list(engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=tc.zero_stage == 3):
+                weights = export_weights(engine)  # every rank: gathering the fp32 masters is a collective
                 if rank == 0:
-                    weights = {k: v.float() for k, v in engine.module.state_dict().items()}
                     ckpt.save_stage(tmp, weights, stage, cfg.model, state.step, loop_cfg["fingerprint"], metrics)
                     Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(state)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -194,10 +212,10 @@ def train_loop(loop_cfg: dict) -> None:
                 elapsed = time.perf_counter() - window_start
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
-                    "train/loss": mean_over_workers(float(np.mean(window_losses))),
+                    "train/loss": mean_over_workers(float(np.mean(window_losses)), device),
                     "train/lr": float(scheduler.get_last_lr()[0]),
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "train/tokens_per_s": mean_over_workers(window_positions / elapsed) * world,
+                    "train/tokens_per_s": mean_over_workers(window_positions / elapsed, device) * world,
                     "step": state.step, "epoch": state.epoch,
                 }
                 log(f"step {state.step}/{tc.num_train_steps}: loss {metrics['train/loss']:.4f} "
@@ -234,4 +252,4 @@ def train_loop(loop_cfg: dict) -> None:
     tb.close()
 
 
-__all__ = ["train_loop", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]
+__all__ = ["train_loop", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]

@@ -28,11 +28,9 @@ class ValidSums:
         self.t[3] += hits.numel()
         self.t[4:] += hits.sum(dim=(0, 1))
 
-    def reduce(self) -> dict[str, float]:
-        t = self.t
-        if dist.is_available() and dist.is_initialized():
-            t = t.clone()
-            dist.all_reduce(t)
+    def reduce(self, device: torch.device | str) -> dict[str, float]:
+        """The sums over all workers (reduced on ``device``, the training device), as metrics."""
+        t = all_reduce_sum(self.t, device)
         if t[1] == 0:
             raise RuntimeError("the validation subset gave no batches")
         out = {"valid/loss": float(t[0] / t[1]), "valid/accuracy": float(t[2] / t[3])}
@@ -42,12 +40,21 @@ class ValidSums:
         return out
 
 
-def mean_over_workers(value: float) -> float:
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t[0]) / dist.get_world_size()
-    return value
+def all_reduce_sum(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` summed over the workers, back on the CPU; ``t`` itself is left alone. The one place the training
+    loop calls a collective: the reduction runs on ``device``, the engine's device, because NCCL (Ray Train's
+    process group on GPUs) takes CUDA tensors only and gloo CPU ones. Without a process group, ``t``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    on_device = t.to(device, copy=True)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def mean_over_workers(value: float, device: torch.device | str) -> float:
+    """The mean of ``value`` over the workers."""
+    t = all_reduce_sum(torch.tensor([value], dtype=torch.float64), device)
+    return float(t[0]) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
 
 
 def at_chance(valid_loss: float, vocabulary: int) -> bool:

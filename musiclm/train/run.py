@@ -93,6 +93,20 @@ def check_request(req: TrainRequest, log=print) -> dict:
             "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
 
 
+def resolve_use_gpu(cfg: Config, resources: dict, log=print) -> Config:
+    """``train.use_gpu`` "auto" made true or false by the cluster's GPUs (``ray.cluster_resources()``), and said."""
+    import dataclasses
+
+    t = cfg.train
+    if t.use_gpu != "auto":
+        return cfg
+    gpus = float(resources.get("GPU", 0.0))
+    log(f"train.use_gpu auto: the cluster has {gpus:g} GPUs, so training runs on "
+        + (f"GPUs, one per worker ({t.num_workers}); --cpu to train on CPUs" if gpus >= 1 else
+           "CPUs; --use-gpu to ask for GPUs (on an autoscaling cluster the job waits for GPU nodes)"))
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, use_gpu=gpus >= 1))
+
+
 def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
     """CPUs per worker: 1 beside a GPU; on CPUs the workers share all but one of the cluster's CPUs. Ray Data's
     file listing asks for a whole CPU and cannot be told otherwise, so one must stay free or the run hangs."""
@@ -110,6 +124,8 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     from ray.train.torch import TorchTrainer
 
     cfg, t = req.config, req.config.train
+    if t.use_gpu == "auto":
+        raise ConfigError("train.use_gpu is 'auto': resolve it with the cluster's resources first (resolve_use_gpu)")
     cpus = worker_cpus(cfg, cluster_cpus)
     if not t.use_gpu and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
         raise ConfigError(f"{t.num_workers} workers × {cpus:g} CPUs plus the data pipeline ({DATA_RESERVE:g} CPU) "
@@ -164,5 +180,5 @@ def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
     return write_summary(req, result)
 
 
-__all__ = ["TrainRequest", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
+__all__ = ["TrainRequest", "check_request", "build_trainer", "train", "write_summary", "worker_cpus", "resolve_use_gpu",
            "latest_checkpoint"]
