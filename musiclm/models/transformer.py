@@ -273,10 +273,22 @@ class TokenConditionedTransformer(nn.Module):
         return self.norm(x)
 
     def _logits(self, hidden: Tensor, first: int) -> Tensor:
-        """Logits (b, n, codebook_size + 1) of target elements ``first .. first + n - 1``."""
-        w = self.logit_weights[-1]
-        q = (torch.arange(hidden.shape[1], device=hidden.device) + first) % self.target.num_quantizers
-        return torch.einsum("bnd,ncd->bnc", hidden, w[q])
+        """Logits (b, n, codebook_size + 1) of target elements ``first .. first + n - 1``; element ``i`` uses the
+        output weights of codebook ``i % num_quantizers``. Positions are grouped by codebook (one matmul per
+        codebook) rather than gathering a weight matrix per position: that gather made an (n, codebook_size + 1,
+        dim) tensor, 2.1 GB for a semantic window and 3.8 GB for a coarse one at dim 1024, and its backward a
+        scatter of the same size (benchmarks/logits.py: 89-177x slower)."""
+        w = self.logit_weights[-1]  # (num_quantizers, codebook_size + 1, dim)
+        nq = w.shape[0]
+        if nq == 1:
+            return F.linear(hidden, w[0])
+        b, n, d = hidden.shape
+        if n <= nq:  # a decoding step: gathering one matrix per position is the cheap way
+            q = (torch.arange(n, device=hidden.device) + first) % nq
+            return torch.einsum("bnd,ncd->bnc", hidden, w[q])
+        lead = first % nq  # pad to whole groups of num_quantizers positions, codebook 0 first
+        grouped = F.pad(hidden, (0, 0, lead, (-(lead + n)) % nq)).view(b, -1, nq, d)
+        return torch.einsum("bgqd,qcd->bgqc", grouped, w).reshape(b, -1, w.shape[1])[:, lead: lead + n]
 
     def forward(self, conditioning: list[Tensor], target: Tensor, key_drop: float = 0.0) -> Tensor:
         """Teacher-forced logits (b, n + 1, codebook_size + 1) for the ``n`` flattened target tokens and the

@@ -174,6 +174,11 @@ def write_summary(req: TrainRequest, result) -> dict:
 
 def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
     """Check, train, and write ``summary.json``. Needs a connected Ray."""
+    import dataclasses
+
+    import ray
+
+    req = dataclasses.replace(req, config=resolve_use_gpu(req.config, ray.cluster_resources(), log))
     loop_cfg = check_request(req, log)
     trainer = build_trainer(req, loop_cfg, cluster_cpus)
     result = trainer.fit()
