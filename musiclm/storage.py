@@ -119,11 +119,6 @@ def is_file(loc) -> bool:
     return _info(loc).type == pafs.FileType.File
 
 
-def is_dir(loc) -> bool:
-    """A folder; on an object store, any key under ``loc/`` makes it one."""
-    return _info(loc).type == pafs.FileType.Directory
-
-
 def size(loc) -> int:
     return _info(loc).size
 
@@ -338,6 +333,6 @@ def parquet_rows(loc) -> int:
 
 
 __all__ = ["StorageError", "is_remote", "location", "join", "name", "parent", "resolve", "exists", "is_file",
-           "is_dir", "size", "read_bytes", "read_text", "read_json", "write_bytes", "write_text", "write_json",
+           "size", "read_bytes", "read_text", "read_json", "write_bytes", "write_text", "write_json",
            "make_dirs", "list_files", "list_dirs", "is_empty_dir", "delete", "remove_temporaries", "upload_dir",
            "download_dir", "local_copy", "parquet_bytes", "read_parquet", "filesystem_paths", "parquet_rows"]

@@ -22,23 +22,25 @@ def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return read_scalars(storage.join(run_dir, "tensorboard"))
 
 
-def _train(data, runs, steps, run="coarse-run"):
+def _train(data, runs, steps, run="coarse-run", zero: int = 2):
     from jobs.train import main
 
     main(["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(runs),
-          "--num-workers", "2", "--set", f"train.num_train_steps={steps}", *STEPS])
+          "--num-workers", "2", "--set", f"train.num_train_steps={steps}", f"train.zero_stage={zero}", *STEPS])
     return storage.read_json(storage.join(runs, run, "summary.json"))
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tmp_path):
-    """The token dataset is read from a bucket and the run is kept in one, as on a cluster without a shared
-    file system: checkpoints go up, the resume comes back down."""
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tmp_path, zero):
+    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks. The token dataset is read
+    from a bucket and the run is kept in one, as on a cluster without a shared file system: checkpoints go up,
+    the resume comes back down."""
     bucket = object_store.bucket()
     data, runs = bucket + "/datasets/synth", bucket + "/runs"
     storage.upload_dir(token_dataset_dir, data)
-    summary = _train(data, runs, steps=20)
+    summary = _train(data, runs, steps=20, zero=zero)
     run_dir = storage.join(runs, "coarse-run")
     assert summary["run"] == run_dir and summary["latest_checkpoint"].startswith(run_dir + "/checkpoint_")
     scalars = _scalars(run_dir)
@@ -48,7 +50,7 @@ def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, object_store, t
     assert [s for s, _ in scalars["valid/loss"]] == [10, 20]
     assert summary["metrics"]["step"] == 20
 
-    # The consolidated weights equal DeepSpeed's own consolidation of its ZeRO-2 shards, and load into a
+    # The consolidated weights equal DeepSpeed's own consolidation of its ZeRO shards, and load into a
     # fresh model that computes the same outputs.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -67,7 +69,7 @@ def test_two_worker_zero2_run_checkpoints_and_resumes(local_ray, object_store, t
     # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule.
     first_loss = scalars["train/loss"][0][1]
     loss_at_20 = dict(scalars["train/loss"])[20]
-    _train(data, runs, steps=30)
+    _train(data, runs, steps=30, zero=zero)
     after = _scalars(run_dir)
     resumed = dict(after["train/loss"])
     assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
