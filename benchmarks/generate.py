@@ -9,8 +9,8 @@ tokens (checked). Prints tokens/s and the ratio (b)/(a) per stage. Goal: at leas
 
 Then the real-time factor (wall time / audio time) of a whole text-to-audio generation of ``--seconds`` (10 s)
 with the KV cache: CLAP text tokens, the three stages with sliding windows, EnCodec decoding and CLAP scoring,
-on ``--models DIR`` (a model set) or, without it, a tiny set built here (tiny token system fitted on two
-synthetic tracks, untrained stages: speed does not depend on the weights). ``--whole-recompute`` also times
+on ``--models DIR`` (a model set) or, without it, a set built here (tiny token system fitted on two
+synthetic tracks, untrained stages of ``--models-preset``'s sizes: speed does not depend on the weights). ``--whole-recompute`` also times
 the whole generation the recomputing way (slow: minutes even for tiny).
     python benchmarks/generate.py [--preset tiny --device cpu --fraction 1.0 --models DIR --seconds 10]
 """
@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=1.0, help="generate this fraction of each window")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--models", help="model set for the whole-generation timing (default: a tiny set built here)")
+    p.add_argument("--models-preset", default="tiny", choices=["tiny", "small", "large"],
+                   help="without --models: the transformer sizes of the untrained set built here")
     p.add_argument("--seconds", type=float, default=10.0, help="audio length of the whole generation")
     p.add_argument("--whole-recompute", action="store_true", help="also time the whole generation without cache")
     p.add_argument("--skip-windows", action="store_true", help="only the whole-generation timing")
@@ -70,8 +72,11 @@ def main() -> None:
     whole_generation(args)
 
 
-def tiny_model_set(root: Path) -> Path:
-    """A tiny token system (fitted on two synthetic tracks) and untrained tiny stages, as a model-set folder."""
+def random_model_set(root: Path, preset: str = "tiny") -> Path:
+    """A tiny token system (fitted on two synthetic tracks) and untrained stages of ``preset``'s transformer sizes,
+    as a model-set folder (the tiny token system has the real token rates and codebook sizes)."""
+    import dataclasses
+
     from musiclm import synth
     from musiclm.audio import list_audio_files
     from musiclm.config import model_preset
@@ -80,7 +85,9 @@ def tiny_model_set(root: Path) -> Path:
     from musiclm.tokens.system import TokenSystem
     from musiclm.train.checkpoint import save_stage
 
-    cfg = model_preset("tiny")
+    sizes = model_preset(preset)
+    cfg = dataclasses.replace(model_preset("tiny"), semantic_cfg=sizes.semantic_cfg, coarse_cfg=sizes.coarse_cfg,
+                              fine_cfg=sizes.fine_cfg)
     synth.write_corpus(root / "audio", num_tracks=2, seconds=11.0, seed=0)
     system = TokenSystem.create(cfg.token_system(), root / "token_system")
     fit_local(system, list_audio_files(root / "audio"))
@@ -95,7 +102,7 @@ def whole_generation(args) -> None:
     from musiclm.models.sampling import sample, sample_recompute
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.models) if args.models else tiny_model_set(Path(tmp))
+        root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
         generator = MusicGenerator(ModelSet.from_dir(root), args.device)
         settings = GenerateSettings(duration=args.seconds, num_samples=1)
         generator.generate("warm-up", GenerateSettings(duration=1.0, num_samples=1))
@@ -103,7 +110,8 @@ def whole_generation(args) -> None:
         for name, sampler in ways:
             result = generator.generate("an upbeat jazz piano", settings, sampler=sampler)
             t = result.timings
-            print(json.dumps({"whole_generation": name, "models": str(args.models or "tiny (built here)"),
+            print(json.dumps({"whole_generation": name,
+                              "models": str(args.models or f"untrained {args.models_preset} (built here)"),
                               "device": args.device, "audio_s": args.seconds,
                               **{k: t[k] for k in ("semantic", "coarse", "fine", "decode", "score", "total")},
                               "real_time_factor": round(t["real_time_factor"], 3)}), flush=True)

@@ -14,9 +14,6 @@ import time
 
 import torch
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16, SXM parts
-
-
 def stage_inputs(model, batch: int, device):
     shapes = {"clap": (batch, 12), "semantic": (batch, 499), "coarse": (batch, 300, 3), "fine": (batch, 150, 5)}
     if model.sequences[-1].name == "coarse":
@@ -31,7 +28,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak dense bf16 TFLOP/s (default: by GPU name, "
+                                                                   "musiclm.train.metrics.PEAK_BF16_TFLOPS)")
     p.add_argument("--stages", default="semantic,coarse,fine")
     args = p.parse_args()
 
@@ -39,11 +37,12 @@ def main() -> None:
     from musiclm.models import build_stage, count_parameters, stage_loss
     from musiclm.models.transformer import model_flops_per_token
     from musiclm.train.engine import make_optimizer
+    from musiclm.train.metrics import peak_flops
     from musiclm.config import TrainConfig
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_flops(device, args.peak_tflops)
     for stage in args.stages.split(","):
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device).train()
@@ -72,7 +71,7 @@ def main() -> None:
             "stage": stage, "preset": args.preset, "device": name, "params_M": round(count_parameters(model) / 1e6, 1),
             "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),
             "tokens_per_s": round(tokens_per_s), "model_tflops": round(flops / 1e12, 1),
-            "mfu": round(flops / (peak * 1e12), 3) if peak else None,
+            "mfu": round(flops / peak, 3) if peak else None,
             "max_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1) if device.type == "cuda" else None,
         }), flush=True)
         del model, opt

@@ -200,6 +200,7 @@ class TrainConfig:
     # every epoch. 0 = always stream.
     cache_train_mb: float = 256.0
     seed: int = 0
+    peak_tflops: float = 0.0  # the device's peak dense bf16 TFLOP/s for train/mfu; 0: by GPU name (known GPUs)
 
     def __post_init__(self):
         check(self.lr > 0, "lr", "must be > 0")
@@ -220,6 +221,7 @@ class TrainConfig:
         check(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0 (0 = automatic)")
         check(self.max_failures >= 0, "max_failures", "must be >= 0")
         check(self.cache_train_mb >= 0, "cache_train_mb", "must be >= 0 (0 = always stream)")
+        check(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = by the GPU's name)")
 
 
 @dataclass

@@ -179,3 +179,39 @@ def test_bf16_position_bias_keeps_every_distance_and_logits_stay_close_to_float3
     diff = (got - ref).abs()
     assert diff.max() < 0.1 * ref.std() and diff.mean() < 0.02 * ref.std(), (diff.max(), diff.mean(), ref.std())
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("start,n", [(0, 1217), (0, 7), (37, 1), (20, 5)])
+def test_toeplitz_bias_equals_indexing_the_table_by_distance_forward_and_backward(start, n):
+    """The bias built from windows of one vector (``unfold``) is the table indexed by clamped distances, for a
+    training window (start 0) and for cached decoding steps (start > 0); the gradients into the table agree up to
+    summation order (the reference's backward is a scatter-add, the new one a sum over windows)."""
+    from musiclm.models.transformer import toeplitz_bias
+
+    torch.manual_seed(0)
+    table = torch.randn(4, start + n + 3, dtype=torch.float64, requires_grad=True)  # a cache's table is longer
+    dist = torch.arange(start, start + n)[:, None] - torch.arange(start + n)[None, :]
+    ref, got = table[:, dist.clamp(min=0)], toeplitz_bias(table, start, n)
+    assert got.shape == ref.shape == (4, n, start + n) and torch.equal(got, ref)
+    upstream = torch.randn_like(ref)
+    (g_ref,), (g_got,) = torch.autograd.grad(ref, table, upstream), torch.autograd.grad(got, table, upstream)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-9)
+
+
+def test_attention_mask_is_cast_once_to_the_autocast_dtype():
+    """Under autocast the float mask handed to every layer is already in autocast's dtype (bf16), so attention
+    does not cast the whole (batch, heads, n, n) mask again in each layer; without autocast it stays float32."""
+    from musiclm.models.transformer import compute_dtype
+
+    torch.manual_seed(0)
+    model = build_stage("coarse", model_preset("tiny")).eval()
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[1].dtype))
+    cond = [torch.randint(0, 1024, (2, 12)), torch.randint(0, 1024, (2, 20))]
+    target = torch.randint(0, 1024, (2, 10, 3))
+    with torch.no_grad():
+        model(cond, target)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(cond, target)
+            assert compute_dtype(torch.zeros(1)) == torch.bfloat16
+    assert seen == [torch.float32, torch.bfloat16]

@@ -15,7 +15,8 @@ from musiclm.train.metrics import read_scalars
 from musiclm.train.run import TrainRequest, check_request
 
 STEPS = ["train.batch_size=2", "train.save_results_every=10", "train.save_model_every=10", "train.log_every=5",
-         "train.valid_batches=1", "train.lr=3e-3", "train.lr_warmup=40"]
+         "train.valid_batches=1", "train.lr=3e-3", "train.lr_warmup=40",
+         "train.peak_tflops=0.5"]  # a CPU has no known peak: give one, so that train/mfu is logged
 
 
 def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -49,6 +50,7 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
         assert name in scalars, name
     assert [s for s, _ in scalars["valid/loss"]] == [10, 20]
     assert summary["metrics"]["step"] == 20
+    _check_mfu(scalars, workers=2, peak=0.5e12)
 
     # The consolidated weights equal DeepSpeed's own consolidation of its ZeRO shards, and load into a
     # fresh model that computes the same outputs.
@@ -76,6 +78,30 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     assert abs(resumed[25] - loss_at_20) < abs(resumed[25] - first_loss), (first_loss, loss_at_20, resumed)
     assert dict(after["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
     assert ckpt.read_stage(ckpt_latest(run_dir)).step == 30
+
+
+def _check_mfu(scalars: dict, workers: int, peak: float) -> None:
+    """train/mfu is the model FLOPs per second of a worker over the peak: with every crop of the same length,
+    mfu × peak × workers / tokens_per_s is the model FLOPs per position of that window (forward + backward)."""
+    from musiclm.models.transformer import model_flops_per_token
+
+    model = build_stage("coarse", model_preset("tiny"))
+    per_position = dict(scalars["train/mfu"])[20] * peak * workers / dict(scalars["train/tokens_per_s"])[20]
+    f0, f1 = model_flops_per_token(model, 0), model_flops_per_token(model, 1)
+    window = (per_position - f0) / (f1 - f0)  # model_flops_per_token is linear in the window length
+    cond = [torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, 199, dtype=torch.long)]
+    assert window == pytest.approx(model.positions(cond, 300 * 3), abs=1e-3), window
+
+
+def test_peak_flops_by_gpu_name_or_config(monkeypatch):
+    from musiclm.train.metrics import peak_flops
+
+    assert peak_flops("cpu") is None and peak_flops("cpu", 2.0) == 2e12
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, tflops in (("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                         ("NVIDIA A100-SXM4-80GB", 312), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda:0") == (tflops * 1e12 if tflops else None), name
 
 
 def ckpt_latest(run_dir: str) -> str:

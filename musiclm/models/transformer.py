@@ -79,6 +79,27 @@ class RelativePositionBias(nn.Module):
         return F.linear(x, self.out.weight.float(), self.out.bias.float()).t().to(self.out.weight.dtype)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's (bf16 in GPU training) when it is on, else ``x``'s. The float mask
+    is cast to it once per forward; left in float32 under autocast, every layer's attention cast the whole
+    (batch, heads, n, n) mask again (about a quarter of a large-stage training step on an H200)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def toeplitz_bias(table: Tensor, start: int, n: int) -> Tensor:
+    """Bias (heads, n, start + n) of queries ``start .. start + n - 1`` over keys ``0 .. start + n - 1``: entry
+    [h, i, j] = table[h, max(start + i - j, 0)] (distances below 0 are masked by the caller). Built as windows of
+    one vector over the distances (``unfold``: every row is the previous one shifted by one) instead of indexing
+    the table with an (n, start + n) matrix of distances, whose backward is a scatter-add of n² elements into a
+    few thousand: on an H200 that backward alone was 16 % of a training step of the large coarse stage."""
+    total = start + n
+    t = table[:, :total]
+    w = torch.cat((t.flip(-1), t[:, :1].expand(-1, n - 1)), dim=-1)  # w[m] = t[max(total - 1 - m, 0)]
+    return w.unfold(-1, total, 1).flip(1)  # row i: w[n - 1 - i : n - 1 - i + total]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
         super().__init__()
@@ -249,7 +270,7 @@ class TokenConditionedTransformer(nn.Module):
         if bias_table is None:
             bias = torch.zeros(1, n, total, device=key_mask.device)
         else:
-            bias = bias_table[:, dist.clamp(min=0)]  # (heads, n, total)
+            bias = toeplitz_bias(bias_table, start, n)  # (heads, n, total)
         return bias[None].masked_fill(~allowed[:, None], float("-inf"))
 
     # ------------------------------------------------------------------ forward
@@ -265,7 +286,7 @@ class TokenConditionedTransformer(nn.Module):
             table = cache.bias_table
         else:
             table = self.rel_pos.table(total, x.device) if self.rel_pos is not None else None
-        mask = self._attn_mask(key_mask, start, x.shape[1], table).to(x.dtype)
+        mask = self._attn_mask(key_mask, start, x.shape[1], table).to(compute_dtype(x))
         for i, block in enumerate(self.layers):
             x = block(x, mask, cache, i)
         if cache is not None:

@@ -23,9 +23,10 @@ import torch
 from ..config import Config, from_dict
 from ..data.clips import stable_fraction
 from ..models import build_stage, split_batch, stage_loss
+from ..models.transformer import model_flops_per_token
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, uses_bf16
-from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers
+from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers, peak_flops
 
 DS_DIR, DS_TAG = "deepspeed", "state"
 TRAIN_STATE = "train_state.json"
@@ -145,6 +146,7 @@ def train_loop(loop_cfg: dict) -> None:
     torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
     q = model.target.num_quantizers
     vocabulary = model.target.codebook_size + 1
+    peak = peak_flops(device, tc.peak_tflops)  # for train/mfu; None on CPUs and unknown GPUs
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
     sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
     held = loop_cfg.get("held_data", {})
@@ -187,7 +189,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     engine.train()
     last_valid, last_saved = {}, state.step
-    window_start, window_positions, window_losses = time.perf_counter(), 0, []
+    window_start, window_positions, window_flops, window_losses = time.perf_counter(), 0, 0.0, []
     skip = state.batches
     while state.step < tc.num_train_steps:
         got_batches = False
@@ -204,7 +206,9 @@ def train_loop(loop_cfg: dict) -> None:
             engine.backward(loss)
             engine.step()
             window_losses.append(float(loss))
-            window_positions += logits.shape[0] * model.positions(cond, logits.shape[1] - 1)
+            positions = model.positions(cond, logits.shape[1] - 1)
+            window_positions += logits.shape[0] * positions
+            window_flops += logits.shape[0] * positions * model_flops_per_token(model, positions)
             if not boundary:
                 continue
             state.step += 1
@@ -218,11 +222,14 @@ def train_loop(loop_cfg: dict) -> None:
                     "train/tokens_per_s": mean_over_workers(window_positions / elapsed, device) * world,
                     "step": state.step, "epoch": state.epoch,
                 }
+                if peak:  # model FLOPs utilization, as torchtitan: model FLOPs/s per worker over its peak
+                    metrics["train/mfu"] = mean_over_workers(window_flops / elapsed, device) / peak
                 log(f"step {state.step}/{tc.num_train_steps}: loss {metrics['train/loss']:.4f} "
                     f"lr {metrics['train/lr']:.2e} grad norm {metrics['train/grad_norm']:.3f} "
-                    f"{metrics['train/tokens_per_s']:.0f} tokens/s")
+                    f"{metrics['train/tokens_per_s']:.0f} tokens/s"
+                    + (f" MFU {metrics['train/mfu']:.1%}" if peak else ""))
                 tb.scalars(metrics, state.step)
-                window_start, window_positions, window_losses = time.perf_counter(), 0, []
+                window_start, window_positions, window_flops, window_losses = time.perf_counter(), 0, 0.0, []
                 report = {**metrics, **last_valid}
             else:
                 report = None
@@ -237,7 +244,7 @@ def train_loop(loop_cfg: dict) -> None:
             elif report is not None:
                 ray.train.report(report)
             if (report or {}).get("fresh_valid"):  # tokens/s measures training only
-                window_start, window_positions = time.perf_counter(), 0
+                window_start, window_positions, window_flops = time.perf_counter(), 0, 0.0
             tb.flush(upload=bool((report or {}).get("fresh_valid")))
             if done:
                 break

@@ -57,6 +57,24 @@ def mean_over_workers(value: float, device: torch.device | str) -> float:
     return float(t[0]) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
 
 
+# Dense bf16 peak of one device in TFLOP/s (datasheet figures without sparsity), matched by substring of the
+# name torch reports, first match wins (so "H100 PCIe" before "H100"). train.peak_tflops overrides.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("L4", 121.0))
+
+
+def peak_flops(device: torch.device | str, configured_tflops: float = 0.0) -> float | None:
+    """The device's peak dense bf16 FLOP/s, for MFU: ``configured_tflops`` when set, else by the GPU's name;
+    None on CPUs and unknown GPUs (MFU is then not logged)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def at_chance(valid_loss: float, vocabulary: int) -> bool:
     chance = math.log(vocabulary)
     return abs(valid_loss - chance) <= CHANCE_TOLERANCE * chance
