@@ -4,7 +4,9 @@
     dataset (read beforehand, so data costs nothing), and
 (b) this project's loop: Ray Train (TorchTrainer) + DeepSpeed ZeRO-2, streaming and cropping the dataset with
     Ray Data, reporting, validating and checkpointing as a real run does (validation and checkpoints only at
-    the end of the timed window).
+    the end of the timed window), and
+(c) (a)'s loop with (b)'s DeepSpeed engine (same config, a gloo group of one process, no Ray), which splits
+    (b)'s extra time into DeepSpeed's part (c)/(a) and the rest, Ray's, (b)/(c).
 
 Both use one worker with ``--threads`` torch threads; (b) is also run with 2 workers to show data-parallel
 throughput. Prints step time and tokens/s, and the ratios. Timings skip the first steps (warm-up).
@@ -44,8 +46,10 @@ def make_dataset(work: Path, tracks: int) -> Path:
     return data
 
 
-def bare_loop(cfg, data: Path, steps: int, warmup: int, threads: int) -> tuple[float, int]:
-    """Seconds per step and positions per step of a plain PyTorch loop."""
+def bare_loop(cfg, data: Path, steps: int, warmup: int, threads: int, deepspeed: bool = False) -> tuple[float, int]:
+    """Seconds per step and positions per step of a plain PyTorch loop, or with ``deepspeed`` the same loop
+    driving the DeepSpeed engine that the real loop builds (engine.backward/step: ZeRO's gradient partitions,
+    clipping and optimizer step)."""
     import pyarrow.parquet as pq
 
     from musiclm.data.shards import CropSpec, StageCrop, open_manifest, split_files
@@ -62,20 +66,45 @@ def bare_loop(cfg, data: Path, steps: int, warmup: int, threads: int) -> tuple[f
     torch.manual_seed(t.seed)
     model = build_stage(t.stage, cfg.model).train()
     opt, sched = make_optimizer(model, t, on_gpu=False)
+    engine = deepspeed_engine(model, opt, sched, t) if deepspeed else None
     times, positions = [], 0
     for i in range(steps):
         start = time.perf_counter()
         cond, target = split_batch(model, batches[i % len(batches)])
-        logits = model(cond, target, t.mask_prob)
+        logits = (engine or model)(cond, target, t.mask_prob)
         loss = stage_loss(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        opt.step()
-        sched.step()
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            sched.step()
         times.append(time.perf_counter() - start)
         positions = logits.shape[0] * model.positions(cond, logits.shape[1] - 1)
     return float(np.mean(times[warmup:])), positions
+
+
+def deepspeed_engine(model, opt, sched, t):
+    """The real loop's DeepSpeed engine (``engine.deepspeed_config``, fp32 on CPU) in this process: a gloo
+    process group of one on 127.0.0.1."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from musiclm.train.engine import deepspeed_config, skip_inference_comm_op
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
+                          LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    skip_inference_comm_op()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(t, bf16=False))
+    return engine
 
 
 def ray_loop(cfg, data: Path, work: Path, workers: int, cpus: float) -> float:
@@ -123,6 +152,7 @@ def main() -> None:
     b2 = ray_loop(cfg, data, work, 2, args.threads)
     ray.shutdown()
     step_a, positions = bare_loop(cfg, data, args.steps, warmup, args.threads)
+    step_c, _ = bare_loop(cfg, data, args.steps, warmup, args.threads, deepspeed=True)
     a = positions / step_a
     step_b1 = positions / b1
     print(json.dumps({"preset": args.preset, "stage": args.stage, "batch_size": args.batch_size,
@@ -130,7 +160,10 @@ def main() -> None:
     print(f"(a) bare PyTorch loop, 1 process:            {step_a * 1000:8.1f} ms/step {a:9.0f} tokens/s")
     print(f"(b) Ray Train + DeepSpeed ZeRO-2, 1 worker:   {step_b1 * 1000:8.1f} ms/step {b1:9.0f} tokens/s")
     print(f"(b) Ray Train + DeepSpeed ZeRO-2, 2 workers:  {positions * 2 / b2 * 1000:8.1f} ms/step {b2:9.0f} tokens/s")
+    print(f"(c) (a) + the DeepSpeed ZeRO-2 engine, no Ray: {step_c * 1000:8.1f} ms/step {positions / step_c:9.0f} tokens/s")
     print(f"ratio step time (b, 1 worker)/(a): {step_b1 / step_a:.2f}   throughput (b, 2 workers)/(a): {b2 / a:.2f}")
+    print(f"of which DeepSpeed (c)/(a): {step_c / step_a:.2f}   Ray Train and the data path (b)/(c): "
+          f"{step_b1 / step_c:.2f}")
     if not math.isfinite(b1):
         raise SystemExit("the Ray run reported no throughput")
 
