@@ -57,7 +57,7 @@ def train(args, size: str, steps: int, system: Path, data: Path, runs: Path) -> 
                  f"train.save_results_every={max(1, args.steps // 2)}", "train.log_every=5", "train.lr_warmup=5",
                  f"train.batch_size={args.batch_size}", "train.grad_accum_every=1", "train.valid_batches=2",
                  *(LARGE if size == "large" else [])]
-    cmd = [sys.executable, "-m", "musiclm.cli", "train", "--stage", "coarse", "--data", str(data),
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--stage", "coarse", "--data", str(data),
            "--token-system", str(system), "--preset", "tiny", "--run-name", f"smoke-{size}", "--storage", str(runs),
            "--cpu" if args.cpu else "--use-gpu", "--set", *overrides]
     print("$ " + " ".join(cmd[1:]), flush=True)

@@ -83,3 +83,22 @@ def test_missing_and_malformed_files_are_clear(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_model_config(tmp_path / "broken.json")
+
+
+def test_imports_flow_one_way():
+    """jobs/ uses tune/ and musiclm/; tune/ uses musiclm/ only; musiclm/ uses neither (read from the source, every
+    import statement, also those inside functions)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    forbidden = {"musiclm": {"jobs", "tune"}, "tune": {"jobs"}}
+    found = []
+    for package, banned in forbidden.items():
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                found += [f"{path.relative_to(root)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[0] in banned]
+    assert not found, found

@@ -28,7 +28,7 @@ def test_search_space_specs():
 @pytest.mark.timeout(600)
 def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_store, token_dataset_dir, tmp_path):
     from musiclm.train.metrics import read_scalars
-    from tune.sweep import main as sweep
+    from jobs.tune import main as sweep
 
     sweeps = object_store.bucket() + "/sweeps"
     sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", sweeps,

@@ -1,1 +1,1 @@
-"""Ray Tune sweeps over the same train function that ``jobs.train`` uses (``python -m tune.sweep``)."""
+"""Ray Tune sweeps over the same train function that ``jobs.train`` uses (``musiclm tune``, ``jobs/tune.py``)."""

@@ -1,69 +1,46 @@
-"""musiclm tune: sweep learning rate (and more) for one stage with Ray Tune, ASHA on valid/loss.
+"""Ray Tune sweeps of one stage (the library behind ``musiclm tune``, ``jobs/tune.py``).
 
 Every trial runs the same train function as `musiclm train` (Ray Train + DeepSpeed) with one point of the
-search space applied to the run's Config as dotted overrides. Search space: --lr/--warmup/--batch-size/--wd/
---zero-stage SPEC, --param KEY=SPEC for any config key, or --space FILE (JSON of key -> spec); SPEC is
-loguniform:LOW:HIGH, uniform:LOW:HIGH, grid:V1,V2,... or choice:V1,V2,... (see tune/space.py).
-The sweep lives in STORAGE/NAME: Tune's state, trials/<id>/ (checkpoints and TensorBoard of each trial),
-results.csv / results.md, and best.json (usable as `musiclm train --config best.json --init-from best.json`).
-Re-running the same command resumes an interrupted sweep."""
+search space applied to the run's Config as dotted overrides (tune/space.py). The sweep lives in
+STORAGE/NAME: Tune's state, trials/<id>/ (checkpoints and TensorBoard of each trial), results.csv /
+results.md, and best.json (usable as `musiclm train --config best.json --init-from best.json`). Running the
+same sweep again resumes it."""
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
-import sys
+from dataclasses import dataclass
 from functools import partial
 
 from musiclm import storage
+from musiclm.config import Config
 
-from jobs.common import add_ray_args, add_stage_args, connect, gpu_resources, log, run, stage_args_config
-
-from .space import SHORTCUTS, build_space, read_space_file
+from .space import build_space
 
 BEST, RESULTS = "best.json", "results"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="musiclm tune", description=__doc__)
-    add_stage_args(p)
-    p.add_argument("--name", required=True, help="sweep name; the same name resumes the sweep")
-    p.add_argument("--storage", default="sweeps", help="where sweeps are kept: a folder every node reaches, or an "
-                                                       "object-store URI such as s3://bucket/sweeps")
-    g = p.add_argument_group("search space")
-    for flag in SHORTCUTS:
-        g.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="SPEC", help=f"{SHORTCUTS[flag]}")
-    g.add_argument("--param", action="append", default=[], metavar="KEY=SPEC", help="any dotted config key")
-    g.add_argument("--space", help="JSON file of dotted key -> spec")
-    s = p.add_argument_group("scheduling")
-    s.add_argument("--num-samples", type=int, default=1, help="samples of the space (times every grid point)")
-    s.add_argument("--grace-period", type=int, default=None, help="ASHA: steps before a trial can be stopped "
-                                                                  "(default: train.save_results_every)")
-    s.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/factor of trials per rung")
-    s.add_argument("--no-early-stop", action="store_true", help="run every trial to the end (FIFO)")
-    s.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at a time (default: as many as the cluster fits at the start). More than fit now: "
-                        "the autoscaler adds nodes for the waiting trials' workers")
-    s.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (from its checkpoint)")
-    add_ray_args(p)
-    return p
+@dataclass
+class SweepRequest:
+    """What to sweep: the base Config (``train.use_gpu`` resolved), the search space (dotted key -> spec),
+    where the data is and where the sweep lives, and how Tune schedules the trials."""
 
-
-def space_entries(args) -> dict:
-    entries = read_space_file(args.space) if args.space else {}
-    for flag, key in SHORTCUTS.items():
-        if getattr(args, flag):
-            entries[key] = getattr(args, flag)
-    for item in args.param:
-        key, sep, spec = item.partition("=")
-        if not sep:
-            raise ValueError(f"--param {item!r} must look like KEY=SPEC")
-        entries[key] = spec
-    if not entries:
-        raise ValueError("empty search space: give --lr SPEC (e.g. --lr grid:1e-4,3e-4,1e-3), --param or --space")
-    return entries
+    base: Config
+    space: dict[str, str]
+    data: str
+    name: str
+    storage: str = "sweeps"
+    init_from: str | None = None
+    token_system: str | None = None
+    num_samples: int = 1
+    grace_period: int | None = None  # ASHA: steps before a trial can be stopped (default save_results_every)
+    reduction_factor: float = 2.0
+    early_stop: bool = True
+    max_concurrent: int | None = None  # default: as many as the cluster fits now
+    max_failures: int = 2
 
 
 def trial_budget(cfg, resources: dict) -> tuple[float, int]:
@@ -138,69 +115,59 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    import dataclasses
-
-    import ray
+def sweep(req: SweepRequest, resources: dict, log=print) -> list[dict]:
+    """Run (or resume) the sweep on the connected Ray; write results.csv/.md and best.json; return the rows,
+    best first. ``resources``: the cluster's (``ray.cluster_resources()``, after any wait for GPU nodes)."""
     from ray import tune
 
     from musiclm.config import to_dict
-    from musiclm.train.run import resolve_use_gpu
 
     from .trial import run_trial
 
-    base, init_from = stage_args_config(args)
-    entries = space_entries(args)
-    space = build_space(entries)
-    resources = connect(args)
-    base = resolve_use_gpu(base, resources, log)
-    if base.train.use_gpu:  # at least one trial's GPUs, asked of the autoscaler when the cluster has none yet
-        resources = gpu_resources(args, resources, "the first trial's workers",
-                                  [{"CPU": 1.0, "GPU": 1.0}] * base.train.num_workers)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    base = req.base
+    space = build_space(req.space)
     per_worker, concurrent = trial_budget(base, resources)
-    if args.max_concurrent and args.max_concurrent > concurrent:
-        log(f"{args.max_concurrent} trials at a time (--max-concurrent); the cluster fits {concurrent} now: the other "
+    if req.max_concurrent and req.max_concurrent > concurrent:
+        log(f"{req.max_concurrent} trials at a time (--max-concurrent); the cluster fits {concurrent} now: the other "
             f"trials' workers wait for the autoscaler to add nodes")
-    elif not args.max_concurrent:
+    elif not req.max_concurrent:
         log(f"{concurrent} trial(s) at a time: what the cluster fits now. On an autoscaling cluster, --max-concurrent N "
             f"runs more while it adds nodes")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, cpus_per_worker=per_worker))
-    sweep_dir = storage.join(storage.location(args.storage), args.name)
+    sweep_dir = storage.join(storage.location(req.storage), req.name)
     storage.make_dirs(sweep_dir)
     trainable = tune.with_resources(
-        partial(run_trial, base=to_dict(base), data=storage.location(args.data), sweep_dir=sweep_dir,
-                cluster_cpus=resources.get("CPU", 1), init_from=init_from, token_system=args.token_system),
+        partial(run_trial, base=to_dict(base), data=storage.location(req.data), sweep_dir=sweep_dir,
+                cluster_cpus=resources.get("CPU", 1), init_from=req.init_from, token_system=req.token_system),
         {"CPU": 0.05})
     total = base.train.num_train_steps
-    scheduler = None if args.no_early_stop else tune.schedulers.ASHAScheduler(
-        time_attr="step", max_t=total, grace_period=args.grace_period or base.train.save_results_every,
-        reduction_factor=args.reduction_factor)
+    scheduler = None if not req.early_stop else tune.schedulers.ASHAScheduler(
+        time_attr="step", max_t=total, grace_period=req.grace_period or base.train.save_results_every,
+        reduction_factor=req.reduction_factor)
     tune_dir = storage.join(sweep_dir, "tune")
     fs, tune_path = storage.resolve(tune_dir)  # Tune takes the path inside the filesystem, and the filesystem
-    if tune.Tuner.can_restore(f"{tune_path}/{args.name}", storage_filesystem=fs):
-        log(f"resuming sweep {args.name} from {storage.join(tune_dir, args.name)}")
-        tuner = tune.Tuner.restore(f"{tune_path}/{args.name}", trainable=trainable, resume_errored=True,
+    if tune.Tuner.can_restore(f"{tune_path}/{req.name}", storage_filesystem=fs):
+        log(f"resuming sweep {req.name} from {storage.join(tune_dir, req.name)}")
+        tuner = tune.Tuner.restore(f"{tune_path}/{req.name}", trainable=trainable, resume_errored=True,
                                    param_space=space, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric="valid/loss", mode="min", scheduler=scheduler,
-                                        num_samples=args.num_samples,
-                                        max_concurrent_trials=args.max_concurrent or concurrent),
-            run_config=tune.RunConfig(name=args.name, storage_path=tune_path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=args.max_failures)))
-    log(f"sweep {args.name}: {', '.join(f'{k}={v}' for k, v in entries.items())}; "
-        f"{args.max_concurrent or concurrent} trial(s) at a time, {per_worker:g} CPU per worker")
+                                        num_samples=req.num_samples,
+                                        max_concurrent_trials=req.max_concurrent or concurrent),
+            run_config=tune.RunConfig(name=req.name, storage_path=tune_path, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=req.max_failures)))
+    log(f"sweep {req.name}: {', '.join(f'{k}={v}' for k, v in req.space.items())}; "
+        f"{req.max_concurrent or concurrent} trial(s) at a time, {per_worker:g} CPU per worker")
     grid = tuner.fit()
-    rows = summarize(grid, list(entries), total, sweep_dir, base)
+    rows = summarize(grid, list(req.space), total, sweep_dir, base)
     log("results (best first):\n" + storage.read_text(storage.join(sweep_dir, f"{RESULTS}.md")))
     log(f"best config and checkpoint: {storage.join(sweep_dir, BEST)}")
     log(f"curves: tensorboard --logdir {storage.join(sweep_dir, 'trials')} --host 127.0.0.1")
     if all(r["error"] for r in rows):
-        raise RuntimeError(f"every trial failed; see the trial logs under {storage.join(tune_dir, args.name)}")
+        raise RuntimeError(f"every trial failed; see the trial logs under {storage.join(tune_dir, req.name)}")
+    return rows
 
 
-if __name__ == "__main__":
-    run(main)
+__all__ = ["SweepRequest", "sweep", "trial_budget", "best_checkpoint", "summarize", "BEST", "RESULTS"]
