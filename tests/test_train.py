@@ -258,3 +258,37 @@ def test_use_gpu_auto_follows_the_cluster_and_says_so():
     assert resolve_use_gpu(forced, {"GPU": 8.0}, said.append) is forced and len(said) == 2  # asked: kept, quiet
     with pytest.raises(ConfigError, match="use_gpu is 'auto'"):
         build_trainer(TrainRequest(cfg, "unused", "r"), {}, 2.0)
+
+
+def test_worker_lines_reach_the_driver_once(monkeypatch):
+    """In a Ray Train V2 worker ``print`` is Ray's ``redirected_print``; with Ray's own stream in ``sys.stdout`` it
+    writes the line there and logs it to the console as well: twice in the driver's log. ``worker_print`` writes
+    it once, to the process's stdout (here a buffer standing in for it)."""
+    import builtins
+    import io
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from musiclm.train.loop import worker_print
+
+    ray_stream, process_stdout, logged = io.StringIO(), io.StringIO(), []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # as Ray Train configures its workers' root logger
+    try:
+        monkeypatch.setattr(sys, "stdout", ray_stream)
+        monkeypatch.setattr(sys, "__stdout__", process_stdout)
+        monkeypatch.setattr(builtins, "print", redirected_print)
+        print("[train coarse] step 5")  # what the loop did: the line arrives twice
+        assert ray_stream.getvalue().count("step 5") + logged.count("[train coarse] step 5") == 2
+        ray_stream.seek(0), ray_stream.truncate(0), logged.clear()
+        worker_print("[train coarse] step 10")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    seen = ray_stream.getvalue() + process_stdout.getvalue() + "".join(logged)
+    assert seen.count("step 10") == 1 and process_stdout.getvalue() == "[train coarse] step 10\n"

@@ -10,6 +10,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from musiclm import storage
 from musiclm.config import Config, apply_overrides, from_dict
+from musiclm.train.loop import worker_print
 from musiclm.train.run import TrainRequest, build_trainer, check_request
 
 
@@ -33,5 +34,5 @@ def run_trial(params: dict, *, base: dict, data: str, sweep_dir: str, cluster_cp
     cfg = apply_overrides(from_dict(Config, base, "config"), params)
     trial_id = ray.tune.get_context().get_trial_id()
     req = TrainRequest(cfg, data, f"trial_{trial_id}", storage.join(sweep_dir, "trials"), init_from, token_system)
-    loop_cfg = check_request(req, log=lambda m: print(f"[trial {trial_id}] {m}", flush=True))
+    loop_cfg = check_request(req, log=lambda m: worker_print(f"[trial {trial_id}] {m}"))
     build_trainer(req, loop_cfg, cluster_cpus, callbacks=[ValidationReports()]).fit()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, asdict
@@ -30,6 +31,16 @@ from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_ove
 
 DS_DIR, DS_TAG = "deepspeed", "state"
 TRAIN_STATE = "train_state.json"
+
+
+def worker_print(message: str) -> None:
+    """Print a line once in the driver's log. Ray Train V2 replaces ``print`` in its workers: the replacement
+    both logs the message to a console handler and, because Ray's worker has swapped ``sys.stdout`` for its own
+    stream, prints it there too, so every line reached the driver twice. Writing to the process's own stdout
+    (what Ray forwards to the driver) sidesteps that; Ray Train's JSON app log does not get these lines."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
 
 
 @dataclass
@@ -116,7 +127,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     def log(msg: str) -> None:
         if rank == 0:
-            print(f"[train {stage}] {msg}", flush=True)
+            worker_print(f"[train {stage}] {msg}")
 
     torch.manual_seed(tc.seed)
     model = build_stage(stage, cfg.model)
@@ -169,7 +180,7 @@ def train_loop(loop_cfg: dict) -> None:
         tb.scalars(out, state.step)
         if rank == 0 and state.step > tc.lr_warmup and at_chance(out["valid/loss"], vocabulary):
             message = chance_message(stage, state.step, out["valid/loss"], vocabulary)
-            print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100, flush=True)
+            worker_print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100)
             tb.text("warnings/chance_level", message, state.step)
         if sampler is not None and example is not None:
             sampler.write(tb, example, state.step)
@@ -259,4 +270,4 @@ def train_loop(loop_cfg: dict) -> None:
     tb.close()
 
 
-__all__ = ["train_loop", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]
+__all__ = ["train_loop", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]
