@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from .. import storage
 from ..audio import int16_round_trip, sinc_resample
@@ -193,13 +194,13 @@ class TokenSystem:
         root = Path(writable_root(root or self.root))
         root.mkdir(parents=True, exist_ok=True)
         if self.rvq_fitted:
-            _atomic(root / RVQ_FILE, lambda p: save_file(self.rvq.tensors(), str(p)))
+            storage.write_bytes(root / RVQ_FILE, save_tensors(self.rvq.tensors()))
         if self.kmeans_fitted:
-            _atomic(root / KMEANS_FILE, lambda p: save_file({"centers": self.semantic.centers.cpu().contiguous()}, str(p)))
+            storage.write_bytes(root / KMEANS_FILE, save_tensors({"centers": self.semantic.centers.cpu().contiguous()}))
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "fingerprint_parts": self.fingerprint_parts(),
                 "fitted": {"clap_rvq": self.rvq_fitted, "semantic_kmeans": self.kmeans_fitted},
                 "config": to_dict(self.config)}
-        _atomic(root / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        storage.write_json(root / CONFIG_FILE, meta)
         self.root = root
         return root
 
@@ -374,7 +375,3 @@ def _loader(name: str):
     return encoders.load_hubert if name == "semantic" else encoders.load_encodec
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -10,13 +10,11 @@ in ``s3://``); ``save_stage`` writes into a local folder (Ray Train uploads it w
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
 from .. import storage
 from ..config import ModelConfig, from_dict, to_dict
@@ -46,17 +44,20 @@ class StageInfo:
 
 
 def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, model_cfg: ModelConfig, step: int,
-               fingerprint: str, metrics: dict | None = None) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+               fingerprint: str, metrics: dict | None = None) -> Path | str:
+    """Write a stage checkpoint (``model.safetensors`` + ``stage.json``) to a folder or an object-store URI;
+    each file is written whole or not at all (``storage.write_bytes``). Returns ``out``."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    tmp = out / (MODEL_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"stage": stage, "step": str(step), "fingerprint": fingerprint})
-    os.replace(tmp, out / MODEL_FILE)
+    loc = storage.location(out)
+    storage.make_dirs(loc)
+    storage.write_bytes(storage.join(loc, MODEL_FILE),
+                        save(tensors, metadata={"stage": stage, "step": str(step), "fingerprint": fingerprint}))
     info = {"format": FORMAT_VERSION, "stage": stage, "step": step, "fingerprint": fingerprint,
             "model": to_dict(model_cfg), "metrics": metrics or {}}
-    (out / STAGE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    return out
+    storage.write_text(storage.join(loc, STAGE_FILE), json.dumps(info, indent=2, sort_keys=True))
+    return loc if storage.is_remote(loc) else Path(loc)
 
 
 def read_stage(path: str | Path) -> StageInfo:
