@@ -215,3 +215,36 @@ def test_attention_mask_is_cast_once_to_the_autocast_dtype():
             model(cond, target)
             assert compute_dtype(torch.zeros(1)) == torch.bfloat16
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_conditioning_gain_shows_whether_a_stage_uses_its_text_condition():
+    """The validation pass of training (``loop.validation_pass``) scores each example again with the CLAP tokens of
+    the example half the subset away: a model that learned the copy task above (its first tokens are the CLAP
+    tokens) loses much more with them swapped; the untrained one, nothing to speak of."""
+    from musiclm.train.loop import validation_pass
+
+    torch.manual_seed(0)
+    model = build_stage("semantic", model_preset("tiny"))
+    valid = _copy_task(model, 12, 8, torch.Generator().manual_seed(2))
+    names = [s.name for s in model.sequences]
+    batches = [{n: t[i: i + 4].numpy() for n, t in zip(names, [*valid[0], valid[1]])} for i in range(0, 12, 4)]
+
+    def gain(m):
+        m.eval()
+        sums, cond_sums, _ = validation_pass(m, m, batches, "cpu")
+        out = {**sums.reduce("cpu"), **cond_sums.reduce("cpu")}
+        assert out["valid/loss_cond_shuffled"] - out["valid/loss"] == pytest.approx(out["valid/conditioning_gain"])
+        return out["valid/conditioning_gain"]
+
+    before = gain(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99))
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        cond, target = _copy_task(model, 16, 8, gen)
+        loss, _ = loss_and_metrics(model(cond, target), target, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = gain(model)
+    assert abs(before) < 0.05 and after > 1.0, (before, after)

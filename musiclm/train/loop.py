@@ -27,7 +27,8 @@ from ..models import build_stage, split_batch, stage_loss
 from ..models.transformer import model_flops_per_token
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, uses_bf16
-from .metrics import TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers, peak_flops
+from .metrics import (ConditioningSums, TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers,
+                      peak_flops)
 
 DS_DIR, DS_TAG = "deepspeed", "state"
 TRAIN_STATE = "train_state.json"
@@ -110,6 +111,34 @@ def _batches(held: dict, split: str, epoch: int, rank: int, world: int, batch_si
     return held[split].batches(epoch, rank, world, batch_size, drop_last)
 
 
+@torch.no_grad()
+def validation_pass(forward, model, batches: list[dict], device) -> tuple[ValidSums, ConditioningSums, dict | None]:
+    """Loss and accuracy sums of this worker's validation batches (``forward``: the engine, or the model), and
+    the same loss with every example's CLAP tokens swapped for those of the example half this worker's subset
+    away (crops of one track sit together, so that is another track): ``ConditioningSums``. Also the first
+    example with its predicted tokens, for the TensorBoard sample. Reduce both sums over the workers."""
+    sums, cond_sums, example = ValidSums(model.target.num_quantizers), ConditioningSums(), None
+    clap = [s.name for s in model.sequences].index("clap")
+    all_clap = np.concatenate([np.asarray(b[model.sequences[clap].name]) for b in batches]) if batches else None
+    first = 0
+    for batch in batches:
+        cond, tgt = split_batch(model, batch, device)
+        logits = forward(cond, tgt)
+        loss = stage_loss(logits, tgt)
+        sums.add(loss, logits, tgt)
+        n, b = len(all_clap), tgt.shape[0]
+        if n > 1:
+            other = torch.as_tensor(all_clap[(np.arange(first, first + b) + n // 2) % n], dtype=torch.long,
+                                    device=cond[clap].device)
+            swapped = [other if i == clap else c for i, c in enumerate(cond)]
+            cond_sums.add(loss, stage_loss(forward(swapped, tgt), tgt), logits.shape[0] * logits.shape[1])
+        first += b
+        if example is None:
+            example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
+            example["predicted"] = logits[0, :-1, :-1].argmax(-1).reshape(tgt.shape[1:]).cpu().numpy()  # no eos
+    return sums, cond_sums, example
+
+
 def train_loop(loop_cfg: dict) -> None:
     import deepspeed
     import ray.train
@@ -155,7 +184,6 @@ def train_loop(loop_cfg: dict) -> None:
     # every rank built the same initial weights from tc.seed; from here each draws its own dropout and forgetful
     # mask, and a resumed run draws new ones rather than the first steps' again
     torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
-    q = model.target.num_quantizers
     vocabulary = model.target.codebook_size + 1
     peak = peak_flops(device, tc.peak_tflops)  # for train/mfu; None on CPUs and unknown GPUs
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
@@ -164,19 +192,14 @@ def train_loop(loop_cfg: dict) -> None:
 
     def validate() -> dict:
         engine.eval()
-        sums, example = ValidSums(q), None
-        with torch.no_grad():
-            for batch in _batches(held, "valid", 0, rank, world, tc.batch_size, drop_last=False):
-                cond, tgt = split_batch(model, batch, device)
-                logits = engine(cond, tgt)
-                sums.add(stage_loss(logits, tgt), logits, tgt)
-                if example is None:
-                    example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
-                    example["predicted"] = logits[0, :-1, :-1].argmax(-1).reshape(tgt.shape[1:]).cpu().numpy()  # no eos
+        batches = list(_batches(held, "valid", 0, rank, world, tc.batch_size, drop_last=False))
+        sums, cond_sums, example = validation_pass(engine, model, batches, device)
         engine.train()
-        out = sums.reduce(device)
+        out = {**sums.reduce(device), **cond_sums.reduce(device)}
         state.valid_loss = out["valid/loss"]
-        log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}")
+        gain = out.get("valid/conditioning_gain")
+        log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}"
+            + (f" conditioning gain {gain:+.4f}" if gain is not None else ""))
         tb.scalars(out, state.step)
         if rank == 0 and state.step > tc.lr_warmup and at_chance(out["valid/loss"], vocabulary):
             message = chance_message(stage, state.step, out["valid/loss"], vocabulary)
@@ -270,4 +293,4 @@ def train_loop(loop_cfg: dict) -> None:
     tb.close()
 
 
-__all__ = ["train_loop", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]
+__all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]

@@ -40,6 +40,28 @@ class ValidSums:
         return out
 
 
+class ConditioningSums:
+    """Validation loss with each example's own CLAP tokens and with another example's (rolled by one within the
+    batch), over batches of at least two examples. Their difference, ``valid/conditioning_gain``, shows whether
+    a stage uses the text condition at all: about 0 when it ignores it. (Two crops of one track in a batch share
+    their CLAP tokens nearly, so the gain is a lower bound.)"""
+
+    def __init__(self):
+        self.t = torch.zeros(3, dtype=torch.float64)  # own loss·n, shuffled loss·n, n
+
+    def add(self, own_loss: torch.Tensor, shuffled_loss: torch.Tensor, n_labels: int) -> None:
+        self.t += torch.tensor([float(own_loss) * n_labels, float(shuffled_loss) * n_labels, n_labels],
+                               dtype=torch.float64)
+
+    def reduce(self, device: torch.device | str) -> dict[str, float]:
+        """The sums over all workers (a collective: every worker calls it); empty when no batch had two examples."""
+        t = all_reduce_sum(self.t, device)
+        if t[2] == 0:
+            return {}
+        own, shuffled = float(t[0] / t[2]), float(t[1] / t[2])
+        return {"valid/loss_cond_shuffled": shuffled, "valid/conditioning_gain": shuffled - own}
+
+
 def all_reduce_sum(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``t`` summed over the workers, back on the CPU; ``t`` itself is left alone. The one place the training
     loop calls a collective: the reduction runs on ``device``, the engine's device, because NCCL (Ray Train's
