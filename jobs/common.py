@@ -193,12 +193,7 @@ def generate_settings(args: argparse.Namespace):
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one per line; blank lines and lines starting with # skipped) or a JSON list."""
-    import json
+    """The captions of a prompt set (``musiclm.evaluate.read_prompt_set``: text, JSON list or MusicCaps CSV)."""
+    from musiclm.evaluate import read_prompt_set
 
-    text = open(path, encoding="utf-8").read()
-    prompts = json.loads(text) if path.endswith(".json") else [
-        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"{path} holds no prompts: give one prompt per line, or a JSON list of strings")
-    return prompts
+    return [p.caption for p in read_prompt_set(path)]

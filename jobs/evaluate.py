@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, read_prompts,
-                         run)
+from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True, help="file of prompts (one per line, or a JSON list)")
+    p.add_argument("--prompts", required=True, help="file of prompts (one per line), a JSON list, or a MusicCaps-style "
+                                                    "CSV (ytid, start_s, end_s, caption)")
+    p.add_argument("--reference-audio", help="folder of reference clips for FAD (with a CSV: named by ytid)")
     p.add_argument("--models", required=True, help="NAME=DIR[,NAME=DIR…]: model-set folders to compare")
     p.add_argument("--out", required=True, help="output folder or object-store URI")
     add_generate_args(p)
@@ -29,18 +30,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from musiclm import storage
-    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
+    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets, read_prompt_set
 
     settings = generate_settings(args)
     sets = parse_model_sets(args.models, args.token_system)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_set(args.prompts)
     resources = gpu_resources(args, connect(args), "the generation actors")
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                     cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                    log=log)
+                    reference_audio=args.reference_audio, log=log)
     out = storage.location(args.out)
     print(storage.read_text(storage.join(out, f"{RESULTS}.md")))
     log(f"table: {storage.join(out, RESULTS)}.csv, .md; plot: {storage.join(out, PLOT)}")

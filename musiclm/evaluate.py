@@ -7,6 +7,13 @@ prompt gets its best-of-N and mean score per set.
     OUT/results.csv, results.md      prompt × set: best-of-N and mean CLAP score
     OUT/scores.png                   bars: best-of-N per prompt and set; dots: the mean
     OUT/tensorboard/                 scores and the best clip of each prompt and set
+    OUT/fad.json                     with reference audio: FAD of each set's clips against it (CLAP and
+                                     semantic-encoder embeddings), sample counts, embedding models
+
+Prompts come from a text file (one per line), a JSON list, or a MusicCaps-style CSV (``ytid``, ``start_s``,
+``end_s``, ``caption``, other columns ignored). Reference audio for FAD (``reference_audio``): a folder of clips;
+with a CSV, the clip of each prompt is the file named by its ytid (any audio extension), cut to
+[start_s, end_s] when it is longer; otherwise every clip in the folder.
 
 Scores are comparable only when every set is scored by the same CLAP encoder, so sets whose token systems
 have different CLAP weights are refused.
@@ -15,7 +22,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
@@ -25,6 +34,43 @@ from .generate_batch import generate_sets
 
 RESULTS = "results"
 PLOT = "scores.png"
+
+
+@dataclass
+class Prompt:
+    caption: str
+    ytid: str | None = None  # MusicCaps: the YouTube id its reference clip is named by
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+def _seconds(value) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def read_prompt_set(path: str) -> list[Prompt]:
+    """Prompts from a text file (one per line; blank lines and lines starting with # skipped), a JSON list of
+    strings, or a CSV with a ``caption`` column (MusicCaps' layout: ytid, start_s, end_s, ..., caption, ...)."""
+    text = storage.read_text(path)
+    if path.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if not rows or "caption" not in rows[0]:
+            raise ValueError(f"{path}: a CSV prompt set needs a 'caption' column (MusicCaps' columns: ytid, "
+                             f"start_s, end_s, ..., caption)")
+        prompts = [Prompt(r["caption"].strip(), (r.get("ytid") or "").strip() or None, _seconds(r.get("start_s")),
+                          _seconds(r.get("end_s"))) for r in rows if (r.get("caption") or "").strip()]
+    elif path.endswith(".json"):
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
+            raise ValueError(f"{path}: a JSON prompt set is a list of strings")
+        prompts = [Prompt(p.strip()) for p in data]
+    else:
+        prompts = [Prompt(line.strip()) for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: give one prompt per line, a JSON list of strings, or a CSV "
+                         f"with a caption column")
+    return prompts
 
 
 def parse_model_sets(spec: str, token_system: str | None = None) -> dict[str, ModelSet]:
@@ -52,10 +98,13 @@ def check_same_scorer(sets: dict[str, ModelSet]) -> None:
                          f"scores are not comparable; give --token-system to generate and score all with one")
 
 
-def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSettings, out: str | Path, *,
+def evaluate(prompts: list[str | Prompt], sets: dict[str, ModelSet], settings: GenerateSettings, out: str | Path, *,
              cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
-             gpus_per_actor: float | None = None, log=print) -> list[dict]:
+             gpus_per_actor: float | None = None, reference_audio: str | None = None, log=print) -> list[dict]:
     check_same_scorer(sets)
+    items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+    prompts = [p.caption for p in items]
+    references = reference_clips(reference_audio, items, log) if reference_audio else None
     out = storage.location(out)
     log(f"evaluate: model sets {', '.join(sets)}")
     indexes = generate_sets(prompts, {name: (models, storage.join(out, name)) for name, models in sets.items()}, settings,
@@ -64,11 +113,80 @@ def evaluate(prompts: list[str], sets: dict[str, ModelSet], settings: GenerateSe
     rows = [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
              "best_score": r["best_score"], "mean_score": r["mean_score"],
              "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
-             "error": r["error"]} for name, index in indexes.items() for r in index]
-    write_table(rows, out)
+             "files": r["files"], "error": r["error"]} for name, index in indexes.items() for r in index]
+    fads = fad_against_reference(rows, sets, references, out, log) if references else None
+    write_table(rows, out, fads)
     plot(rows, storage.join(out, PLOT))
-    log_tensorboard(rows, storage.join(out, "tensorboard"))
+    log_tensorboard(rows, storage.join(out, "tensorboard"), fads)
     return rows
+
+
+def reference_clips(folder: str, prompts: list[Prompt], log=print) -> list[tuple[str, Prompt | None]]:
+    """The reference clips: each prompt's ytid-named file when the prompts have ytids, else every clip."""
+    from .audio import list_audio_files
+
+    files = list_audio_files(folder)
+    if not any(p.ytid for p in prompts):
+        chosen = [(f, None) for f in files]
+    else:
+        by_id = {Path(f).stem: f for f in files}
+        missing = [p.ytid for p in prompts if p.ytid and p.ytid not in by_id]
+        if missing:
+            log(f"evaluate: {len(missing)} of {len(prompts)} reference clips are not in {folder} "
+                f"(e.g. {', '.join(missing[:3])}); FAD uses the {len(prompts) - len(missing)} found")
+        chosen = [(by_id[p.ytid], p) for p in prompts if p.ytid in by_id]
+    if len(chosen) < 2:
+        raise ValueError(f"--reference-audio {folder}: {len(chosen)} usable clips; FAD needs at least 2")
+    return chosen
+
+
+def _load_clip(path: str, rate: int, prompt: Prompt | None):
+    from .audio import load_audio
+
+    audio = load_audio(path, rate)
+    if prompt and prompt.start_s is not None and prompt.end_s is not None and \
+            len(audio) > (prompt.end_s - prompt.start_s + 1) * rate:  # the whole video's audio: cut the segment
+        audio = audio[int(prompt.start_s * rate): int(prompt.end_s * rate)]
+    return audio
+
+
+def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], references, out: str, log=print) -> dict:
+    """FAD of each set's saved clips against the reference clips, with CLAP audio embeddings and with the
+    semantic encoder's (the first set's token system embeds everything, so the numbers compare); fad.json."""
+    import numpy as np
+
+    from .quality import clap_embeddings, embedding_names, fad, semantic_embeddings
+    from .tokens.system import TokenSystem
+
+    system = TokenSystem.load(next(iter(sets.values())).token_system)
+    rate = system.clap.sample_rate
+
+    def embed(clips) -> dict:
+        audio = [_load_clip(path, rate, prompt) for path, prompt in clips]
+        return {"clap": np.concatenate([clap_embeddings(system, a, rate).numpy() for a in audio]),
+                "semantic": np.concatenate([semantic_embeddings(system, a, rate).numpy() for a in audio])}
+
+    def local(loc: str) -> str:  # generated clips may be in a bucket
+        if not storage.is_remote(loc):
+            return loc
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="musiclm-eval-")) / storage.name(loc)
+        path.write_bytes(storage.read_bytes(loc))
+        return str(path)
+
+    log(f"evaluate: FAD against {len(references)} reference clips")
+    ref = embed(references)
+    result = {"reference_clips": len(references), "embeddings": embedding_names(system), "sets": {}}
+    for name in sets:
+        files = [local(f) for r in rows if r["model_set"] == name for f in (r.get("files") or [])]
+        if len(files) < 2:
+            result["sets"][name] = {"error": f"{len(files)} generated clips; FAD needs at least 2"}
+            continue
+        gen = embed([(f, None) for f in files])
+        result["sets"][name] = {f"fad_{kind}": fad(gen[kind], ref[kind]) for kind in ("clap", "semantic")}
+    storage.write_json(storage.join(out, "fad.json"), result)
+    return result
 
 
 def _by(rows: list[dict]) -> tuple[list[str], list[str], dict]:
@@ -86,10 +204,10 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def write_table(rows: list[dict], out: str | Path) -> None:
+def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> None:
     fields = ["prompt_index", "prompt", "model_set", "best_score", "mean_score", "num_samples", "best_file", "error"]
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=fields)
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     storage.write_text(storage.join(out, f"{RESULTS}.csv"), table.getvalue())
@@ -110,6 +228,17 @@ def write_table(rows: list[dict], out: str | Path) -> None:
             pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
             lines.append(f"\n{a} scores higher than {b} (best of {n}) on {sum(x > y for x, y in pairs)} of "
                          f"{len(pairs)} prompts.")
+    if fads:
+        lines += ["", f"FAD against {fads['reference_clips']} reference clips (lower is closer to the reference "
+                      f"music); embeddings: CLAP {fads['embeddings']['clap']}; semantic {fads['embeddings']['semantic']}.",
+                  "", "| model set | FAD (CLAP) | FAD (semantic) | generated embeddings | notes |", "|---|---|---|---|---|"]
+        for name, f in fads["sets"].items():
+            if "error" in f:
+                lines.append(f"| {name} | — | — | — | {f['error']} |")
+                continue
+            notes = "; ".join(dict.fromkeys(w for k in ("fad_clap", "fad_semantic") for w in f[k]["warnings"]))
+            lines.append(f"| {name} | {_fmt(f['fad_clap']['fad'])} | {_fmt(f['fad_semantic']['fad'])} | "
+                         f"{f['fad_clap']['n_generated']} / {f['fad_semantic']['n_generated']} | {notes} |")
     storage.write_text(storage.join(out, f"{RESULTS}.md"), "\n".join(lines) + "\n")
 
 
@@ -141,7 +270,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     storage.write_bytes(path, buf.getvalue())
 
 
-def log_tensorboard(rows: list[dict], log_dir: str | Path) -> None:
+def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = None) -> None:
     import soundfile as sf
 
     from .train.metrics import TensorBoard
@@ -155,6 +284,10 @@ def log_tensorboard(rows: list[dict], log_dir: str | Path) -> None:
             audio, rate = sf.read(io.BytesIO(storage.read_bytes(r["best_file"])), dtype="float32")
             board.audio(f"samples/{m}/{i:03d}", audio, rate, 0)
         board.text(f"prompts/{i:03d}", r["prompt"], 0)
+    for name, f in ((fads or {}).get("sets") or {}).items():
+        if "error" not in f:
+            board.scalars({f"evaluate/{name}/fad_clap": f["fad_clap"]["fad"],
+                           f"evaluate/{name}/fad_semantic": f["fad_semantic"]["fad"]}, 0)
     board.close()
 
 

@@ -2,10 +2,36 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 
 import pytest
 
 from conftest import train_tiny_stage
+
+
+MUSICCAPS_HEADER = "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset," \
+                   "is_audioset_eval"  # musiccaps-public.csv (Agostinelli et al. 2023), first line
+
+
+def test_prompt_sets_from_text_json_and_a_musiccaps_csv(tmp_path):
+    from musiclm.evaluate import Prompt, read_prompt_set
+
+    (tmp_path / "p.txt").write_text("# comment\nslow ambient pads\n\n fast techno beat \n")
+    (tmp_path / "p.json").write_text('["slow ambient pads", "fast techno beat"]')
+    (tmp_path / "caps.csv").write_text(
+        MUSICCAPS_HEADER + "\n"
+        "-0Gj8-vB1q4,30,40,\"/m/0140xf,/m/02cjck\",\"['low quality', 'sustained strings']\","
+        "\"The low quality recording features a \"\"ballad\"\" song, with strings.\nIt sounds sad.\",4,False,True\n"
+        "-0SdAVK79lg,30,40,/m/0155w,\"['guitar']\",A guitar plays.,0,False,False\n")
+    expected = [Prompt("slow ambient pads"), Prompt("fast techno beat")]
+    assert read_prompt_set(str(tmp_path / "p.txt")) == expected == read_prompt_set(str(tmp_path / "p.json"))
+    caps = read_prompt_set(str(tmp_path / "caps.csv"))
+    assert caps == [Prompt('The low quality recording features a "ballad" song, with strings.\nIt sounds sad.',
+                           "-0Gj8-vB1q4", 30.0, 40.0), Prompt("A guitar plays.", "-0SdAVK79lg", 30.0, 40.0)]
+    (tmp_path / "bad.csv").write_text("ytid,text\nx,y\n")
+    with pytest.raises(ValueError, match="caption"):
+        read_prompt_set(str(tmp_path / "bad.csv"))
 
 
 @pytest.fixture
@@ -27,11 +53,20 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
                                                                           second_model_set, tmp_path, capsys):
     from jobs.evaluate import main as evaluate
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two prompts\nslow ambient pads\n\nfast techno beat\n")
+    from musiclm import synth
+    from musiclm.audio import write_wav
+
+    prompts = tmp_path / "musiccaps.csv"  # MusicCaps' layout, its reference clips named by ytid
+    prompts.write_text(MUSICCAPS_HEADER + "\n"
+                       "abc123,30,40,/m/0,\"['ambient']\",\"slow ambient pads, warm and calm\",1,False,True\n"
+                       "xyz789,0,10,/m/1,\"['techno']\",fast techno beat,2,True,False\n")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i, ytid in enumerate(("abc123", "xyz789", "unused")):
+        write_wav(reference / f"{ytid}.wav", synth.render(synth.sample_params(i, 0, 2.0), 24_000), 24_000)
     out = tmp_path / "eval"
     argv = ["--prompts", str(prompts), "--models", f"base={tiny_model_set},other={second_model_set}",
-            "--num-samples", "2", "--duration", "1", "--out", str(out)]
+            "--num-samples", "2", "--duration", "1", "--out", str(out), "--reference-audio", str(reference)]
     evaluate(argv)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["prompt_index"], r["model_set"]) for r in rows] == [("0", "base"), ("1", "base"), ("0", "other"),
@@ -39,9 +74,16 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     for r in rows:
         assert r["error"] == "" and float(r["best_score"]) >= float(r["mean_score"])
         assert len(list((out / r["model_set"]).glob("*/sample_1.wav"))) == 2
-    assert (out / "base" / "000-slow-ambient-pads" / "sample_1.wav").exists()
+    assert (out / "base" / "000-slow-ambient-pads-warm-and-calm" / "sample_1.wav").exists()
     table = (out / "results.md").read_text()
     assert "base best" in table and "other mean" in table and "fast techno beat" in table
+    fads = json.loads((out / "fad.json").read_text())
+    assert fads["reference_clips"] == 2 and set(fads["sets"]) == {"base", "other"}
+    for f in fads["sets"].values():
+        for kind in ("fad_clap", "fad_semantic"):
+            assert f[kind]["n_generated"] == 2 and f[kind]["fad"] >= 0 and math.isfinite(f[kind]["fad"])
+            assert "biased" in f[kind]["warnings"][0]  # 2 clips for 512 / 64 dimensions, and it says so
+    assert "FAD against 2 reference clips" in table and "layer 7" in table
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 

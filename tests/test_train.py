@@ -235,12 +235,16 @@ def test_collectives_of_the_loop_run_on_the_training_device(monkeypatch):
     s = metrics.ValidSums(2)
     s.add(torch.tensor(0.0), logits, target)
     s.reduce(torch.device("cuda", 3))
+    c = metrics.ConditioningSums()
+    c.add(torch.tensor(1.0), torch.tensor(2.0), 10)
+    assert c.reduce(torch.device("cuda", 3)) == {"valid/loss_cond_shuffled": 2.0, "valid/conditioning_gain": 1.0}
     metrics.mean_over_workers(float(np.mean([1.0])), torch.device("cuda", 3))
-    assert devices == [torch.device("cuda", 3)] * 2
-    # and the loop reduces only through these, always with the engine's device
+    assert devices == [torch.device("cuda", 3)] * 3
+    # and the loop reduces only through these, always with the engine's device: the validation sums and the
+    # conditioning sums, and the mean train/loss, tokens/s and MFU
     source = inspect.getsource(loop)
     assert "dist." not in source and "all_reduce" not in source
-    assert source.count("sums.reduce(device)") == 1 and source.count("mean_over_workers(") == 2
+    assert source.count("sums.reduce(device)") == 2 and source.count("mean_over_workers(") == 3
     assert source.count(", device)") >= 3
 
 
