@@ -127,11 +127,14 @@ def validation_pass(forward, model, batches: list[dict], device) -> tuple[ValidS
         loss = stage_loss(logits, tgt)
         sums.add(loss, logits, tgt)
         n, b = len(all_clap), tgt.shape[0]
+        other = torch.as_tensor(all_clap[(np.arange(first, first + b) + n // 2) % n], dtype=torch.long,
+                                device=cond[clap].device)
+        swapped = [other if i == clap else c for i, c in enumerate(cond)]
+        # a forward for every batch, also with nothing to swap (one example): under ZeRO-3 a forward gathers
+        # parameters from every worker, so all must run as many
+        shuffled_loss = stage_loss(forward(swapped, tgt), tgt)
         if n > 1:
-            other = torch.as_tensor(all_clap[(np.arange(first, first + b) + n // 2) % n], dtype=torch.long,
-                                    device=cond[clap].device)
-            swapped = [other if i == clap else c for i, c in enumerate(cond)]
-            cond_sums.add(loss, stage_loss(forward(swapped, tgt), tgt), logits.shape[0] * logits.shape[1])
+            cond_sums.add(loss, shuffled_loss, logits.shape[0] * logits.shape[1])
         first += b
         if example is None:
             example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
