@@ -141,9 +141,9 @@ def reference_clips(folder: str, prompts: list[Prompt], log=print) -> list[tuple
 
 
 def _load_clip(path: str, rate: int, prompt: Prompt | None):
-    from .audio import load_audio
+    from .audio import decode_audio
 
-    audio = load_audio(path, rate)
+    audio = decode_audio(storage.read_bytes(path), rate, path=path)[0]  # a file or an object in a bucket
     if prompt and prompt.start_s is not None and prompt.end_s is not None and \
             len(audio) > (prompt.end_s - prompt.start_s + 1) * rate:  # the whole video's audio: cut the segment
         audio = audio[int(prompt.start_s * rate): int(prompt.end_s * rate)]
@@ -166,20 +166,11 @@ def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], reference
         return {"clap": np.concatenate([clap_embeddings(system, a, rate).numpy() for a in audio]),
                 "semantic": np.concatenate([semantic_embeddings(system, a, rate).numpy() for a in audio])}
 
-    def local(loc: str) -> str:  # generated clips may be in a bucket
-        if not storage.is_remote(loc):
-            return loc
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="musiclm-eval-")) / storage.name(loc)
-        path.write_bytes(storage.read_bytes(loc))
-        return str(path)
-
     log(f"evaluate: FAD against {len(references)} reference clips")
     ref = embed(references)
     result = {"reference_clips": len(references), "embeddings": embedding_names(system), "sets": {}}
     for name in sets:
-        files = [local(f) for r in rows if r["model_set"] == name for f in (r.get("files") or [])]
+        files = [f for r in rows if r["model_set"] == name for f in (r.get("files") or [])]
         if len(files) < 2:
             result["sets"][name] = {"error": f"{len(files)} generated clips; FAD needs at least 2"}
             continue

@@ -69,19 +69,14 @@ def fad(generated, reference) -> dict:
     return out
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of (n, dim) tensors."""
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-
-
 def clap_score(system, prompts: list[str], audio: list[np.ndarray], rate: int) -> list[float]:
-    """CLAP score of each (prompt, audio) pair: cosine of the prompt's text embedding and the mean of the audio's
-    window embeddings (one window for clips up to 10 s)."""
+    """CLAP score of each (prompt, audio) pair, the same similarity that ranks generated candidates
+    (``generate.clap_scores``: mean of the unit-norm 10 s window embeddings; one window up to 10 s)."""
+    from .generate import clap_scores
+
     if len(prompts) != len(audio):
         raise ValueError(f"{len(prompts)} prompts for {len(audio)} clips")
-    text = system.clap.text_embeddings(list(prompts))
-    sound = torch.stack([clap_embeddings(system, clip, rate).mean(0) for clip in audio])
-    return cosine(text, sound).tolist()
+    return [float(clap_scores(system, prompt, [clip], rate)[0]) for prompt, clip in zip(prompts, audio)]
 
 
 def clap_embeddings(system, audio: np.ndarray, rate: int) -> torch.Tensor:
@@ -119,5 +114,5 @@ def embedding_names(system) -> dict[str, str]:
                         f"{CLAP_WINDOW_SECONDS:g} s windows"}
 
 
-__all__ = ["Gaussian", "frechet_distance", "fad", "cosine", "clap_score", "clap_embeddings", "semantic_embeddings",
+__all__ = ["Gaussian", "frechet_distance", "fad", "clap_score", "clap_embeddings", "semantic_embeddings",
            "embedding_names"]

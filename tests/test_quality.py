@@ -53,8 +53,8 @@ def test_fad_warns_when_too_few_samples_and_refuses_mismatched_sizes():
 
 def test_clap_score_equals_transformers_clap_model_recomputed_directly(tiny_system):
     """Text through the tokenizer and ClapModel.get_text_features, audio through transformers' own
-    ClapFeatureExtractor and get_audio_features, cosine: the same scores (ours quantize CLAP's input to int16 as
-    tokenizing does, so not bit for bit)."""
+    ClapFeatureExtractor and get_audio_features, cosine: the same scores (up to float rounding; ours go through
+    this project's featurizer and the reranking's window averaging)."""
     rng = np.random.default_rng(0)
     audio = [rng.standard_normal(48_000 * 4).astype(np.float32) * 0.1 for _ in range(3)]
     prompts = ["a jazz piano trio", "heavy metal guitar", "ambient synth pads"]

@@ -189,6 +189,7 @@ def train_loop(loop_cfg: dict) -> None:
     torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
     vocabulary = model.target.codebook_size + 1
     peak = peak_flops(device, tc.peak_tflops)  # for train/mfu; None on CPUs and unknown GPUs
+    flops_per_position: dict[int, float] = {}
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
     sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
     held = loop_cfg.get("held_data", {})
@@ -245,7 +246,9 @@ def train_loop(loop_cfg: dict) -> None:
             window_losses.append(float(loss))
             positions = model.positions(cond, logits.shape[1] - 1)
             window_positions += logits.shape[0] * positions
-            window_flops += logits.shape[0] * positions * model_flops_per_token(model, positions)
+            if positions not in flops_per_position:  # one window length per stage: computed once
+                flops_per_position[positions] = model_flops_per_token(model, positions)
+            window_flops += logits.shape[0] * positions * flops_per_position[positions]
             if not boundary:
                 continue
             state.step += 1
