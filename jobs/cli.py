@@ -13,7 +13,8 @@ VERBS = {
     "train": "train one stage on a token dataset (Ray Train + DeepSpeed ZeRO)",
     "tune": "sweep lr and more for one stage with Ray Tune (ASHA on valid/loss)",
     "generate": "text to music: N candidates through the three stages, best K by CLAP similarity",
-    "evaluate": "compare model sets on a prompt set by CLAP similarity (table and plot)",
+    "evaluate": "compare model sets on a prompt set: CLAP score (best of N, random) and FAD (table and plot)",
+    "watch-eval": "score a training run's checkpoints as music (CLAP score, FAD) into its TensorBoard",
     "import-open-musiclm": "convert open-musiclm's released checkpoints, RVQ and k-means into a model set",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }

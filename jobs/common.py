@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -197,3 +198,100 @@ def read_prompts(path: str) -> list[str]:
     from musiclm.evaluate import read_prompt_set
 
     return [p.caption for p in read_prompt_set(path)]
+
+
+def add_prompt_set_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """Where evaluation prompts and FAD reference audio come from (evaluate, watch-eval, tune --rank-by eval/)."""
+    g = parser.add_argument_group("prompts and reference audio")
+    g.add_argument("--prompts", help="file of prompts (one per line), a JSON list, or a MusicCaps-style CSV (ytid, "
+                                     "start_s, end_s, caption)" + ("" if required else
+                                                                   "; default: the --reference-dataset's captions"))
+    g.add_argument("--reference-audio", help="folder of reference clips for FAD (with a CSV: named by ytid)")
+    g.add_argument("--reference-dataset", metavar="TOKEN_DATASET",
+                   help="a token dataset whose valid split gives the prompts (its captions) and the FAD reference "
+                        "(the source audio of each track's first clip; the source files must be readable)")
+    g.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts only")
+
+
+def prompt_set(args: argparse.Namespace):
+    """(prompts, reference clips or None) from ``add_prompt_set_args``' arguments; a --reference-audio folder is
+    matched to the prompts inside ``evaluate``."""
+    from musiclm.evaluate import dataset_prompts, prompt_clips, read_prompt_set
+
+    if args.reference_audio and args.reference_dataset:
+        raise ValueError("give --reference-audio or --reference-dataset, not both")
+    if not args.prompts and not args.reference_dataset:
+        raise ValueError("give --prompts, or --reference-dataset to take the prompts from a token dataset")
+    from_data = dataset_prompts(args.reference_dataset) if args.reference_dataset else None
+    prompts = (read_prompt_set(args.prompts) if args.prompts else from_data)[:args.max_prompts]
+    # FAD's reference: every valid track, however many prompts are generated (more samples, less bias)
+    return prompts, prompt_clips(from_data) if from_data else None
+
+
+def add_eval_actor_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """What the evaluation actor reserves (watch-eval, train --eval-models)."""
+    g = parser.add_argument_group("evaluation actor")
+    g.add_argument(f"--{prefix}eval-cpus", dest="eval_cpus", type=float, default=None,
+                   help="CPUs the evaluation actor reserves (default: 1 when the cluster has one left over after "
+                        "training's, else 0: it shares cores instead of waiting for training to finish)")
+    g.add_argument(f"--{prefix}eval-gpus", dest="eval_gpus", type=float, default=0.0,
+                   help="GPUs (or a fraction) the evaluation actor reserves; default 0 (training holds whole GPUs)")
+
+
+def eval_actor_resources(args: argparse.Namespace, resources: dict, reserved_cpus: float) -> tuple[float, float]:
+    """(CPUs, GPUs) of the evaluation actor: as asked, else one CPU when ``reserved_cpus`` (training's workers
+    and its data pipeline) leave one free, else none, so that evaluation never holds what training waits for."""
+    gpus = float(args.eval_gpus or 0.0)
+    if args.eval_cpus is not None:
+        return float(args.eval_cpus), gpus
+    free = float(resources.get("CPU", 0)) - reserved_cpus
+    cpus = 1.0 if free >= 1.0 else 0.0
+    if not cpus:
+        log("evaluation actor: training reserves every CPU, so it reserves none and shares cores (--eval-cpus to "
+            "change)")
+    return cpus, gpus
+
+
+def training_gpu_resources(args: argparse.Namespace, resources: dict, cfg, what: str) -> dict:
+    """The cluster's resources once one GPU per training worker is there (asked of the autoscaler and waited
+    for when the cluster lacks them); unchanged when training runs on CPUs."""
+    if not cfg.train.use_gpu:
+        return resources
+    return gpu_resources(args, resources, what, [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers)
+
+
+def add_eval_args(parser: argparse.ArgumentParser, title: str) -> None:
+    """Scoring checkpoints as music from a training job (train --eval-models, tune --rank-by eval/...)."""
+    g = parser.add_argument_group(title + "; prompts: the first 8 captions of --data's valid split unless "
+                                          "--prompts / --reference-* / --max-prompts say otherwise")
+    g.add_argument("--eval-models", help="model set giving the other stages and the token system: each checkpoint "
+                                         "scored takes its stage's place (eval/clap_score, eval/fad_*)")
+    g.add_argument("--eval-duration", type=float, default=5.0, help="seconds generated per candidate")
+    g.add_argument("--eval-num-samples", type=int, default=2, help="candidates per prompt (best of N)")
+    add_prompt_set_args(parser)
+    add_eval_actor_args(parser)
+
+
+@dataclasses.dataclass
+class EvalInputs:
+    models: object  # musiclm.generate.ModelSet
+    prompts: list
+    references: list | None
+    settings: object  # musiclm.generate.GenerateSettings
+    cpus: float
+    gpus: float
+
+
+def eval_inputs(args: argparse.Namespace, resources: dict, reserved_cpus: float) -> EvalInputs:
+    """What ``add_eval_args`` asked for: the model set, prompts (by default the first 8 captions of --data's
+    valid split, with all its tracks as FAD reference), settings and the actor's resources."""
+    from musiclm.generate import GenerateSettings, ModelSet
+
+    if not args.prompts and not args.reference_dataset and not args.reference_audio:
+        args.reference_dataset = args.data
+    if args.max_prompts is None:
+        args.max_prompts = 8  # every checkpoint scored generates them all: keep it a sample
+    prompts, references = prompt_set(args)
+    cpus, gpus = eval_actor_resources(args, resources, reserved_cpus)
+    return EvalInputs(ModelSet.from_dir(args.eval_models, args.token_system), prompts, references,
+                      GenerateSettings(duration=args.eval_duration, num_samples=args.eval_num_samples), cpus, gpus)

@@ -2,6 +2,7 @@
 
     python -m jobs.evaluate --prompts prompts.txt --models pretrained=models/released,tuned=models/fma \
         --num-samples 4 --out eval/
+    python -m jobs.evaluate --reference-dataset tokens/fma --max-prompts 64 --models ... --out eval/
 
 Each set generates N candidates per prompt (same settings and seed for all sets) on Ray; the table
 (results.csv, results.md) gives best-of-N and mean CLAP score per prompt and set, scores.png plots them, and
@@ -11,15 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, run
+from jobs.common import (add_generate_args, add_prompt_set_args, add_ray_args, connect, generate_settings, gpu_resources,
+                         log, prompt_set, run)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True, help="file of prompts (one per line), a JSON list, or a MusicCaps-style "
-                                                    "CSV (ytid, start_s, end_s, caption)")
-    p.add_argument("--reference-audio", help="folder of reference clips for FAD (with a CSV: named by ytid)")
+    add_prompt_set_args(p)
     p.add_argument("--models", required=True, help="NAME=DIR[,NAME=DIR…]: model-set folders to compare")
     p.add_argument("--out", required=True, help="output folder or object-store URI")
     add_generate_args(p)
@@ -30,18 +30,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from musiclm import storage
-    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets, read_prompt_set
+    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
 
     settings = generate_settings(args)
     sets = parse_model_sets(args.models, args.token_system)
-    prompts = read_prompt_set(args.prompts)
+    prompts, references = prompt_set(args)
     resources = gpu_resources(args, connect(args), "the generation actors")
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                     cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                    reference_audio=args.reference_audio, log=log)
+                    reference_audio=args.reference_audio, references=references, log=log)
     out = storage.location(args.out)
     print(storage.read_text(storage.join(out, f"{RESULTS}.md")))
     log(f"table: {storage.join(out, RESULTS)}.csv, .md; plot: {storage.join(out, PLOT)}")

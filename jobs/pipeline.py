@@ -36,6 +36,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_LIMITS = ("with the tiny preset every encoder has random weights: CLAP cannot tell prompts apart, so the "
+               "candidates' CLAP scores (and best-of-N reranking) mean nothing here, and the conditioning gain stays "
+               "near 0; the random semantic encoder's tokens barely carry structure shared between tracks (the "
+               "semantic stage can only learn their frequencies). Pretrained encoders (--preset small/large) make "
+               "these numbers meaningful.")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     import ray
@@ -53,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     summary = Pipeline(settings, resources, args.actors, args.gpus_per_actor, log=log).run()
     log(json.dumps(summary["steps"]))
     log(f"pipeline finished in {summary['seconds']:.0f} s")
+    for stage, r in summary["stages"].items():
+        gain = r["conditioning_gain"]
+        log(f"{stage}: valid loss {r['best_valid_loss']:.3f}, {r['below_chance']:.3f} nats "
+            f"({r['below_chance_pct']:.1f} %) below chance ln V = {r['chance']:.3f}"
+            + (" (at chance)" if r["at_chance"] else "")
+            + (f"; conditioning gain {gain:+.4f} nats" if gain is not None else ""))
+    log(DEMO_LIMITS)
     log("generated: " + ", ".join(summary["wavs"]))
     log(f"report: {summary['report']}")
     log(f"evaluation: {summary['evaluation']} and {summary['plot']}")

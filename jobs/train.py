@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_args, add_stage_args, connect, gpu_resources, log, run, stage_args_config
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, connect, eval_inputs, log, run, stage_args_config,
+                         training_gpu_resources)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,8 +20,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", required=True, help="name of the run; the same name resumes it")
     p.add_argument("--storage", default="runs", help="where runs are kept: a folder every node reaches, or an "
                                                      "object-store URI such as s3://bucket/runs")
+    add_eval_args(p, "evaluation beside training (musiclm watch-eval)")
+    p.add_argument("--eval-poll-s", type=float, default=30.0, help="seconds between looks for new checkpoints")
     add_ray_args(p)
     return p
+
+
+def evaluation_beside(args, req, resources: dict):
+    """``watch_eval.Beside`` for --eval-models, or a context that does nothing."""
+    import contextlib
+
+    from musiclm.train.run import DATA_RESERVE, worker_cpus
+    from musiclm.watch_eval import Beside, WatchRequest
+
+    if not args.eval_models:
+        return contextlib.nullcontext()
+    t = req.config.train
+    reserved = t.num_workers * worker_cpus(req.config, resources.get("CPU", 1)) + DATA_RESERVE
+    e = eval_inputs(args, resources, reserved)
+    watch = WatchRequest(req.run_dir, e.models, e.prompts, e.settings, e.references)
+    return Beside(watch, poll_s=args.eval_poll_s, log=log, cluster_cpus=resources.get("CPU", 1),
+                  cluster_gpus=e.gpus, cpus_per_actor=e.cpus, gpus_per_actor=e.gpus or None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,13 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     resources = connect(args)
     cfg = resolve_use_gpu(cfg, resources, log)
     req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
-    if cfg.train.use_gpu:  # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
-        resources = gpu_resources(args, resources, f"{cfg.train.num_workers} training workers",
-                                  [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers)
+    # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
+    resources = training_gpu_resources(args, resources, cfg, f"{cfg.train.num_workers} training workers")
     import ray
 
+    from musiclm import storage
+    from musiclm.train.run import SUMMARY
+
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
-    summary = train(req, resources.get("CPU", 1), log=log)
+    with evaluation_beside(args, req, resources):
+        train(req, resources.get("CPU", 1), log=log)
+    summary = storage.read_json(storage.join(req.run_dir, SUMMARY))  # with the evaluation's scores, if any
     log(json.dumps(summary, indent=2))
     log(f"watch: {summary['tensorboard']}")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_ray_args, add_stage_args, connect, gpu_resources, log, run, stage_args_config
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, connect, eval_inputs, log, run, stage_args_config,
+                         training_gpu_resources)
 from tune.space import SHORTCUTS, read_space_file
 
 
@@ -37,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
                    help="trials at a time (default: as many as the cluster fits at the start). More than fit now: "
                         "the autoscaler adds nodes for the waiting trials' workers")
     s.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (from its checkpoint)")
+    s.add_argument("--rank-by", default="valid/loss",
+                   help="rank trials by valid/loss, or by a music score of each trial's best checkpoint computed after "
+                        "the sweep: eval/clap_score, eval/clap_score_random (higher is better), eval/fad_clap, "
+                        "eval/fad_semantic (lower is better); needs --eval-models")
+    add_eval_args(p, "scoring trials as music (--rank-by eval/...)")
     add_ray_args(p)
     return p
 
@@ -61,20 +67,26 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from musiclm.train.run import resolve_use_gpu
-    from tune.sweep import SweepRequest, sweep
+    from tune.sweep import Ranking, SweepRequest, sweep
 
     base, init_from = stage_args_config(args)
     entries = space_entries(args)
     resources = connect(args)
     base = resolve_use_gpu(base, resources, log)
-    if base.train.use_gpu:  # at least one trial's GPUs, asked of the autoscaler when the cluster has none yet
-        resources = gpu_resources(args, resources, "the first trial's workers",
-                                  [{"CPU": 1.0, "GPU": 1.0}] * base.train.num_workers)
+    # at least one trial's GPUs, asked of the autoscaler when the cluster has none yet
+    resources = training_gpu_resources(args, resources, base, "the first trial's workers")
+    ranking = None
+    if args.rank_by != "valid/loss":
+        if not args.eval_models:
+            raise ValueError(f"--rank-by {args.rank_by} scores each trial's best checkpoint with the other stages of "
+                             f"a model set: give --eval-models DIR")
+        e = eval_inputs(args, resources, reserved_cpus=0.0)  # after the sweep: the cluster is free again
+        ranking = Ranking(args.rank_by, e.models, e.prompts, e.settings, e.references, e.cpus, e.gpus or None)
     req = SweepRequest(base=base, space=entries, data=args.data, name=args.name, storage=args.storage,
                        init_from=init_from, token_system=args.token_system, num_samples=args.num_samples,
                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                        early_stop=not args.no_early_stop, max_concurrent=args.max_concurrent,
-                       max_failures=args.max_failures)
+                       max_failures=args.max_failures, ranking=ranking)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
     sweep(req, resources, log=log)
 

@@ -4,16 +4,21 @@
 prompt gets its best-of-N and mean score per set.
 
     OUT/<set>/<index>-<prompt>/      the best WAV(s) and report.json of each prompt
-    OUT/results.csv, results.md      prompt × set: best-of-N and mean CLAP score
+    OUT/results.csv, results.md      prompt × set: best-of-N, one random candidate's and mean CLAP score
     OUT/scores.png                   bars: best-of-N per prompt and set; dots: the mean
     OUT/tensorboard/                 scores and the best clip of each prompt and set
     OUT/fad.json                     with reference audio: FAD of each set's clips against it (CLAP and
                                      semantic-encoder embeddings), sample counts, embedding models
 
-Prompts come from a text file (one per line), a JSON list, or a MusicCaps-style CSV (``ytid``, ``start_s``,
-``end_s``, ``caption``, other columns ignored). Reference audio for FAD (``reference_audio``): a folder of clips;
-with a CSV, the clip of each prompt is the file named by its ytid (any audio extension), cut to
-[start_s, end_s] when it is longer; otherwise every clip in the folder.
+Prompts come from a text file (one per line), a JSON list, a MusicCaps-style CSV (``ytid``, ``start_s``,
+``end_s``, ``caption``, other columns ignored), or a token dataset's valid split (``dataset_prompts``: each
+track's caption and the source audio of its first clip). Reference audio for FAD: a folder of clips
+(``reference_audio``; with a CSV, the clip of each prompt is the file named by its ytid, any audio extension,
+cut to [start_s, end_s] when it is longer; otherwise every clip in the folder), or the prompts' own clips when
+they come from a token dataset.
+
+The random candidate's score is candidate 0's (drawn first, chosen by nobody): best minus random is what
+reranking by CLAP buys on that prompt.
 
 Scores are comparable only when every set is scored by the same CLAP encoder, so sets whose token systems
 have different CLAP weights are refused.
@@ -42,6 +47,7 @@ class Prompt:
     ytid: str | None = None  # MusicCaps: the YouTube id its reference clip is named by
     start_s: float | None = None
     end_s: float | None = None
+    audio: str | None = None  # its reference audio (a file or object; a token dataset's source track)
 
 
 def _seconds(value) -> float | None:
@@ -73,6 +79,27 @@ def read_prompt_set(path: str) -> list[Prompt]:
     return prompts
 
 
+def dataset_prompts(root: str, limit: int | None = None) -> list[Prompt]:
+    """Prompts and reference clips from a token dataset's valid split: one per track (its first clip, in track
+    order), the caption as prompt and the clip's span of the source audio as reference. The source files must
+    still be readable where the dataset says they are."""
+    from .data.shards import open_manifest, split_files
+
+    open_manifest(root)
+    columns = ["track_id", "path", "caption", "start_seconds", "audio_seconds"]
+    first: dict[str, dict] = {}
+    for f in split_files(root, "valid"):
+        for r in storage.read_parquet(f, columns=columns).to_pylist():
+            if r["caption"] and (r["track_id"] not in first or r["start_seconds"] < first[r["track_id"]]["start_seconds"]):
+                first[r["track_id"]] = r
+    rows = [first[k] for k in sorted(first)][:limit]
+    if not rows:
+        raise ValueError(f"token dataset {root} has no captioned rows in its valid split to use as prompts and "
+                         f"reference audio: preprocess with a valid fraction (data.valid_frac > 0)")
+    return [Prompt(r["caption"], r["track_id"], r["start_seconds"], r["start_seconds"] + r["audio_seconds"], r["path"])
+            for r in rows]
+
+
 def parse_model_sets(spec: str, token_system: str | None = None) -> dict[str, ModelSet]:
     """``NAME=DIR[,NAME=DIR…]`` (model-set folders or JSON files) into named model sets."""
     sets = {}
@@ -100,21 +127,28 @@ def check_same_scorer(sets: dict[str, ModelSet]) -> None:
 
 def evaluate(prompts: list[str | Prompt], sets: dict[str, ModelSet], settings: GenerateSettings, out: str | Path, *,
              cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
-             gpus_per_actor: float | None = None, reference_audio: str | None = None, log=print) -> list[dict]:
+             gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
+             reference_audio: str | None = None, references: list | None = None, reference_cache: str | None = None,
+             log=print) -> list[dict]:
+    """Generate every prompt with every set, score, and write the table, plot and TensorBoard; FAD against
+    ``references`` ((clip, Prompt | None) pairs: ``reference_clips`` or ``prompt_clips``) or the clips of
+    folder ``reference_audio``. ``reference_cache``: an .npz file keeping the reference embeddings between calls
+    (watch-eval embeds the same reference for every checkpoint)."""
     check_same_scorer(sets)
     items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
     prompts = [p.caption for p in items]
-    references = reference_clips(reference_audio, items, log) if reference_audio else None
+    if reference_audio:
+        references = reference_clips(reference_audio, items, log)
     out = storage.location(out)
     log(f"evaluate: model sets {', '.join(sets)}")
     indexes = generate_sets(prompts, {name: (models, storage.join(out, name)) for name, models in sets.items()}, settings,
                             cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus, actors=actors,
-                            gpus_per_actor=gpus_per_actor, log=log)
+                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, log=log)
     rows = [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
-             "best_score": r["best_score"], "mean_score": r["mean_score"],
+             "best_score": r["best_score"], "random_score": r["random_score"], "mean_score": r["mean_score"],
              "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
              "files": r["files"], "error": r["error"]} for name, index in indexes.items() for r in index]
-    fads = fad_against_reference(rows, sets, references, out, log) if references else None
+    fads = fad_against_reference(rows, sets, references, out, log, reference_cache) if references else None
     write_table(rows, out, fads)
     plot(rows, storage.join(out, PLOT))
     log_tensorboard(rows, storage.join(out, "tensorboard"), fads)
@@ -140,6 +174,14 @@ def reference_clips(folder: str, prompts: list[Prompt], log=print) -> list[tuple
     return chosen
 
 
+def prompt_clips(prompts: list[Prompt]) -> list[tuple[str, Prompt]]:
+    """The reference clips the prompts carry (``dataset_prompts``)."""
+    chosen = [(p.audio, p) for p in prompts if p.audio]
+    if len(chosen) < 2:
+        raise ValueError(f"{len(chosen)} prompts carry reference audio; FAD needs at least 2")
+    return chosen
+
+
 def _load_clip(path: str, rate: int, prompt: Prompt | None):
     from .audio import decode_audio
 
@@ -150,7 +192,8 @@ def _load_clip(path: str, rate: int, prompt: Prompt | None):
     return audio
 
 
-def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], references, out: str, log=print) -> dict:
+def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], references, out: str, log=print,
+                          cache: str | None = None) -> dict:
     """FAD of each set's saved clips against the reference clips, with CLAP audio embeddings and with the
     semantic encoder's (the first set's token system embeds everything, so the numbers compare); fad.json."""
     import numpy as np
@@ -166,9 +209,10 @@ def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], reference
         return {"clap": np.concatenate([clap_embeddings(system, a, rate).numpy() for a in audio]),
                 "semantic": np.concatenate([semantic_embeddings(system, a, rate).numpy() for a in audio])}
 
+    names = embedding_names(system)
     log(f"evaluate: FAD against {len(references)} reference clips")
-    ref = embed(references)
-    result = {"reference_clips": len(references), "embeddings": embedding_names(system), "sets": {}}
+    ref = _cached_reference(cache, references, names, lambda: embed(references))
+    result = {"reference_clips": len(references), "embeddings": names, "sets": {}}
     for name in sets:
         files = [f for r in rows if r["model_set"] == name for f in (r.get("files") or [])]
         if len(files) < 2:
@@ -178,6 +222,27 @@ def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], reference
         result["sets"][name] = {f"fad_{kind}": fad(gen[kind], ref[kind]) for kind in ("clap", "semantic")}
     storage.write_json(storage.join(out, "fad.json"), result)
     return result
+
+
+def _cached_reference(cache: str | None, references, names: dict, embed) -> dict:
+    """The reference embeddings, from ``cache`` when it was made of the same clips with the same embedding
+    models, else computed (and kept there)."""
+    import hashlib
+
+    import numpy as np
+
+    key = hashlib.sha256(json.dumps([[str(c), p.start_s if p else None, p.end_s if p else None]
+                                     for c, p in references] + [names], sort_keys=True).encode()).hexdigest()
+    if cache and storage.exists(cache):
+        with np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return {"clap": data["clap"], "semantic": data["semantic"]}
+    ref = embed()
+    if cache:
+        buf = io.BytesIO()
+        np.savez(buf, key=np.asarray(key), **ref)
+        storage.write_bytes(cache, buf.getvalue())
+    return ref
 
 
 def _by(rows: list[dict]) -> tuple[list[str], list[str], dict]:
@@ -196,7 +261,8 @@ def _mean(values) -> float | None:
 
 
 def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> None:
-    fields = ["prompt_index", "prompt", "model_set", "best_score", "mean_score", "num_samples", "best_file", "error"]
+    fields = ["prompt_index", "prompt", "model_set", "best_score", "random_score", "mean_score", "num_samples",
+              "best_file", "error"]
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -204,15 +270,22 @@ def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> 
     storage.write_text(storage.join(out, f"{RESULTS}.csv"), table.getvalue())
     prompts, names, cell = _by(rows)
     n = rows[0]["num_samples"] if rows else 0
-    lines = [f"CLAP text–audio cosine similarity, best of {n} and mean of {n} candidates per prompt.", "",
-             "| # | prompt | " + " | ".join(f"{m} best | {m} mean" for m in names) + " |",
-             "|---|---|" + "---|---|" * len(names)]
+    kinds = ("best", "random", "mean")
+    lines = [f"CLAP text–audio cosine similarity per prompt: the best of {n} candidates (what generation keeps), "
+             f"one random candidate (no reranking) and the mean of the {n}. Best minus random is what reranking "
+             f"buys.", "",
+             "| # | prompt | " + " | ".join(f"{m} {k}" for m in names for k in kinds) + " |",
+             "|---|---|" + "---|" * len(kinds) * len(names)]
     for i, p in enumerate(prompts):
-        cells = " | ".join(f"{_fmt(cell[p, m]['best_score'])} | {_fmt(cell[p, m]['mean_score'])}" for m in names)
+        cells = " | ".join(_fmt(cell[p, m].get(f"{k}_score")) for m in names for k in kinds)
         lines.append(f"| {i} | {p} | {cells} |")
-    means = " | ".join(f"{_fmt(_mean(cell[p, m]['best_score'] for p in prompts))} | "
-                       f"{_fmt(_mean(cell[p, m]['mean_score'] for p in prompts))}" for m in names)
+    means = " | ".join(_fmt(_mean(cell[p, m].get(f"{k}_score") for p in prompts)) for m in names for k in kinds)
     lines.append(f"| | **mean** | {means} |")
+    for m in names:
+        gain = _mean(cell[p, m]["best_score"] - cell[p, m]["random_score"] for p in prompts
+                     if cell[p, m]["best_score"] is not None and cell[p, m].get("random_score") is not None)
+        lines.append(f"\n{m}: reranking {n} candidates by CLAP raises the score by {_fmt(gain)} on average "
+                     f"over one random candidate.")
     for j, a in enumerate(names):
         for b in names[j + 1:]:
             pairs = [(cell[p, a]["best_score"], cell[p, b]["best_score"]) for p in prompts]
@@ -248,6 +321,9 @@ def plot(rows: list[dict], path: str | Path) -> None:
         mean = [cell[p, m]["mean_score"] if cell[p, m]["mean_score"] is not None else math.nan for p in prompts]
         ax.bar(xs, best, width, label=f"{m} (best of {rows[0]['num_samples']})")
         ax.plot(xs, mean, "k.", markersize=8, label="mean" if j == 0 else None)
+        rand = [cell[p, m].get("random_score") for p in prompts]
+        ax.plot(xs, [math.nan if v is None else v for v in rand], "rx", markersize=7,
+                label="one random candidate" if j == 0 else None)
     ax.set_xticks(range(len(prompts)))
     ax.set_xticklabels([p if len(p) <= 24 else p[:22] + "…" for p in prompts], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("CLAP cosine similarity")
@@ -270,7 +346,9 @@ def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = N
     for r in rows:
         m, i = r["model_set"], r["prompt_index"]
         if r["best_score"] is not None:
-            board.scalars({f"evaluate/{m}/best": r["best_score"], f"evaluate/{m}/mean": r["mean_score"]}, i)
+            board.scalars({f"evaluate/{m}/best": r["best_score"], f"evaluate/{m}/mean": r["mean_score"],
+                           **({f"evaluate/{m}/random": r["random_score"]} if r.get("random_score") is not None
+                              else {})}, i)
         if r["best_file"]:
             audio, rate = sf.read(io.BytesIO(storage.read_bytes(r["best_file"])), dtype="float32")
             board.audio(f"samples/{m}/{i:03d}", audio, rate, 0)
@@ -282,6 +360,6 @@ def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = N
     board.close()
 
 
-__all__ = ["evaluate", "parse_model_sets", "check_same_scorer", "write_table", "plot", "RESULTS",
+__all__ = ["evaluate", "parse_model_sets", "dataset_prompts", "prompt_clips", "read_prompt_set", "Prompt", "check_same_scorer", "write_table", "plot", "RESULTS",
            "PLOT"]
 

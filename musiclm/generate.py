@@ -311,6 +311,8 @@ class MusicGenerator:
         report = {"prompt": result.prompt, "seed": settings.seed, "duration_s": settings.duration,
                   "sample_rate": result.sample_rate, "scores": [c["score"] for c in ranked],
                   "best_score": ranked[0]["score"], "mean_score": float(np.mean(result.scores)),
+                  # candidate 0 is one sample drawn without looking at scores: what a user gets without reranking
+                  "random_score": float(result.scores[0]),
                   "candidates": ranked, "files": [storage.join(out, c["file"]) for c in ranked if c["file"]],
                   "settings": asdict(settings), **self.describe(), "timings": result.timings}
         storage.write_json(storage.join(out, REPORT), report)

@@ -94,9 +94,12 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
 
 def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
                   cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
-                  gpus_per_actor: float | None = None, log=print) -> dict[str, list[dict]]:
+                  gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
+                  log=print) -> dict[str, list[dict]]:
     """Every prompt with every model set (``name -> (models, out folder)``) in one actor pool, skipping
-    finished prompts; writes each set's ``prompts.json`` and returns its index rows by set name."""
+    finished prompts; writes each set's ``prompts.json`` and returns its index rows by set name.
+    ``cpus_per_actor`` overrides the CPUs each actor reserves (default: a share of the cluster's, or 1 beside a
+    GPU); 0 runs them on cores already reserved by others (evaluation beside a training run)."""
     import ray
 
     # Refuse a mismatched set before any Ray work.
@@ -118,6 +121,8 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
         n = max(1, min(n, len(todo)))
         cpus_each = 1 if use_gpu else max(1, int(cluster_cpus // n))
         threads = cpus_each if use_gpu else cpu_threads(cpus_each)
+        if cpus_per_actor is not None:
+            cpus_each, threads = cpus_per_actor, max(1, int(cpus_per_actor))
         ds = ray.data.from_items(todo).map_batches(
             PromptWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
             num_cpus=cpus_each,
@@ -135,6 +140,7 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
             row = {k: v for k, v in row.items() if k != "model_set"}
             index.append({**row, "best_score": report["best_score"] if report else None,
                           "mean_score": report["mean_score"] if report else None,
+                          "random_score": report.get("random_score") if report else None,
                           "files": report["files"] if report else [], "error": error})
             if error:
                 log(f"generate{f' ({name})' if name else ''}: prompt {row['index']} ({row['prompt']!r}) failed: "

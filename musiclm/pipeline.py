@@ -82,6 +82,7 @@ class Pipeline:
         self.step("generate", self._generated(), self._generate)
         self.step("evaluate", self._evaluated(), self._evaluate)
         summary = {"workdir": str(self.work), "seconds": round(time.time() - start, 1), "steps": self.timings,
+                   "stages": {stage: self.stage_result(stage) for stage in STAGES},
                    "wavs": json.loads((self.work / "generate" / "report.json").read_text())["files"],
                    "report": str(self.work / "generate" / "report.json"),
                    "evaluation": str(self.work / "evaluate" / "results.md"),
@@ -165,6 +166,22 @@ class Pipeline:
         latest = latest_checkpoint(self.runs / stage)
         info = read_stage(latest) if latest is not None else None
         return info is not None and info.step >= self.s.train_steps and info.fingerprint == self._fingerprint()
+
+    def stage_result(self, stage: str) -> dict:
+        """How far below chance the stage's best checkpoint is on the valid split, and how much its loss rises
+        when another track's CLAP tokens are swapped in (the conditioning gain)."""
+        import math
+
+        from .models.stages import stage_sequences
+        from .train.metrics import CHANCE_TOLERANCE
+
+        summary = json.loads((self.runs / stage / "summary.json").read_text())
+        loss = summary["best_valid_loss"]
+        chance = math.log(stage_sequences(stage, self._train_config(stage).model)[-1].codebook_size + 1)
+        return {"best_valid_loss": loss, "chance": chance, "below_chance": chance - loss,
+                "below_chance_pct": 100 * (chance - loss) / chance,
+                "at_chance": abs(loss - chance) <= CHANCE_TOLERANCE * chance,
+                "conditioning_gain": summary["metrics"].get("valid/conditioning_gain")}
 
     def _train(self, stage: str) -> None:
         from .train.run import TrainRequest, train

@@ -73,10 +73,12 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
                                                                     ("1", "other")]
     for r in rows:
         assert r["error"] == "" and float(r["best_score"]) >= float(r["mean_score"])
+        assert float(r["best_score"]) >= float(r["random_score"])  # the pick is never worse than candidate 0
         assert len(list((out / r["model_set"]).glob("*/sample_1.wav"))) == 2
     assert (out / "base" / "000-slow-ambient-pads-warm-and-calm" / "sample_1.wav").exists()
     table = (out / "results.md").read_text()
-    assert "base best" in table and "other mean" in table and "fast techno beat" in table
+    assert "base best" in table and "base random" in table and "other mean" in table and "fast techno beat" in table
+    assert "base: reranking 2 candidates by CLAP raises the score by" in table
     fads = json.loads((out / "fad.json").read_text())
     assert fads["reference_clips"] == 2 and set(fads["sets"]) == {"base", "other"}
     for f in fads["sets"].values():

@@ -23,18 +23,19 @@ def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return read_scalars(storage.join(run_dir, "tensorboard"))
 
 
-def _train(data, runs, steps, run="coarse-run", zero: int = 2):
+def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()):
     from jobs.train import main
 
     main(["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(runs),
-          "--num-workers", "2", "--set", f"train.num_train_steps={steps}", f"train.zero_stage={zero}", *STEPS])
+          "--num-workers", "2", *extra, "--set", f"train.num_train_steps={steps}", f"train.zero_stage={zero}", *STEPS])
     return storage.read_json(storage.join(runs, run, "summary.json"))
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("zero", [2, 3])
-def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tmp_path, zero):
+def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
+                                                    zero):
     """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks. The token dataset is read
     from a bucket and the run is kept in one, as on a cluster without a shared file system: checkpoints go up,
     the resume comes back down."""
@@ -68,11 +69,22 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     target = torch.randint(0, 1024, (2, 6, 3))
     assert torch.equal(model(cond, target), reference(cond, target))
 
-    # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule.
+    # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule. With
+    # ZeRO-2 it also scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny
+    # set, prompts and FAD reference from the dataset's valid split): every checkpoint there, the two of the
+    # first command included, gets eval/ scalars at its step, and the summary keeps them.
     first_loss = scalars["train/loss"][0][1]
     loss_at_20 = dict(scalars["train/loss"])[20]
-    _train(data, runs, steps=30, zero=zero)
+    evaluation = ("--eval-models", str(tiny_model_set), "--eval-duration", "1", "--eval-num-samples", "1",
+                  "--max-prompts", "2", "--eval-poll-s", "2") if zero == 2 else ()
+    summary = _train(data, runs, steps=30, zero=zero, extra=evaluation)
     after = _scalars(run_dir)
+    if evaluation:
+        from musiclm.watch_eval import SCALARS
+
+        for tag in SCALARS:
+            assert [step for step, _ in after[tag]] == [10, 20, 30], tag
+        assert sorted(summary["eval"], key=int) == ["10", "20", "30"] and summary["best_checkpoint"]
     resumed = dict(after["train/loss"])
     assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
     assert abs(resumed[25] - loss_at_20) < abs(resumed[25] - first_loss), (first_loss, loss_at_20, resumed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
 import pytest
 
@@ -26,7 +27,8 @@ def test_search_space_specs():
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_store, token_dataset_dir, tmp_path):
+def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_store, token_dataset_dir, tiny_model_set,
+                                                            tmp_path):
     from musiclm.train.metrics import read_scalars
     from jobs.tune import main as sweep
 
@@ -65,3 +67,20 @@ def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_st
     assert loop_cfg["init_from"] == best["checkpoint"]
     model, info = ckpt.load_stage(init_from, stage="semantic")
     assert info.metrics["valid/loss"] == pytest.approx(best["valid/loss"], rel=1e-6)
+
+    # The same command again finds the sweep complete; ranked by FAD (CLAP embeddings) of each trial's best
+    # checkpoint, generated with the other stages of a tiny set, instead of by valid/loss: the table gains the
+    # column, is sorted by it, and best.json names the trial it puts first.
+    sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", sweeps,
+           "--lr", "grid:3e-3,10", "--grace-period", "4", "--reduction-factor", "2", "--set", *SETTINGS,
+           "--rank-by", "eval/fad_clap", "--eval-models", str(tiny_model_set), "--eval-duration", "1",
+           "--eval-num-samples", "1", "--max-prompts", "2"])
+    ranked = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep_dir, "results.csv")))))
+    fads = [float(r["eval/fad_clap"]) for r in ranked]
+    assert len(ranked) == 2 and all(math.isfinite(f) and f >= 0 for f in fads) and fads == sorted(fads)
+    assert storage.read_text(storage.join(sweep_dir, "results.md")).startswith("Trials ranked by eval/fad_clap")
+    by_fad = storage.read_json(storage.join(sweep_dir, "best.json"))
+    assert by_fad["ranked_by"] == "eval/fad_clap" and by_fad["trial"] == ranked[0]["trial"]
+    assert by_fad["eval/fad_clap"] == pytest.approx(fads[0])
+    for trial in trials:  # each trial's evaluation is kept beside it, as watch-eval keeps a run's
+        assert storage.exists(storage.join(trial, "eval", "evaluated.json")), trial

@@ -4,7 +4,12 @@ Every trial runs the same train function as `musiclm train` (Ray Train + DeepSpe
 search space applied to the run's Config as dotted overrides (tune/space.py). The sweep lives in
 STORAGE/NAME: Tune's state, trials/<id>/ (checkpoints and TensorBoard of each trial), results.csv /
 results.md, and best.json (usable as `musiclm train --config best.json --init-from best.json`). Running the
-same sweep again resumes it."""
+same sweep again resumes it.
+
+Trials are ranked by their best valid/loss, or, with a ``Ranking``, by a music score of each trial's best
+checkpoint (``musiclm.watch_eval``: eval/clap_score, eval/fad_clap, ...) computed after the sweep, since lower
+token loss need not mean music closer to the prompt (REFERENCE.md). Each trial's evaluation is kept in its
+folder (trials/<id>/eval/), so a rerun does not generate again."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +26,32 @@ from musiclm.config import Config
 from .space import build_space
 
 BEST, RESULTS = "best.json", "results"
+
+
+@dataclass
+class Ranking:
+    """Rank trials by ``metric`` (one of ``watch_eval.SCALARS``) of their best checkpoint, generated with the
+    other stages of ``models`` for ``prompts``; FAD metrics need ``references``."""
+
+    metric: str
+    models: object  # musiclm.generate.ModelSet
+    prompts: list
+    settings: object  # musiclm.generate.GenerateSettings
+    references: list | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+
+    def __post_init__(self):
+        from musiclm.watch_eval import SCALARS
+
+        if self.metric not in SCALARS:
+            raise ValueError(f"--rank-by {self.metric}: give valid/loss or one of {', '.join(SCALARS)}")
+        if "fad" in self.metric and not self.references:
+            raise ValueError(f"--rank-by {self.metric} needs reference audio: --reference-audio or --reference-dataset")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return "clap_score" in self.metric
 
 
 @dataclass
@@ -41,6 +72,7 @@ class SweepRequest:
     early_stop: bool = True
     max_concurrent: int | None = None  # default: as many as the cluster fits now
     max_failures: int = 2
+    ranking: Ranking | None = None  # None: by valid/loss
 
 
 def trial_budget(cfg, resources: dict) -> tuple[float, int]:
@@ -69,9 +101,9 @@ def best_checkpoint(trial_dir: str) -> tuple[str | None, float]:
     return best, loss
 
 
-def summarize(grid, keys: list[str], total_steps: int, sweep_dir: str, base_cfg) -> list[dict]:
-    from musiclm.config import apply_overrides, to_dict
-
+def trial_rows(grid, keys: list[str], total_steps: int, sweep_dir: str) -> list[dict]:
+    """One row per trial (its search point, best valid loss and accuracy, steps, error), best valid/loss first;
+    keys starting with _ are for this module."""
     rows = []
     for result in grid:
         df = result.metrics_dataframe
@@ -90,6 +122,41 @@ def summarize(grid, keys: list[str], total_steps: int, sweep_dir: str, base_cfg)
         row["_config"] = result.config
         rows.append(row)
     rows.sort(key=lambda r: (math.isnan(r["best_valid_loss"]), r["best_valid_loss"]))
+    return rows
+
+
+def rank_by_evaluation(rows: list[dict], ranking: Ranking, resources: dict, log=print) -> None:
+    """Score each trial's best checkpoint (kept in trials/<id>/eval/: a rerun reuses it), add the metric to
+    its row and sort by it, best first (trials without a score last)."""
+    from musiclm.watch_eval import WatchRequest, evaluate_checkpoint, read_state, record
+
+    for row in rows:
+        row[ranking.metric] = math.nan
+        checkpoint, _ = best_checkpoint(row["_trial_dir"])
+        if checkpoint is None:
+            continue
+        req = WatchRequest(row["_trial_dir"], ranking.models, ranking.prompts, ranking.settings, ranking.references)
+        state, name = read_state(req), storage.name(checkpoint)
+        if name not in state["checkpoints"]:
+            log(f"ranking: trial {row['trial']}: evaluating {name}")
+            record(req, state, name, evaluate_checkpoint(
+                req, checkpoint, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0),
+                cpus_per_actor=ranking.cpus_per_actor, gpus_per_actor=ranking.gpus_per_actor, log=log))
+        row[ranking.metric] = state["checkpoints"][name]["scalars"].get(ranking.metric, math.nan)
+        row["_ranked_checkpoint"] = checkpoint
+    sign = -1.0 if ranking.higher_is_better else 1.0
+    rows.sort(key=lambda r: (math.isnan(r[ranking.metric]), sign * r[ranking.metric]
+                             if not math.isnan(r[ranking.metric]) else 0.0))
+
+
+def summarize(grid, keys: list[str], total_steps: int, sweep_dir: str, base_cfg, ranking: Ranking | None = None,
+              resources: dict | None = None, log=print) -> list[dict]:
+    """The trial rows (ranked), results.csv / .md and best.json."""
+    from musiclm.config import apply_overrides, to_dict
+
+    rows = trial_rows(grid, keys, total_steps, sweep_dir)
+    if ranking is not None:
+        rank_by_evaluation(rows, ranking, resources or {}, log)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=list(public[0]))
@@ -97,16 +164,22 @@ def summarize(grid, keys: list[str], total_steps: int, sweep_dir: str, base_cfg)
     w.writerows(public)
     storage.write_text(storage.join(sweep_dir, f"{RESULTS}.csv"), table.getvalue())
     header = list(public[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"Trials ranked by {ranking.metric if ranking else 'best valid/loss'}"
+             + (f" ({'higher' if ranking.higher_is_better else 'lower'} is better) of each trial's best checkpoint, "
+                f"{len(ranking.prompts)} prompts, best of {ranking.settings.num_samples}" if ranking else "") + ".",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in header) + " |" for r in public]
     storage.write_text(storage.join(sweep_dir, f"{RESULTS}.md"), "\n".join(lines) + "\n")
     best = rows[0]
     if not math.isnan(best["best_valid_loss"]):
         checkpoint, _ = best_checkpoint(best["_trial_dir"])
         cfg = apply_overrides(base_cfg, best["_config"])
+        ranked = {"ranked_by": ranking.metric if ranking else "valid/loss"}
+        if ranking:
+            ranked[ranking.metric] = best[ranking.metric]
         storage.write_text(storage.join(sweep_dir, BEST), json.dumps(
             {"config": to_dict(cfg), "checkpoint": checkpoint, "trial": best["trial"],
-             "valid/loss": best["best_valid_loss"], "valid/accuracy": best["valid_accuracy"],
+             "valid/loss": best["best_valid_loss"], "valid/accuracy": best["valid_accuracy"], **ranked,
              "search": {k: best["_config"].get(k) for k in keys}}, indent=2))
     return public
 
@@ -161,7 +234,7 @@ def sweep(req: SweepRequest, resources: dict, log=print) -> list[dict]:
     log(f"sweep {req.name}: {', '.join(f'{k}={v}' for k, v in req.space.items())}; "
         f"{req.max_concurrent or concurrent} trial(s) at a time, {per_worker:g} CPU per worker")
     grid = tuner.fit()
-    rows = summarize(grid, list(req.space), total, sweep_dir, base)
+    rows = summarize(grid, list(req.space), total, sweep_dir, base, req.ranking, resources, log)
     log("results (best first):\n" + storage.read_text(storage.join(sweep_dir, f"{RESULTS}.md")))
     log(f"best config and checkpoint: {storage.join(sweep_dir, BEST)}")
     log(f"curves: tensorboard --logdir {storage.join(sweep_dir, 'trials')} --host 127.0.0.1")
@@ -170,4 +243,5 @@ def sweep(req: SweepRequest, resources: dict, log=print) -> list[dict]:
     return rows
 
 
-__all__ = ["SweepRequest", "sweep", "trial_budget", "best_checkpoint", "summarize", "BEST", "RESULTS"]
+__all__ = ["SweepRequest", "Ranking", "sweep", "trial_budget", "best_checkpoint", "summarize", "trial_rows",
+           "rank_by_evaluation", "BEST", "RESULTS"]

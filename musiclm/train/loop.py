@@ -142,6 +142,20 @@ def validation_pass(forward, model, batches: list[dict], device) -> tuple[ValidS
     return sums, cond_sums, example
 
 
+def quiet_report_log() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` call at INFO from every worker ("Reporting training result
+    N: TrainingReport(... every metric ...)"), which buried the loop's own one line per log step. Its logger
+    is named after its file, so it is reached through the module; a Ray without it changes nothing."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
+
+
 def train_loop(loop_cfg: dict) -> None:
     import deepspeed
     import ray.train
@@ -156,6 +170,7 @@ def train_loop(loop_cfg: dict) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(int(loop_cfg.get("threads", 1)))
+    quiet_report_log()
 
     def log(msg: str) -> None:
         if rank == 0:
@@ -243,7 +258,7 @@ def train_loop(loop_cfg: dict) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
-            window_losses.append(float(loss))
+            window_losses.append(float(loss.detach()))
             positions = model.positions(cond, logits.shape[1] - 1)
             window_positions += logits.shape[0] * positions
             if positions not in flops_per_position:  # one window length per stage: computed once

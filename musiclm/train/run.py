@@ -168,7 +168,12 @@ def write_summary(req: TrainRequest, result) -> dict:
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "tensorboard": f"tensorboard --logdir {storage.join(req.run_dir, 'tensorboard')} --host 127.0.0.1",
     }
-    storage.write_json(storage.join(req.run_dir, SUMMARY), summary)
+    path = storage.join(req.run_dir, SUMMARY)
+    if storage.exists(path):  # keep the scores watch-eval wrote there
+        evaluated = storage.read_json(path).get("eval")
+        if evaluated:
+            summary["eval"] = evaluated
+    storage.write_json(path, summary)
     return summary
 
 
