@@ -50,14 +50,16 @@ class WatchRequest:
 
 
 def ready_checkpoints(run_dir: str) -> list[str]:
-    """The run's stage checkpoints that are complete, earliest step first: those Ray Train lists as persisted
-    (a checkpoint still being uploaded is not in its snapshot yet), or every one when there is no snapshot."""
-    from .train.run import stage_checkpoints
+    """The run's stage checkpoints that are complete, earliest step first: those Ray Train has committed (listed
+    in its snapshot; a checkpoint being uploaded, or uploaded by workers whose report the controller has not
+    taken yet, is not). A run without a snapshot has none committed yet, unless it has ended (a summary: a
+    run of another Ray version, or checkpoints copied in by hand), when every stage checkpoint counts."""
+    from .train.run import SUMMARY, stage_checkpoints
 
     found = stage_checkpoints(run_dir)
     snapshot = storage.join(run_dir, SNAPSHOT)
     if not storage.exists(snapshot):
-        return found
+        return found if storage.exists(storage.join(run_dir, SUMMARY)) else []
     try:
         listed = {r["checkpoint_dir_name"] for r in storage.read_json(snapshot).get("checkpoint_results", [])}
     except (ValueError, KeyError, TypeError):  # caught while Ray rewrites it: wait for the next look

@@ -108,10 +108,35 @@ def test_bad_files_become_error_rows(local_ray, corpus, tiny_system_dir, tmp_pat
     assert counted == {kind: 1 for kind in expected.values()}
 
 
+killed_tokenizer: list[int] = []
+
+
+def _kill_first_process_named(marker: str, timeout: float = 120.0):
+    """A thread that SIGKILLs the first process whose command line (Ray's process title) names ``marker``, once
+    it has run 2 s (its model loaded, its first batch under way); its pid goes to ``killed_tokenizer``."""
+    import threading
+
+    def kill() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+                if marker in " ".join(p.info["cmdline"] or []) and time.time() - p.info["create_time"] > 2:
+                    p.kill()
+                    killed_tokenizer.append(p.info["pid"])
+                    return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.faults
 def test_killed_run_into_a_bucket_resumes_to_the_uninterrupted_rows(local_ray, object_store, tiny_system_dir,
                                                                       tmp_path):
     """The driver (and the local Ray it started) killed with SIGKILL once the first shard is in the bucket: the
-    rerun tokenizes only the rest, and the dataset equals an uninterrupted local run's, token for token."""
+    rerun tokenizes only the rest, losing a tokenizer actor on the way, and the dataset equals an uninterrupted
+    run's, token for token, with no temporary objects left."""
     corpus, n = tmp_path / "corpus", 6
     synth.write_corpus(corpus, n, 11.0, seed=5)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -154,9 +179,16 @@ def test_killed_run_into_a_bucket_resumes_to_the_uninterrupted_rows(local_ray, o
     objects = storage.list_files(out, recursive=True)
     assert all(storage.name(o) == layout.MANIFEST or storage.name(o).startswith("part-") for o in objects), objects
 
+    # The rerun loses a tokenizer actor (SIGKILL of its process) as soon as it has one: Ray Data starts another
+    # and retries its batches, and the run completes without a rerun
     cfg = DataConfig(rows_per_shard=1)
+    killer = _kill_first_process_named("Tokenizer")
     job, _ = preprocess(corpus, tiny_system_dir, out, cfg)
+    killer.join(timeout=10)
+    assert killed_tokenizer, "no tokenizer actor process was found to kill"
     assert len(job.pending) == n - len(first)  # tokenized tracks are not repeated
+    objects = storage.list_files(out, recursive=True)
+    assert all(storage.name(o) == layout.MANIFEST or storage.name(o).startswith("part-") for o in objects), objects
     # the uninterrupted run on Ray too: the tokenizer actors' one thread each (run_local's torch threads sum in
     # another order, which moves a few near-tie codes)
     preprocess(corpus, tiny_system_dir, tmp_path / "straight", cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -146,3 +147,37 @@ def test_parquet_shard_round_trip_in_a_bucket(object_store):
     assert storage.read_parquet(path).equals(table) and storage.parquet_rows(path) == 2
     assert layout.write_shard(root, "errors", table) == path  # the same rows: the same name, replaced
     assert json.loads(json.dumps(storage.read_parquet(path, ["id"]).to_pylist())) == [{"id": "a"}, {"id": "b"}]
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+sys.argv = ["musiclm generate"] + sys.argv[1:]
+from jobs.common import run
+from jobs.generate import main
+run(main)
+"""
+
+
+@pytest.mark.faults
+def test_a_full_disk_fails_naming_the_file_and_keeps_what_was_written(tiny_model_set, tmp_path):
+    """A generation into a folder that already holds one, on a disk that takes no file over 100 kB (a file-size
+    limit standing in for a full disk): the job stops with exit 2 and a message naming the file and what to
+    check; the earlier WAV and report are untouched and no temporary file is left."""
+    import subprocess
+    import sys
+
+    from jobs.generate import main as generate
+
+    out = tmp_path / "gen"
+    generate(["calm piano", "--models", str(tiny_model_set), "--duration", "1", "--num-samples", "1", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"sample_1.wav", "report.json"}
+    # 4 s at 24 kHz, 16-bit: a 192 kB WAV
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, "fast drums", "--models", str(tiny_model_set),
+                           "--duration", "4", "--num-samples", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"cannot write {out / 'sample_1.wav'}" in proc.stderr and "has room" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -11,7 +11,7 @@ from musiclm.config import model_preset, stage_config
 from musiclm.data.dataset import DatasetError
 from musiclm.models import build_stage
 from musiclm.train import checkpoint as ckpt
-from musiclm.train.metrics import read_scalars
+from musiclm.train.metrics import read_scalars, tensorboard_steps
 from musiclm.train.run import TrainRequest, check_request
 
 STEPS = ["train.batch_size=2", "train.save_results_every=10", "train.save_model_every=10", "train.log_every=5",
@@ -23,27 +23,43 @@ def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return read_scalars(storage.join(run_dir, "tensorboard"))
 
 
+def _train_argv(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()) -> list[str]:
+    return ["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(runs), "--num-workers", "2",
+            *extra, "--set", f"train.num_train_steps={steps}", f"train.zero_stage={zero}", *STEPS]
+
+
 def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()):
     from jobs.train import main
 
-    main(["--stage", "coarse", "--data", str(data), "--run-name", run, "--storage", str(runs),
-          "--num-workers", "2", *extra, "--set", f"train.num_train_steps={steps}", f"train.zero_stage={zero}", *STEPS])
+    main(_train_argv(data, runs, steps, run, zero, extra))
     return storage.read_json(storage.join(runs, run, "summary.json"))
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
                                                     zero):
-    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks. The token dataset is read
-    from a bucket and the run is kept in one, as on a cluster without a shared file system: checkpoints go up,
-    the resume comes back down."""
+    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too), each through a fault: the same checks. The
+    token dataset is read from a bucket and the run is kept in one, as on a cluster without a shared file system:
+    checkpoints go up, the resume comes back down."""
     bucket = object_store.bucket()
     data, runs = bucket + "/datasets/synth", bucket + "/runs"
     storage.upload_dir(token_dataset_dir, data)
-    summary = _train(data, runs, steps=20, zero=zero)
     run_dir = storage.join(runs, "coarse-run")
+    # Faults, once the run's first checkpoint (step 10) is committed. ZeRO-2: its driver (a process of its own on
+    # the same Ray) is killed with SIGKILL, and the same command, run again, continues from that checkpoint.
+    # ZeRO-3: one of its workers is killed; Ray Train restarts the worker group from it within the same run.
+    # Either way the run ends at its target step as if nothing had happened.
+    if zero == 2:
+        _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, zero=zero), run_dir,
+                                         local_ray.get_runtime_context().gcs_address)
+        assert not storage.exists(storage.join(run_dir, "summary.json"))
+    killer = _WorkerKiller(run_dir) if zero == 3 else None
+    summary = _train(data, runs, steps=20, zero=zero)
+    if killer:
+        killer.check()
     assert summary["run"] == run_dir and summary["latest_checkpoint"].startswith(run_dir + "/checkpoint_")
     scalars = _scalars(run_dir)
     for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/loss", "valid/accuracy",
@@ -51,6 +67,9 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
         assert name in scalars, name
     assert [s for s, _ in scalars["valid/loss"]] == [10, 20]
     assert summary["metrics"]["step"] == 20
+    # as TensorBoard shows the run (every event file in order, a restart's purge applied): each step once, in order
+    seen = tensorboard_steps(storage.join(run_dir, "tensorboard"))
+    assert seen["train/loss"] == [5, 10, 15, 20] and seen["valid/loss"] == [10, 20], seen
     _check_mfu(scalars, workers=2, peak=0.5e12)
 
     # The consolidated weights equal DeepSpeed's own consolidation of its ZeRO shards, and load into a
@@ -69,27 +88,87 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     target = torch.randint(0, 1024, (2, 6, 3))
     assert torch.equal(model(cond, target), reference(cond, target))
 
-    # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule. With
-    # ZeRO-2 it also scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny
+    if zero == 3:
+        return  # ZeRO-3's resume from its shards was the worker restart above; the rerun below is ZeRO-2's
+    # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule. It also scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny
     # set, prompts and FAD reference from the dataset's valid split): every checkpoint there, the two of the
     # first command included, gets eval/ scalars at its step, and the summary keeps them.
     first_loss = scalars["train/loss"][0][1]
     loss_at_20 = dict(scalars["train/loss"])[20]
     evaluation = ("--eval-models", str(tiny_model_set), "--eval-duration", "1", "--eval-num-samples", "1",
-                  "--max-prompts", "2", "--eval-poll-s", "2") if zero == 2 else ()
+                  "--max-prompts", "2", "--eval-poll-s", "2")
     summary = _train(data, runs, steps=30, zero=zero, extra=evaluation)
     after = _scalars(run_dir)
-    if evaluation:
-        from musiclm.watch_eval import SCALARS
+    from musiclm.watch_eval import SCALARS
 
-        for tag in SCALARS:
-            assert [step for step, _ in after[tag]] == [10, 20, 30], tag
-        assert sorted(summary["eval"], key=int) == ["10", "20", "30"] and summary["best_checkpoint"]
+    for tag in SCALARS:
+        assert [step for step, _ in after[tag]] == [10, 20, 30], tag
+    assert sorted(summary["eval"], key=int) == ["10", "20", "30"] and summary["best_checkpoint"]
     resumed = dict(after["train/loss"])
     assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
     assert abs(resumed[25] - loss_at_20) < abs(resumed[25] - first_loss), (first_loss, loss_at_20, resumed)
     assert dict(after["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
+    assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
     assert ckpt.read_stage(ckpt_latest(run_dir)).step == 30
+
+
+def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from musiclm.watch_eval import ready_checkpoints
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv, "--address", address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not ready_checkpoints(run_dir):
+        time.sleep(0.2)
+    proc.kill()
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == -9, output[-3000:]  # killed mid-run, not finished or failed
+    assert [ckpt.read_stage(c).step for c in ready_checkpoints(run_dir)] == [10], output[-3000:]
+
+
+class _WorkerKiller:
+    """A thread that SIGKILLs one Ray Train worker process once the run's first checkpoint is persisted (listed
+    in Ray Train's snapshot, so a restart resumes from it); ``check`` asserts that the kill landed and the run
+    restarted from that checkpoint."""
+
+    def __init__(self, run_dir: str):
+        import threading
+
+        self.run_dir, self.killed, self.at_step = run_dir, None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        import psutil
+
+        from musiclm.watch_eval import ready_checkpoints
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            ready = ready_checkpoints(self.run_dir)
+            if ready:
+                self.at_step = ckpt.read_stage(ready[0]).step
+                break
+            time.sleep(0.2)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+                self.killed = p.info["pid"]
+                return
+
+    def check(self) -> None:
+        self.thread.join(timeout=10)
+        assert self.killed is not None, "no Ray Train worker process was found to kill"
+        assert self.at_step == 10, self.at_step
+        # the restarted workers logged on into a new event file (a second writer on rank 0)
+        assert len(storage.list_files(storage.join(self.run_dir, "tensorboard"), "events.*")) >= 2
 
 
 def _check_mfu(scalars: dict, workers: int, peak: float) -> None:

@@ -25,7 +25,25 @@ def test_search_space_specs():
         build_space({"train.lr": "loguniform:0:1"})
 
 
+def _run_and_kill_once_a_trial_has_a_checkpoint(argv: list[str], trials: str, address: str) -> None:
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *argv, "--address", address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(
+            storage.list_dirs(t, "checkpoint_*") for t in storage.list_dirs(trials)):
+        time.sleep(0.2)
+    proc.kill()
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == -9, output[-3000:]  # killed mid-sweep, not finished or failed
+
+
 @pytest.mark.ray
+@pytest.mark.faults
 @pytest.mark.timeout(600)
 def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_store, token_dataset_dir, tiny_model_set,
                                                             tmp_path):
@@ -33,9 +51,14 @@ def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_st
     from jobs.tune import main as sweep
 
     sweeps = object_store.bucket() + "/sweeps"
-    sweep(["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", sweeps,
-           "--lr", "grid:3e-3,10", "--grace-period", "4", "--reduction-factor", "2", "--set", *SETTINGS])
+    argv = ["--stage", "semantic", "--data", str(token_dataset_dir), "--name", "lr", "--storage", sweeps,
+            "--lr", "grid:3e-3,10", "--grace-period", "4", "--reduction-factor", "2", "--set", *SETTINGS]
     sweep_dir = storage.join(sweeps, "lr")
+    # The sweep's driver (a process of its own on the same Ray) is killed with SIGKILL once the first trial has a
+    # checkpoint; the same command then finishes the sweep, and everything below is what a complete sweep gives.
+    _run_and_kill_once_a_trial_has_a_checkpoint(argv, storage.join(sweep_dir, "trials"),
+                                                local_ray.get_runtime_context().gcs_address)
+    sweep(argv)
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep_dir, "results.csv")))))
     assert len(rows) == 2
     by_lr = {float(r["train.lr"]): r for r in rows}

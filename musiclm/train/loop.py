@@ -205,7 +205,10 @@ def train_loop(loop_cfg: dict) -> None:
     vocabulary = model.target.codebook_size + 1
     peak = peak_flops(device, tc.peak_tflops)  # for train/mfu; None on CPUs and unknown GPUs
     flops_per_position: dict[int, float] = {}
-    tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None, purge_step=state.step or None)
+    # a restart from the checkpoint of step N: TensorBoard hides what the lost attempt logged after step N (step N's
+    # own events were logged before its checkpoint was saved, and stay)
+    tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None,
+                     purge_step=state.step + 1 if state.step else None)
     sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
     held = loop_cfg.get("held_data", {})
 

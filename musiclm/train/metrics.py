@@ -170,6 +170,24 @@ class TensorBoard:
             self._uploaded = time.monotonic()
 
 
+def tensorboard_steps(log_dir) -> dict[str, list[int]]:
+    """The steps of every scalar tag in the order TensorBoard shows them: all event files of ``log_dir`` read in
+    order as one run, with the purges a restarted writer asks for applied (``SummaryWriter(purge_step=...)``)."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from .. import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tmp if storage.is_remote(log_dir) else str(log_dir)
+        if storage.is_remote(log_dir):
+            storage.download_dir(log_dir, tmp, "events.*")
+        acc = EventAccumulator(local, size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the TensorBoard event files in ``log_dir``: {tag: [(step, value), ...]} (later files win)."""
     import tempfile

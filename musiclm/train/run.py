@@ -52,8 +52,10 @@ def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
 
 
 def stage_checkpoints(run_dir: str) -> list[str]:
-    """The run's checkpoints that hold a stage checkpoint, earliest step first (locations)."""
-    found = [p for p in storage.list_dirs(run_dir, "checkpoint_*") if storage.exists(storage.join(p, ckpt.STAGE_FILE))]
+    """The run's checkpoints that hold a stage checkpoint, earliest step first (locations). A folder still being
+    uploaded, or whose upload a killed run never finished, lacks its weights and is passed over."""
+    found = [p for p in storage.list_dirs(run_dir, "checkpoint_*")
+             if storage.exists(storage.join(p, ckpt.STAGE_FILE)) and storage.exists(storage.join(p, ckpt.MODEL_FILE))]
     return sorted(found, key=lambda p: ckpt.read_stage(p).step)
 
 
