@@ -278,7 +278,8 @@ class MusicGenerator:
     def generate(self, prompt: str, settings: GenerateSettings, sampler=sample, progress=None) -> Candidates:
         """``settings.num_samples`` candidates for ``prompt``, scored by CLAP."""
         t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(settings.seed)
+        # on the model's device, so the sampling noise is made there (seeded draws on a GPU differ from the CPU's)
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         clap = torch.as_tensor(self.system.clap.text_tokens([prompt]), dtype=torch.long, device=self.device)
         batch = settings.batch_size or settings.num_samples
         codes, timings = [], {}

@@ -30,7 +30,9 @@ def pick(logits: Tensor, temperature: float, top_fraction: float, generator: tor
     logits = keep_top_fraction(logits, top_fraction)
     if temperature <= 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device).clamp_(1e-20, 1.0)
+    # the noise is drawn where the generator lives: a generator on the GPU keeps the draw there (no copy per token)
+    u = torch.rand(logits.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    u = u.to(logits.device).clamp_(1e-20, 1.0)
     return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
