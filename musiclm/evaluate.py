@@ -79,7 +79,7 @@ def read_prompt_set(path: str) -> list[Prompt]:
     return prompts
 
 
-def dataset_prompts(root: str, limit: int | None = None) -> list[Prompt]:
+def dataset_prompts(root: str) -> list[Prompt]:
     """Prompts and reference clips from a token dataset's valid split: one per track (its first clip, in track
     order), the caption as prompt and the clip's span of the source audio as reference. The source files must
     still be readable where the dataset says they are."""
@@ -92,11 +92,11 @@ def dataset_prompts(root: str, limit: int | None = None) -> list[Prompt]:
         for r in storage.read_parquet(f, columns=columns).to_pylist():
             if r["caption"] and (r["track_id"] not in first or r["start_seconds"] < first[r["track_id"]]["start_seconds"]):
                 first[r["track_id"]] = r
-    rows = [first[k] for k in sorted(first)][:limit]
+    rows = [first[k] for k in sorted(first)]
     if not rows:
         raise ValueError(f"token dataset {root} has no captioned rows in its valid split to use as prompts and "
                          f"reference audio: preprocess with a valid fraction (data.valid_frac > 0)")
-    return [Prompt(r["caption"], r["track_id"], r["start_seconds"], r["start_seconds"] + r["audio_seconds"], r["path"])
+    return [Prompt(r["caption"], None, r["start_seconds"], r["start_seconds"] + r["audio_seconds"], r["path"])
             for r in rows]
 
 
