@@ -41,21 +41,16 @@ def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
                                                     zero):
-    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too), each through a fault: the same checks. The
-    token dataset is read from a bucket and the run is kept in one, as on a cluster without a shared file system:
-    checkpoints go up, the resume comes back down."""
+    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks; ZeRO-3's runs go through
+    faults (a lost worker, a killed driver), ZeRO-2's through a rerun with more steps and evaluation beside it.
+    The token dataset is read from a bucket and the runs are kept in one, as on a cluster without a shared file
+    system: checkpoints go up, the resume comes back down."""
     bucket = object_store.bucket()
     data, runs = bucket + "/datasets/synth", bucket + "/runs"
     storage.upload_dir(token_dataset_dir, data)
     run_dir = storage.join(runs, "coarse-run")
-    # Faults, once the run's first checkpoint (step 10) is committed. ZeRO-2: its driver (a process of its own on
-    # the same Ray) is killed with SIGKILL, and the same command, run again, continues from that checkpoint.
-    # ZeRO-3: one of its workers is killed; Ray Train restarts the worker group from it within the same run.
-    # Either way the run ends at its target step as if nothing had happened.
-    if zero == 2:
-        _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, zero=zero), run_dir,
-                                         local_ray.get_runtime_context().gcs_address)
-        assert not storage.exists(storage.join(run_dir, "summary.json"))
+    # ZeRO-3's run loses one of its workers (SIGKILL) once its first checkpoint (step 10) is committed: Ray Train
+    # restarts the worker group from it within the run, which ends at its target step as if nothing had happened
     killer = _WorkerKiller(run_dir) if zero == 3 else None
     summary = _train(data, runs, steps=20, zero=zero)
     if killer:
@@ -89,7 +84,20 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     assert torch.equal(model(cond, target), reference(cond, target))
 
     if zero == 3:
-        return  # ZeRO-3's resume from its shards was the worker restart above; the rerun below is ZeRO-2's
+        # The same run again, its driver (a process of its own on the same Ray) killed (SIGKILL) at the first
+        # committed checkpoint, then the same command run again: it continues from step 10 to 20, its summary
+        # and TensorBoard are an unbroken run's, and its weights equal the worker-killed run's bit for bit.
+        again_dir = storage.join(runs, "coarse-again")
+        _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, run="coarse-again", zero=zero),
+                                         again_dir, local_ray.get_runtime_context().gcs_address)
+        assert not storage.exists(storage.join(again_dir, "summary.json"))
+        again = _train(data, runs, steps=20, run="coarse-again", zero=zero)
+        assert again["metrics"]["step"] == 20
+        assert tensorboard_steps(storage.join(again_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20]
+        resumed, _ = ckpt.load_stage(again["latest_checkpoint"], stage="coarse")
+        for name, weight in model.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], weight), name
+        return  # ZeRO-3's resume from its shards was tested above; the rerun with more steps below is ZeRO-2's
     # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule. It also scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny
     # set, prompts and FAD reference from the dataset's valid split): every checkpoint there, the two of the
     # first command included, gets eval/ scalars at its step, and the summary keeps them.
