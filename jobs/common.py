@@ -164,7 +164,7 @@ def run(main) -> None:
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """Sampling settings shared by generate and evaluate (``musiclm.generate.GenerateSettings``)."""
-    from musiclm.generate import GenerateSettings
+    from musiclm.generate import WEIGHT_DTYPES, GenerateSettings
 
     d = GenerateSettings()
     g = parser.add_argument_group("sampling")
@@ -180,6 +180,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
                    help="sample among this fraction of the most likely tokens")
     g.add_argument("--coarse-only", action="store_true", help="decode the coarse tokens alone (skip the fine stage)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates sampled together (0: all)")
+    g.add_argument("--weights-dtype", default=d.weights_dtype, choices=WEIGHT_DTYPES,
+                   help="stage weights while sampling: auto = bfloat16 on a GPU that supports it, else float32; "
+                        "float32 reproduces the reference sampler's tokens")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--token-system", help="token system (default: the model set's token_system/)")
 

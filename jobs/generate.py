@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from musiclm.generate import MusicGenerator, progress_bar
 
-    generator = MusicGenerator(models, args.device, settings.coarse_only)
+    generator = MusicGenerator(models, args.device, settings.coarse_only, settings.weights_dtype)
     with progress_bar(generator, settings, enabled=sys.stderr.isatty()) as bar:
         result = generator.generate(args.prompt, settings, progress=bar)
     report = generator.write(result, settings, args.out)

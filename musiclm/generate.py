@@ -48,6 +48,7 @@ class GenerateSettings:
     fine_step: float = 1.0
     coarse_only: bool = False  # decode coarse tokens alone (no fine stage)
     batch_size: int = 0  # candidates sampled together (0: all N at once)
+    weights_dtype: str = "auto"  # stage weights for sampling: auto (bfloat16 on a GPU that has it, else float32)
 
     def __post_init__(self):
         check(self.duration > 0, "duration", "must be > 0 seconds")
@@ -58,9 +59,22 @@ class GenerateSettings:
             check(0 < getattr(self, f"{stage}_step") <= 1, f"{stage}_step", "must be in (0, 1]")
         check(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
         check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = all candidates at once)")
+        check(self.weights_dtype in WEIGHT_DTYPES, "weights_dtype", f"must be one of {', '.join(WEIGHT_DTYPES)}")
 
     def stages(self) -> tuple[str, ...]:
         return STAGES[:2] if self.coarse_only else STAGES
+
+
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The stage weights' dtype for sampling: ``auto`` is bfloat16 on a CUDA device that supports it (half the
+    weight traffic per token; the logits are sampled in float32 all the same), float32 elsewhere."""
+    if name == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return getattr(torch, name)
 
 
 # ---------------------------------------------------------------------------------------------- model sets
@@ -222,7 +236,8 @@ class Candidates:
 class MusicGenerator:
     """A loaded model set: the token system (CLAP, RVQ, EnCodec) and the stage transformers."""
 
-    def __init__(self, models: ModelSet, device: str | torch.device | None = None, coarse_only: bool = False):
+    def __init__(self, models: ModelSet, device: str | torch.device | None = None, coarse_only: bool = False,
+                 weights_dtype: str = "auto"):
         from .tokens.system import TokenSystem
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -233,9 +248,12 @@ class MusicGenerator:
         self.system = TokenSystem.load(models.token_system, self.device)
         self.system.require_fitted()
         self.models = {s: load_stage(i.path, s, self.system.fingerprint, self.device)[0] for s, i in self.infos.items()}
+        self.dtype = inference_dtype(weights_dtype, self.device)
+        for model in self.models.values():
+            model.to(self.dtype)
 
     def describe(self) -> dict:
-        return {"checkpoints": checkpoint_ids(self.infos),
+        return {"checkpoints": checkpoint_ids(self.infos), "weights_dtype": str(self.dtype).removeprefix("torch."),
                 "token_system": {"path": str(self.model_set.token_system), "fingerprint": self.system.fingerprint},
                 "windows": asdict(self.windows)}
 

@@ -63,7 +63,8 @@ class PromptWorker:
     def _generator(self, name: str) -> MusicGenerator:
         if name != self.loaded:
             self.generator = None  # free the previous set before loading the next
-            self.generator = MusicGenerator(self.sets[name], self.device, self.settings.coarse_only)
+            self.generator = MusicGenerator(self.sets[name], self.device, self.settings.coarse_only,
+                                            self.settings.weights_dtype)
             self.loaded = name
         return self.generator
 

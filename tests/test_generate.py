@@ -69,6 +69,29 @@ def test_same_seed_same_audio_other_seed_other_audio(tiny_model_set):
     assert not np.array_equal(first[0], first[1])  # candidates differ from each other
 
 
+def test_bfloat16_weights_generate_and_auto_is_float32_on_a_cpu(tiny_model_set, monkeypatch):
+    """--weights-dtype: bfloat16 stage weights (the default on a GPU that has them) generate full, finite clips;
+    on a CPU "auto" keeps float32, drawing exactly the tokens of an explicit float32 run."""
+    from musiclm.generate import inference_dtype
+
+    models = ModelSet.from_dir(tiny_model_set)
+    settings = GenerateSettings(duration=1.0, num_samples=2, seed=3)
+    auto = MusicGenerator(models, device="cpu")
+    assert auto.dtype == torch.float32 and auto.describe()["weights_dtype"] == "float32"
+    explicit = MusicGenerator(models, device="cpu", weights_dtype="float32")
+    assert np.array_equal(_audio(auto, settings), _audio(explicit, settings))
+    half = MusicGenerator(models, device="cpu", weights_dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for m in half.models.values() for p in m.parameters())
+    audio = _audio(half, settings)
+    assert audio.shape == (2, 24_000) and np.isfinite(audio).all()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference_dtype("auto", torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="weights_dtype"):
+        GenerateSettings(weights_dtype="int8")
+
+
 def test_a_12_second_request_gives_12_seconds_through_sliding_windows(tiny_model_set):
     """Longer than every stage's window and not a whole number of window steps (open-musiclm's unfold drops the
     partial last window): each stage's last window is moved back to end exactly at the requested length."""
