@@ -203,12 +203,11 @@ def read_prompts(path: str) -> list[str]:
     return [p.caption for p in read_prompt_set(path)]
 
 
-def add_prompt_set_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def add_prompt_set_args(parser: argparse.ArgumentParser) -> None:
     """Where evaluation prompts and FAD reference audio come from (evaluate, watch-eval, tune --rank-by eval/)."""
     g = parser.add_argument_group("prompts and reference audio")
     g.add_argument("--prompts", help="file of prompts (one per line), a JSON list, or a MusicCaps-style CSV (ytid, "
-                                     "start_s, end_s, caption)" + ("" if required else
-                                                                   "; default: the --reference-dataset's captions"))
+                                     "start_s, end_s, caption); default: the --reference-dataset's captions")
     g.add_argument("--reference-audio", help="folder of reference clips for FAD (with a CSV: named by ytid)")
     g.add_argument("--reference-dataset", metavar="TOKEN_DATASET",
                    help="a token dataset whose valid split gives the prompts (its captions) and the FAD reference "
