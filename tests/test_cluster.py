@@ -157,7 +157,7 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
         env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         out = tmp_path / "tokens"
         ray_cli = str(Path(sys.executable).parent / "ray")
-        for _ in range(3):  # Ray's job server answers "try again later" until the head's agent has registered
+        for _ in range(60):  # Ray's job server answers "try again later" until the head's agent has registered
             submit = subprocess.run(
                 [ray_cli, "job", "submit", "--no-wait", "--submission-id", "tokens", "--address",
                  "http://127.0.0.1:8299", "--working-dir", str(REPO), "--", "python", "-m", "jobs.preprocess",
@@ -166,6 +166,7 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
                 env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
             if "No available agent to submit job, please try again later" not in submit.stdout + submit.stderr:
                 break
+            time.sleep(1)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         # A node lost mid-job: once the first shard is written, the worker node's raylet is killed (SIGKILL; its
         # workers go with it). Ray Data retries the lost tasks and restarts lost actors on the head node, and the
