@@ -1,27 +1,31 @@
-"""Sampling speed of each stage, two ways in one run, on the same model, conditioning and seed:
+"""Sampling speed of each stage, several ways in one run, on the same model, conditioning and seed:
 
-(a) open-musiclm's way: a full forward over the whole prefix for every new token (``sample_recompute``), and
-(b) this project's KV-cached decoding (``sample``),
+- ``recompute``: open-musiclm's way, a full forward over the whole prefix for every new token (``--recompute``);
+- ``dynamic``: the KV cache growing by one token per step (this project's first cached decoder);
+- ``static``: the cache allocated once for the window, fixed-shape steps;
+- ``compiled``: the static step compiled (inductor on a CPU, CUDA graphs on a GPU), its compile timed apart;
 
 over one window of each stage at its real length (semantic 10 s: 12 clap + 499 tokens; coarse 4 s: 12 clap +
-199 semantic → 300 × 3 tokens; fine 2 s: 12 clap + 150 × 3 coarse → 150 × 5 tokens). Both draw the same
-tokens (checked). Prints tokens/s and the ratio (b)/(a) per stage. Goal: at least 10× at these lengths.
+199 semantic → 300 × 3 tokens; fine 2 s: 12 clap + 150 × 3 coarse → 150 × 5 tokens), ``--batch`` candidates
+at once. All draw the same tokens in float32 (checked). Prints tokens/s per way and ratios.
 
-Then the real-time factor (wall time / audio time) of a whole text-to-audio generation of ``--seconds`` (10 s)
-with the KV cache: CLAP text tokens, the three stages with sliding windows, EnCodec decoding and CLAP scoring,
-on ``--models DIR`` (a model set) or, without it, a set built here (tiny token system fitted on two
-synthetic tracks, untrained stages of ``--models-preset``'s sizes: speed does not depend on the weights). ``--whole-recompute`` also times
-the whole generation the recomputing way (slow: minutes even for tiny).
+Then the real-time factor (wall time / audio time, per candidate) of a whole text-to-audio generation of
+``--seconds`` (10 s) and ``--num-samples`` candidates (best of 4) for each ``--decodings`` mode: CLAP text tokens,
+the three stages with sliding windows, EnCodec decoding and CLAP scoring, on ``--models DIR`` (a model set) or,
+without it, a set built here (tiny token system fitted on two synthetic tracks, untrained stages of
+``--models-preset``'s sizes: speed does not depend on the weights); a 1 s warm-up generation first (it compiles).
     python benchmarks/generate.py [--preset tiny --device cpu --fraction 1.0 --models DIR --seconds 10]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WINDOWS = {"semantic": {"clap": (12,), "target": 499}, "coarse": {"clap": (12,), "semantic": (199,), "target": 300},
@@ -38,45 +42,72 @@ def main() -> None:
     p.add_argument("--models-preset", default="tiny", choices=["tiny", "small", "large"],
                    help="without --models: the transformer sizes of the untrained set built here")
     p.add_argument("--seconds", type=float, default=10.0, help="audio length of the whole generation")
-    p.add_argument("--whole-recompute", action="store_true", help="also time the whole generation without cache")
+    p.add_argument("--batch", type=int, default=1, help="candidates sampled together in the window timings")
+    p.add_argument("--recompute", action="store_true", help="also time open-musiclm's recomputing sampler")
+    p.add_argument("--ways", default="dynamic,static,compiled", help="decoders timed per window")
+    p.add_argument("--decodings", default="dynamic,static,compiled", help="decoding modes of the whole generation")
+    p.add_argument("--num-samples", type=int, default=4, help="candidates of the whole generation (batched)")
+    p.add_argument("--weights-dtype", default="auto", help="stage weights of the whole generation")
     p.add_argument("--skip-windows", action="store_true", help="only the whole-generation timing")
+    p.add_argument("--skip-whole", action="store_true", help="only the per-window timings")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.skip_windows:
+        windows(args)
+    if not args.skip_whole:
+        whole_generation(args)
+
+
+def windows(args) -> None:
     from musiclm.config import model_preset
     from musiclm.models import build_stage
     from musiclm.models.sampling import sample, sample_recompute
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    for stage, window in ({} if args.skip_windows else WINDOWS).items():
+    ways = (["recompute"] if args.recompute else []) + args.ways.split(",")
+    for stage, window in WINDOWS.items():
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device).eval()
-        cond = [torch.randint(0, s.codebook_size, (1, *window[s.name]), device=device) for s in model.sequences[:-1]]
+        cond = [torch.randint(0, s.codebook_size, (args.batch, *window[s.name]), device=device)
+                for s in model.sequences[:-1]]
         steps = max(1, int(window["target"] * args.fraction))
-        n_tokens = steps * model.target.num_quantizers
-        timings, outputs = {}, {}
-        for name, fn in (("recompute", sample_recompute), ("kv_cache", sample)):
+        n_tokens = steps * model.target.num_quantizers * args.batch
+        timings, outputs, compile_s = {}, {}, None
+        for name in ways:
+            fn = sample_recompute if name == "recompute" else sample
+            kw = {} if name == "recompute" else {"decoding": "dynamic" if name == "dynamic" else "static"}
+            if name == "compiled":
+                model.compile_decoding()
+                start = time.perf_counter()  # a short draw of the same shapes compiles (and captures the graph)
+                sample(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(9),
+                       decoding="static")
+                sync(device)
+                compile_s = time.perf_counter() - start
             start = time.perf_counter()
-            outputs[name] = fn(model, cond, steps, temperature=1.0, generator=torch.Generator().manual_seed(0))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            outputs[name] = fn(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                               **kw)
+            sync(device)
             timings[name] = time.perf_counter() - start
-        same = torch.equal(outputs["recompute"].cpu(), outputs["kv_cache"].cpu())
-        print(json.dumps({"stage": stage, "preset": args.preset, "device": str(device), "tokens": n_tokens,
-                          "prompt": model.positions(cond, 0),
-                          "recompute_tokens_per_s": round(n_tokens / timings["recompute"], 1),
-                          "kv_cache_tokens_per_s": round(n_tokens / timings["kv_cache"], 1),
-                          "ratio": round(timings["recompute"] / timings["kv_cache"], 1), "same_tokens": same}),
+        base = ways[0]
+        print(json.dumps({"stage": stage, "preset": args.preset, "device": str(device), "batch": args.batch,
+                          "tokens": n_tokens, "prompt": model.positions(cond, 0),
+                          **{f"{k}_tokens_per_s": round(n_tokens / t, 1) for k, t in timings.items()},
+                          **{f"{k}_vs_{base}": round(timings[base] / t, 2) for k, t in timings.items() if k != base},
+                          **({"compile_s": round(compile_s, 1)} if compile_s is not None else {}),
+                          "same_tokens": all(torch.equal(o.cpu(), outputs[base].cpu()) for o in outputs.values())}),
               flush=True)
-    whole_generation(args)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def random_model_set(root: Path, preset: str = "tiny") -> Path:
     """A tiny token system (fitted on two synthetic tracks) and untrained stages of ``preset``'s transformer sizes,
     as a model-set folder (the tiny token system has the real token rates and codebook sizes)."""
-    import dataclasses
-
     from musiclm import synth
     from musiclm.audio import list_audio_files
     from musiclm.config import model_preset
@@ -99,22 +130,29 @@ def random_model_set(root: Path, preset: str = "tiny") -> Path:
 
 def whole_generation(args) -> None:
     from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
-    from musiclm.models.sampling import sample, sample_recompute
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
-        generator = MusicGenerator(ModelSet.from_dir(root), args.device)
-        settings = GenerateSettings(duration=args.seconds, num_samples=1)
-        generator.generate("warm-up", GenerateSettings(duration=1.0, num_samples=1))
-        ways = [("kv_cache", sample)] + ([("recompute", sample_recompute)] if args.whole_recompute else [])
-        for name, sampler in ways:
-            result = generator.generate("an upbeat jazz piano", settings, sampler=sampler)
+        generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype)
+        tokens = {}
+        for mode in args.decodings.split(","):
+            settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,
+                                        weights_dtype=args.weights_dtype)
+            start = time.perf_counter()  # compiled: every window shape of the real run, so that it compiles here
+            generator.generate("warm-up", settings if mode == "compiled" else
+                               dataclasses.replace(settings, duration=1.0))
+            warm = time.perf_counter() - start
+            result = generator.generate("an upbeat jazz piano", settings)
+            tokens[mode] = result.audio
             t = result.timings
-            print(json.dumps({"whole_generation": name,
+            print(json.dumps({"whole_generation": mode,
                               "models": str(args.models or f"untrained {args.models_preset} (built here)"),
-                              "device": args.device, "audio_s": args.seconds,
+                              "device": args.device, "weights": generator.describe()["weights_dtype"],
+                              "audio_s": args.seconds, "candidates": args.num_samples, "warm_up_s": round(warm, 1),
                               **{k: t[k] for k in ("semantic", "coarse", "fine", "decode", "score", "total")},
                               "real_time_factor": round(t["real_time_factor"], 3)}), flush=True)
+        first = next(iter(tokens.values()))
+        print(json.dumps({"same_audio_every_mode": all(np.array_equal(a, first) for a in tokens.values())}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Plain PyTorch (no Ray, no DeepSpeed), so it runs on any GPU machine that has tor
 optimizer as a real run, random tokens at the real window lengths of each stage (semantic 12 + 499,
 coarse 12 + 199 + 300×3, fine 12 + 150×3 + 150×5). MFU = model FLOPs per token (6 × matmul parameters plus
 causal attention) × tokens/s ÷ the GPU's peak dense bf16 FLOP/s.
+
+Each ``--attentions`` path (dense float mask vs FlexAttention) is timed in the same run, with peak memory, and
+first checked against the dense one on the same weights and batch: the bf16 loss and the gradients' relative
+difference (largest over parameters of max |g_flex - g_dense| / max |g_dense|). ``--compile`` also times each
+path with the stage compiled (``train.compile``), its first steps (the compile) excluded.
     python benchmarks/train_step_gpu.py [--preset large --batch-size 8 --steps 20 --peak-tflops 989]
 """
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import time
 
 import torch
+
 
 def stage_inputs(model, batch: int, device):
     shapes = {"clap": (batch, 12), "semantic": (batch, 499), "coarse": (batch, 300, 3), "fine": (batch, 150, 5)}
@@ -31,6 +37,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak dense bf16 TFLOP/s (default: by GPU name, "
                                                                    "musiclm.train.metrics.PEAK_BF16_TFLOPS)")
     p.add_argument("--stages", default="semantic,coarse,fine")
+    p.add_argument("--attentions", default=None, help="default: dense,flex on a GPU, dense on a CPU (PyTorch has "
+                                                        "no FlexAttention backward there)")
+    p.add_argument("--compile", action="store_true", help="also time every path compiled")
     args = p.parse_args()
 
     from musiclm.config import model_preset
@@ -43,41 +52,75 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device, args.peak_tflops)
+    on_gpu = device.type == "cuda"
+    attentions = (args.attentions or ("dense,flex" if on_gpu else "dense")).split(",")
+
+    def forward_backward(model, cond, target, seed=0):
+        torch.manual_seed(seed)  # the same forgetful mask for every path
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            logits = model(cond, target, 0.15)
+        loss = stage_loss(logits, target)
+        loss.backward()
+        return float(loss.detach())
+
     for stage in args.stages.split(","):
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device).train()
-        opt, _ = make_optimizer(model, TrainConfig(stage=stage), on_gpu=device.type == "cuda")
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
         *cond, target = stage_inputs(model, args.batch_size, device)
         seq = model.positions(cond, target[0].numel())
-        times = []
-        for i in range(args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(cond, target, 0.15)
-            loss = stage_loss(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        step = sum(times[args.warmup:]) / max(1, len(times) - args.warmup)
-        tokens_per_s = args.batch_size * seq / step
-        flops = model_flops_per_token(model, seq) * tokens_per_s
-        print(json.dumps({
-            "stage": stage, "preset": args.preset, "device": name, "params_M": round(count_parameters(model) / 1e6, 1),
-            "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),
-            "tokens_per_s": round(tokens_per_s), "model_tflops": round(flops / 1e12, 1),
-            "mfu": round(flops / peak, 3) if peak else None,
-            "max_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1) if device.type == "cuda" else None,
-        }), flush=True)
-        del model, opt
-        if device.type == "cuda":
+        reference = None
+        for attention in attentions:
+            model.load_state_dict(initial)
+            model.set_attention(attention)
+            model.zero_grad(set_to_none=True)
+            loss = forward_backward(model, cond, target)
+            grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+            if reference is None:
+                reference, check = (loss, grads), {}
+            else:
+                worst = max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+                            for n, g in reference[1].items() if n != "rel_pos.out.bias")  # its true gradient is 0
+                check = {"loss_vs_first": round(loss - reference[0], 5), "grad_rel_diff_max": round(worst, 4)}
+            del grads
+            for compiled in (False, True) if args.compile else (False,):
+                model.load_state_dict(initial)
+                if compiled:
+                    model.compile()
+                opt, _ = make_optimizer(model, TrainConfig(stage=stage), on_gpu=on_gpu)
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = []
+                for i in range(args.steps):
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    forward_backward(model, cond, target, seed=i)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                    opt.step()
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                step = sum(times[args.warmup:]) / max(1, len(times) - args.warmup)
+                tokens_per_s = args.batch_size * seq / step
+                flops = model_flops_per_token(model, seq) * tokens_per_s
+                print(json.dumps({
+                    "stage": stage, "preset": args.preset, "device": name, "attention": attention,
+                    "compiled": compiled, "params_M": round(count_parameters(model) / 1e6, 1),
+                    "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),
+                    "first_steps_s": round(sum(times[:args.warmup]), 1),
+                    "tokens_per_s": round(tokens_per_s), "model_tflops": round(flops / 1e12, 1),
+                    "mfu": round(flops / peak, 3) if peak else None,
+                    "max_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1) if on_gpu else None,
+                    **check}), flush=True)
+                del opt
+                if compiled:  # back to the eager forward for the next path
+                    model._compiled_call_impl = None
+        del model
+        if on_gpu:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
 
 
 if __name__ == "__main__":

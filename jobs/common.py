@@ -164,7 +164,7 @@ def run(main) -> None:
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """Sampling settings shared by generate and evaluate (``musiclm.generate.GenerateSettings``)."""
-    from musiclm.generate import WEIGHT_DTYPES, GenerateSettings
+    from musiclm.generate import DECODING, WEIGHT_DTYPES, GenerateSettings
 
     d = GenerateSettings()
     g = parser.add_argument_group("sampling")
@@ -183,6 +183,10 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-dtype", default=d.weights_dtype, choices=WEIGHT_DTYPES,
                    help="stage weights while sampling: auto = bfloat16 on a GPU that supports it, else float32; "
                         "float32 reproduces the reference sampler's tokens")
+    g.add_argument("--decoding", default=d.decoding, choices=DECODING,
+                   help="token-by-token decoding: compiled (static cache, the step compiled: CUDA graphs on a GPU), "
+                        "static (cache allocated once), dynamic (cache grows per token); auto = compiled on a GPU, "
+                        "static on a CPU. All draw the same tokens in float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--token-system", help="token system (default: the model set's token_system/)")
 

@@ -201,6 +201,10 @@ class TrainConfig:
     cache_train_mb: float = 256.0
     seed: int = 0
     peak_tflops: float = 0.0  # the device's peak dense bf16 TFLOP/s for train/mfu; 0: by GPU name (known GPUs)
+    # how training attends: dense (SDPA with a float bias mask), flex (FlexAttention: bias as score_mod, causal
+    # block mask; needs a GPU for the backward), auto: dense until flex is measured on the GPU (README)
+    attention: Literal["auto", "dense", "flex"] = "auto"
+    compile: bool = False  # torch.compile the stage (DeepSpeed's engine.compile): first steps compile (minutes)
 
     def __post_init__(self):
         check(self.lr > 0, "lr", "must be > 0")
@@ -222,6 +226,7 @@ class TrainConfig:
         check(self.max_failures >= 0, "max_failures", "must be >= 0")
         check(self.cache_train_mb >= 0, "cache_train_mb", "must be >= 0 (0 = always stream)")
         check(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = by the GPU's name)")
+        check(self.attention in ("auto", "dense", "flex"), "attention", "must be auto, dense or flex")
 
 
 @dataclass

@@ -16,6 +16,7 @@ Window starts of the coarse stage lie on the common grid of the two token rates 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +50,7 @@ class GenerateSettings:
     coarse_only: bool = False  # decode coarse tokens alone (no fine stage)
     batch_size: int = 0  # candidates sampled together (0: all N at once)
     weights_dtype: str = "auto"  # stage weights for sampling: auto (bfloat16 on a GPU that has it, else float32)
+    decoding: str = "auto"  # compiled / static (cache allocated once) / dynamic (cache grows); auto: see DECODING
 
     def __post_init__(self):
         check(self.duration > 0, "duration", "must be > 0 seconds")
@@ -60,12 +62,23 @@ class GenerateSettings:
         check(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
         check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = all candidates at once)")
         check(self.weights_dtype in WEIGHT_DTYPES, "weights_dtype", f"must be one of {', '.join(WEIGHT_DTYPES)}")
+        check(self.decoding in DECODING, "decoding", f"must be one of {', '.join(DECODING)}")
 
     def stages(self) -> tuple[str, ...]:
         return STAGES[:2] if self.coarse_only else STAGES
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DECODING = ("auto", "compiled", "static", "dynamic")
+
+
+def decoding_mode(name: str, device: torch.device) -> str:
+    """``auto`` is ``compiled`` on a GPU (the step as CUDA graphs: one launch per token instead of hundreds) and
+    ``static`` on a CPU, where compiling costs ~30 s per stage and batch size before it pays off
+    (benchmarks/generate.py measures all three). Every mode draws the same tokens in float32."""
+    if name == "auto":
+        return "compiled" if device.type == "cuda" else "static"
+    return name
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -251,6 +264,16 @@ class MusicGenerator:
         self.dtype = inference_dtype(weights_dtype, self.device)
         for model in self.models.values():
             model.to(self.dtype)
+        self.compiled = False
+
+    def sampler(self, settings: GenerateSettings):
+        """``sample`` with the settings' decoding mode (compiling every stage's step the first time it is asked)."""
+        mode = decoding_mode(settings.decoding, self.device)
+        if mode == "compiled" and not self.compiled:
+            for model in self.models.values():
+                model.compile_decoding()
+            self.compiled = True
+        return functools.partial(sample, decoding="dynamic" if mode == "dynamic" else "static")
 
     def describe(self) -> dict:
         return {"checkpoints": checkpoint_ids(self.infos), "weights_dtype": str(self.dtype).removeprefix("torch."),
@@ -268,9 +291,10 @@ class MusicGenerator:
         return {s: plan[s] for s in settings.stages()}
 
     def tokens(self, clap: torch.Tensor, settings: GenerateSettings, generator: torch.Generator,
-               sampler=sample, progress=None) -> tuple[torch.Tensor, dict[str, float]]:
+               sampler=None, progress=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Acoustic codes (b, frames, coarse [+ fine] codebooks) for CLAP tokens ``clap`` (b, 12)."""
         w, plan, timings = self.windows, self.plan(settings), {}
+        sampler = sampler or self.sampler(settings)
 
         def run(stage, conditioning):
             start = time.perf_counter()
@@ -293,7 +317,7 @@ class MusicGenerator:
         """Time steps one batch of candidates samples over all stages (the progress bar's unit)."""
         return sum(windows[-1][1] for windows in self.plan(settings).values())
 
-    def generate(self, prompt: str, settings: GenerateSettings, sampler=sample, progress=None) -> Candidates:
+    def generate(self, prompt: str, settings: GenerateSettings, sampler=None, progress=None) -> Candidates:
         """``settings.num_samples`` candidates for ``prompt``, scored by CLAP."""
         t0 = time.perf_counter()
         # on the model's device, so the sampling noise is made there (seeded draws on a GPU differ from the CPU's)

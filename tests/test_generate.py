@@ -90,6 +90,8 @@ def test_bfloat16_weights_generate_and_auto_is_float32_on_a_cpu(tiny_model_set, 
     assert inference_dtype("auto", torch.device("cuda")) == torch.float32
     with pytest.raises(ValueError, match="weights_dtype"):
         GenerateSettings(weights_dtype="int8")
+    with pytest.raises(ValueError, match="decoding"):
+        GenerateSettings(decoding="fast")
 
 
 def test_a_12_second_request_gives_12_seconds_through_sliding_windows(tiny_model_set):
@@ -103,6 +105,10 @@ def test_a_12_second_request_gives_12_seconds_through_sliding_windows(tiny_model
     assert plan["coarse"][-1] == (600, 900) and plan["fine"][-1] == (750, 900)
     result = generator.generate("a long song", settings)
     assert result.audio.shape == (1, 12 * 24000)
+    # the default decoder on a CPU (static cache) draws exactly what the growing cache draws, window after window
+    assert settings.decoding == "auto"
+    dynamic = generator.generate("a long song", GenerateSettings(duration=12.0, num_samples=1, decoding="dynamic"))
+    assert np.array_equal(dynamic.audio, result.audio)
     coarse_only = generator.generate("a long song", GenerateSettings(duration=5.0, num_samples=1, coarse_only=True))
     assert coarse_only.audio.shape == (1, 5 * 24000)
 

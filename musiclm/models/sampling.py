@@ -1,6 +1,10 @@
 """Sampling a stage's target tokens: open-musiclm's rule (keep the top fraction of logits, Gumbel-max at a
 temperature, no eos inside the window), with the KV cache, or by recomputing the whole prefix at every step
 as open-musiclm does (kept for comparison: ``benchmarks/generate.py``).
+
+Decoding (``sample``'s ``decoding``): ``static`` (a cache allocated once for the window; the step is compiled
+when the model's ``compile_decoding`` was called), or ``dynamic`` (the cache grows by one token per step; the
+reference the static path is tested against).
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ def pick(logits: Tensor, temperature: float, top_fraction: float, generator: tor
     return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
+DECODING = ("static", "dynamic")
+
+
 def _shape(tokens: Tensor, b: int, q: int) -> Tensor:
     return tokens.reshape(b, -1, q) if q > 1 else tokens.reshape(b, -1)
 
@@ -43,14 +50,19 @@ def _shape(tokens: Tensor, b: int, q: int) -> Tensor:
 @torch.no_grad()
 def sample(model: TokenConditionedTransformer, conditioning: list[Tensor], steps: int, *,
            prefix: Tensor | None = None, temperature: float = 1.0, top_fraction: float = 0.1,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, decoding: str = "static") -> Tensor:
     """Generate ``steps`` time steps (× num_quantizers tokens) after ``prefix`` with the KV cache; returns the
     new tokens as (b, steps) or (b, steps, q)."""
+    if decoding not in DECODING:
+        raise ValueError(f"decoding: {decoding!r} is not one of {', '.join(DECODING)}")
     q = model.target.num_quantizers
     b = conditioning[0].shape[0]
     n = steps * q
     done = 0 if prefix is None else prefix.reshape(b, -1).shape[1]
-    logits, cache = model.start(conditioning, prefix, max_len=model.positions(conditioning, done + n))
+    max_len = model.positions(conditioning, done + n)
+    logits, cache = model.start(conditioning, prefix, max_len=max_len)
+    if decoding == "static" and n > 1:
+        cache = model.static_cache(cache, max_len)
     out = []
     for i in range(n):
         token = pick(logits, temperature, top_fraction, generator)
@@ -77,4 +89,4 @@ def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tens
 
 
 
-__all__ = ["kept_count", "keep_top_fraction", "pick", "sample", "sample_recompute"]
+__all__ = ["DECODING", "kept_count", "keep_top_fraction", "pick", "sample", "sample_recompute"]

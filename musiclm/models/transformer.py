@@ -17,12 +17,20 @@ checkpoints map onto it tensor for tensor (the key mapping lives with the import
   LayerNorm, dropout, linear back;
 - a final LayerNorm and per-quantizer output weights ``(num_quantizers, codebook_size + 1, dim)``.
 
-Attention goes through ``F.scaled_dot_product_attention``. ``KVCache`` holds, per layer, the keys and values
-and the last two inputs of the feed-forward's causal convolution, so that ``step`` decodes one token at a
-time with the same logits as a full forward pass.
+Attention goes through ``F.scaled_dot_product_attention`` with a dense float mask (relative bias, -inf where a
+query may not look), or, with ``attention="flex"``, through FlexAttention: the bias is a ``score_mod`` reading
+the (heads, n) table, causality a block mask (blocks above the diagonal are skipped), hidden keys a (batch, n)
+bool lookup, so no (batch, heads, n, n) tensor with a gradient is built.
+
+Decoding keeps, per layer, the keys and values and the last two inputs of the feed-forward's causal
+convolution, so that ``step`` decodes one token at a time with the same logits as a full forward pass:
+``KVCache`` grows them token by token; ``StaticKVCache`` holds them in tensors allocated once for the whole
+window, with the position as a tensor, so that one decoding step has fixed shapes and no Python state and
+``torch.compile`` can capture it (with CUDA graphs on a GPU: ``compile_decoding``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +127,9 @@ class Attention(nn.Module):
         k = F.normalize(k, dim=-1) * self.k_scale
         if cache is not None:
             k, v = cache.append_kv(layer, k, v)
+        if isinstance(mask, FlexMask):
+            out = mask.attend(q, k[:, None], v[:, None])
+            return self.to_out(F.dropout(out.transpose(1, 2).reshape(b, n, -1), self.dropout, self.training))
         kh = k[:, None].expand(b, self.heads, k.shape[1], self.dim_head)
         vh = v[:, None].expand(b, self.heads, v.shape[1], self.dim_head)
         out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=ATTN_SCALE,
@@ -143,12 +154,10 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, cache: "KVCache | None" = None, layer: int = 0) -> Tensor:
         h = self.proj_in(self.norm(x))
         if self.conv is not None:
-            past = cache.conv[layer] if cache is not None else None
-            if past is None:
-                past = h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2])
-            padded = torch.cat((past, h), dim=1)
-            if cache is not None:
-                cache.conv[layer] = padded[:, -(CONV_KERNEL - 1):]
+            if cache is None:
+                padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
+            else:
+                padded = cache.conv_input(layer, h)
             h = self.conv(padded.transpose(1, 2)).transpose(1, 2)
         a, gate = h.chunk(2, dim=-1)
         return self.proj_out(self.dropout(self.norm_inner(F.gelu(gate) * a)))
@@ -186,6 +195,139 @@ class KVCache:
             self.v[layer] = torch.cat((self.v[layer], v), dim=1)
         return self.k[layer], self.v[layer]
 
+    def conv_input(self, layer: int, h: Tensor) -> Tensor:
+        """``h`` (b, n, channels) preceded by the convolution's last inputs (zeros at the start); keeps the new last."""
+        past = self.conv[layer]
+        if past is None:
+            past = h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2])
+        padded = torch.cat((past, h), dim=1)
+        self.conv[layer] = padded[:, -(CONV_KERNEL - 1):]
+        return padded
+
+
+class StaticKVCache:
+    """Decoding state in tensors allocated once: keys and values (depth, b, max_len, dim_head), the convolution's
+    last inputs (depth, b, 2, channels), which keys are visible (b, max_len), the position bias table, and the
+    positions and target tokens consumed as 0-dim tensors on the model's device. A step writes its keys at
+    ``position`` and attends over all ``max_len`` slots, those not yet written masked: every step has the same
+    shapes, and advancing is an in-place add, so a compiled step (or a CUDA graph of it) replays as it is.
+    ``fill`` loads a consumed prompt into the same tensors, so one cache (one compiled graph) serves every window
+    of a stage."""
+
+    def __init__(self, cache: KVCache, max_len: int):
+        k0, b = cache.k[0], cache.key_mask.shape[0]
+        device = k0.device
+        self.max_len = max_len
+        self.k = k0.new_zeros(len(cache.k), b, max_len, k0.shape[-1])
+        self.v = torch.zeros_like(self.k)
+        convs = [c for c in cache.conv if c is not None]
+        self.conv = torch.zeros((len(convs), *convs[0].shape), dtype=convs[0].dtype, device=device) if convs else None
+        self.key_mask = torch.ones(b, max_len, dtype=torch.bool, device=device)
+        table = cache.bias_table
+        self.bias_table = None if table is None else table.new_zeros(table.shape[0], max_len)
+        self.keys = torch.arange(max_len, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.targets = torch.zeros((), dtype=torch.long, device=device)
+        self.fill(cache)
+
+    def fits(self, cache: KVCache, max_len: int) -> bool:
+        """Whether ``cache`` (batch size, dtype, device) can be filled into this one of ``max_len`` positions."""
+        k0 = cache.k[0]
+        return (max_len == self.max_len and k0.shape[0] == self.k.shape[1] and k0.dtype == self.k.dtype
+                and k0.device == self.k.device)
+
+    def fill(self, cache: KVCache) -> "StaticKVCache":
+        """Load a consumed prompt (a growing cache) in place: its keys, values, visible keys, the convolution's
+        last inputs, the bias table and the counters; the slots after it are cleared."""
+        n = cache.length
+        if self.max_len <= n:
+            raise ValueError(f"max_len ({self.max_len}) must exceed the {n} positions already consumed")
+        self.k.zero_()
+        self.v.zero_()
+        for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+            self.k[i, :, :n], self.v[i, :, :n] = k, v
+        if self.conv is not None:
+            self.conv.copy_(torch.stack([c for c in cache.conv if c is not None]))
+        self.key_mask.fill_(True)  # target tokens: all visible
+        self.key_mask[:, :n] = cache.key_mask
+        if self.bias_table is not None:
+            self.bias_table.copy_(cache.bias_table[:, :self.max_len])
+        self.position.fill_(n)
+        self.targets.fill_(cache.targets)
+        return self
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a step reads or writes in place (what CUDA graphs must see at fixed addresses)."""
+        return [t for t in (self.k, self.v, self.conv, self.key_mask, self.bias_table, self.keys, self.position,
+                            self.targets) if t is not None]
+
+    def append_kv(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer].index_copy_(1, self.position.view(1), k)
+        self.v[layer].index_copy_(1, self.position.view(1), v)
+        return self.k[layer], self.v[layer]
+
+    def conv_input(self, layer: int, h: Tensor) -> Tensor:
+        padded = torch.cat((self.conv[layer], h), dim=1)
+        self.conv[layer].copy_(padded[:, 1:])
+        return padded
+
+    def attn_mask(self, dtype: torch.dtype) -> Tensor:
+        """(b, heads or 1, 1, max_len): the bias of the query at ``position`` over every slot, -inf past it and at
+        hidden keys; the same values the growing cache's mask has over its keys."""
+        allowed = self.key_mask & (self.keys <= self.position)
+        if self.bias_table is None:
+            bias = torch.zeros(1, self.max_len, device=self.keys.device)
+        else:
+            bias = self.bias_table[:, (self.position - self.keys).clamp(min=0)]
+        return bias[None, :, None].masked_fill(~allowed[:, None, None], float("-inf")).to(dtype)
+
+
+@dataclass
+class FlexMask:
+    """What FlexAttention needs in place of the dense mask: the position-bias table (heads, n) added by a
+    ``score_mod`` at distance ``q - k``, which keys each example hides (b, n), and a causal block mask."""
+
+    block_mask: object
+    key_mask: Tensor
+    table: Tensor | None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        table, key_mask = self.table, self.key_mask
+        dtype = compute_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # the q/k scales are float32 parameters
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if table is not None:
+                score = score + table[h, (q_idx - kv_idx).clamp(min=0)]
+            return torch.where(key_mask[b, kv_idx], score, -float("inf"))
+
+        return flex_attention_fn(q.device.type)(q, k, v, score_mod=score_mod, block_mask=self.block_mask,
+                                                scale=ATTN_SCALE, enable_gqa=True)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=16)
+def causal_block_mask(n: int, device: str):
+    """The causal block mask of ``n`` positions (one for every batch and head), made once per length."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, None, None, n, n, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def flex_attention_fn(device_type: str):
+    """FlexAttention compiled into one fused kernel on a GPU; on the CPU it runs unfused (forward only: PyTorch
+    has no FlexAttention backward on the CPU), which serves tests and inference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+ATTENTION = ("dense", "flex")
+
 
 def check_supported(cfg: TransformerConfig) -> None:
     if cfg.relative_position_bias_type == "t5":
@@ -216,6 +358,19 @@ class TokenConditionedTransformer(nn.Module):
             if cfg.relative_position_bias_type == "continuous" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = LayerNorm(cfg.dim)
+        self.attention = "dense"  # how a full forward attends: "dense" (float mask) or "flex" (set_attention)
+        self._compiled_step = None  # compile_decoding
+        self._static: StaticKVCache | None = None  # the last static cache, reused while its shapes fit
+
+    def set_attention(self, kind: str) -> "TokenConditionedTransformer":
+        """Attention of full forwards (training, validation): ``dense`` or ``flex``. Decoding always uses the
+        dense path (one query per step: nothing to fuse)."""
+        if kind not in ATTENTION:
+            raise ConfigError(f"attention: {kind!r} is not one of {', '.join(ATTENTION)}")
+        if kind == "flex" and self.cfg.attn_dropout > 0:
+            raise ConfigError("attention: 'flex' has no attention dropout; set attn_dropout to 0 or use 'dense'")
+        self.attention = kind
+        return self
 
     @property
     def target(self) -> TokenSequence:
@@ -275,22 +430,28 @@ class TokenConditionedTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _run(self, x: Tensor, key_mask: Tensor, cache: KVCache | None = None) -> Tensor:
+    def _run(self, x: Tensor, key_mask: Tensor | None, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         alpha = self.cfg.grad_shrink_alpha
         x = x * alpha + x.detach() * (1 - alpha)
-        start = cache.length if cache is not None else 0
-        total = start + x.shape[1]
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):  # one decoding step
+            mask = cache.attn_mask(compute_dtype(x))
+        elif cache is not None:
+            start, total = cache.length, cache.length + x.shape[1]
             cache.key_mask = key_mask if cache.key_mask is None else torch.cat((cache.key_mask, key_mask), 1)
-            key_mask = cache.key_mask
-            table = cache.bias_table
+            mask = self._attn_mask(cache.key_mask, start, x.shape[1], cache.bias_table).to(compute_dtype(x))
+            cache.length = total
         else:
-            table = self.rel_pos.table(total, x.device) if self.rel_pos is not None else None
-        mask = self._attn_mask(key_mask, start, x.shape[1], table).to(compute_dtype(x))
+            n = x.shape[1]
+            table = self.rel_pos.table(n, x.device) if self.rel_pos is not None else None
+            if self.attention == "flex":
+                table = table.float() if table is not None else None  # scores are float32 inside the kernel
+                mask = FlexMask(causal_block_mask(n, str(x.device)), key_mask, table)
+            else:
+                mask = self._attn_mask(key_mask, 0, n, table).to(compute_dtype(x))
         for i, block in enumerate(self.layers):
             x = block(x, mask, cache, i)
-        if cache is not None:
-            cache.length = total
+        if isinstance(cache, StaticKVCache):
+            cache.position.add_(1)
         return self.norm(x)
 
     def _logits(self, hidden: Tensor, first: int) -> Tensor:
@@ -339,8 +500,13 @@ class TokenConditionedTransformer(nn.Module):
         return self._logits(hidden[:, -1:], cache.targets)[:, 0], cache
 
     @torch.no_grad()
-    def step(self, token: Tensor, cache: KVCache) -> Tensor:
-        """Feed one target token (b,) per batch element; return the logits of the one after it."""
+    def step(self, token: Tensor, cache: KVCache | StaticKVCache) -> Tensor:
+        """Feed one target token (b,) per batch element; return the logits of the one after it. With a static
+        cache the step is the compiled one after ``compile_decoding``."""
+        if isinstance(cache, StaticKVCache):
+            if self._compiled_step is not None:
+                return self._compiled_step(token, cache)
+            return self._static_step(token, cache)
         x = self._embed(len(self.sequences) - 1, token.reshape(-1, 1), cache.targets)
         if cache.bias_table is not None and cache.bias_table.shape[1] < cache.length + 1:
             cache.bias_table = self.rel_pos.table(max(2 * cache.bias_table.shape[1], cache.length + 1), x.device)
@@ -348,6 +514,36 @@ class TokenConditionedTransformer(nn.Module):
         hidden = self._run(x, key_mask, cache)
         cache.targets += 1
         return self._logits(hidden, cache.targets)[:, 0]
+
+    def _static_step(self, token: Tensor, cache: StaticKVCache) -> Tensor:
+        """``step`` on a static cache: fixed shapes, no Python state, the same operations as the growing cache's."""
+        x = self._embed(len(self.sequences) - 1, token.reshape(-1, 1), cache.targets)
+        hidden = self._run(x, None, cache)
+        cache.targets.add_(1)
+        return self._logits(hidden, cache.targets)[:, 0]
+
+    def static_cache(self, cache: KVCache, max_len: int) -> StaticKVCache:
+        """The growing cache of a consumed prompt moved into a static one of ``max_len`` positions: the one the
+        last call made when its shapes fit (a compiled step keeps replaying on the same tensors), else a new one."""
+        if cache.bias_table is not None and cache.bias_table.shape[1] < max_len:
+            cache.bias_table = self.rel_pos.table(max_len, cache.bias_table.device)
+        static = self._static
+        if static is not None and static.fits(cache, max_len):
+            return static.fill(cache)
+        static = self._static = StaticKVCache(cache, max_len)
+        if static.k.is_cuda:
+            for t in static.tensors():  # CUDA graphs replay on these addresses and see the in-place updates
+                torch._dynamo.mark_static_address(t)
+        return static
+
+    def compile_decoding(self, mode: str | None = None) -> "TokenConditionedTransformer":
+        """Compile the static-cache decoding step: ``reduce-overhead`` (CUDA graphs: one launch per step instead
+        of hundreds) on a GPU, inductor's default elsewhere. The first step of each batch size and window length
+        compiles (seconds to a minute); later ones replay."""
+        if mode is None:
+            mode = "reduce-overhead" if self.norm.weight.is_cuda else "default"
+        self._compiled_step = torch.compile(self._static_step, mode=mode, fullgraph=True, dynamic=False)
+        return self
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -363,4 +559,5 @@ def model_flops_per_token(model: TokenConditionedTransformer, seq_len: int) -> f
     return 6 * dense + 6 * attn + 6 * cfg.dim * (model.target.codebook_size + 1)
 
 
-__all__ = ["TokenSequence", "TokenConditionedTransformer", "KVCache", "count_parameters", "model_flops_per_token"]
+__all__ = ["TokenSequence", "TokenConditionedTransformer", "KVCache", "StaticKVCache", "FlexMask", "ATTENTION",
+           "count_parameters", "model_flops_per_token"]

@@ -10,11 +10,21 @@ import math
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 
 
 def uses_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+
+
+def training_attention(cfg: TrainConfig, on_gpu: bool) -> str:
+    """The attention path of training's forwards: ``flex`` only where asked for, and only on a GPU (PyTorch has
+    no FlexAttention backward on the CPU); ``auto`` stays ``dense`` until flex has been measured on a GPU
+    (benchmarks/gpu_check.sh prints both)."""
+    if cfg.attention == "flex" and not on_gpu:
+        raise ConfigError("attention: 'flex' trains only on a GPU (PyTorch has no FlexAttention backward on the "
+                          "CPU); use 'dense' or 'auto' here")
+    return "flex" if cfg.attention == "flex" else "dense"
 
 
 def skip_inference_comm_op() -> None:
@@ -77,4 +87,4 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_gpu: bool):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
 
-__all__ = ["deepspeed_config", "param_groups", "lr_factor", "make_optimizer", "uses_bf16"]
+__all__ = ["training_attention", "deepspeed_config", "param_groups", "lr_factor", "make_optimizer", "uses_bf16"]

@@ -26,7 +26,7 @@ from ..data.clips import stable_fraction
 from ..models import build_stage, split_batch, stage_loss
 from ..models.transformer import model_flops_per_token
 from . import checkpoint as ckpt
-from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, uses_bf16
+from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
 from .metrics import (ConditioningSums, TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers,
                       peak_flops)
 
@@ -177,7 +177,7 @@ def train_loop(loop_cfg: dict) -> None:
             worker_print(f"[train {stage}] {msg}")
 
     torch.manual_seed(tc.seed)
-    model = build_stage(stage, cfg.model)
+    model = build_stage(stage, cfg.model).set_attention(training_attention(tc, on_gpu))
     resume = ray.train.get_checkpoint()
     if resume is None and loop_cfg.get("init_from"):
         ckpt.load_into(model, ckpt.load_state(loop_cfg["init_from"]), loop_cfg["init_from"])
@@ -188,6 +188,9 @@ def train_loop(loop_cfg: dict) -> None:
         skip_inference_comm_op()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(tc, bf16))
+    if tc.compile:
+        engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
+    log(f"attention: {model.attention}{', compiled' if tc.compile else ''}")
     state = TrainState(world_size=world, zero_stage=tc.zero_stage)
     if resume is not None:
         with resume.as_directory() as d:

@@ -1,0 +1,155 @@
+"""The fast paths against the reference ones: static-cache (and compiled) decoding draws the growing cache's
+tokens; FlexAttention gives the dense mask's logits and gradients; a compiled stage gives the eager one's."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from musiclm.config import STAGES, ConfigError, TrainConfig, model_preset
+from musiclm.models import build_stage
+from musiclm.models.sampling import sample
+
+
+def _stage(stage: str, depth: int | None = None, dtype=torch.float32):
+    """A tiny stage with its gains and scales moved off 1 (so that every path is exercised)."""
+    cfg = model_preset("tiny")
+    if depth is not None:
+        cfg = dataclasses.replace(cfg, **{f"{stage}_cfg": dataclasses.replace(cfg.stage(stage), depth=depth)})
+    torch.manual_seed(0)
+    model = build_stage(stage, cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _inputs(model, batch: int, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = model.sequences
+
+    def draw(s, n):
+        return torch.randint(0, s.codebook_size, (batch, n) if s.num_quantizers == 1 else (batch, n, s.num_quantizers),
+                             generator=g)
+
+    cond = [torch.randint(0, s.codebook_size, (batch, 12), generator=g) if s.name == "clap" else draw(s, steps)
+            for s in seqs[:-1]]
+    return cond, draw(seqs[-1], steps)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_static_cache_draws_the_growing_caches_tokens_in_float32(stage):
+    """Same generator, float32: the static cache draws exactly the growing cache's tokens, from an empty target
+    and after a prefix (a later sliding window), over 24 time steps (24-120 tokens)."""
+    model = _stage(stage)
+    cond, target = _inputs(model, batch=2, steps=28)
+    for prefix in (None, target[:, :4]):
+        draws = {d: sample(model, cond, 24, prefix=prefix, temperature=1.0, decoding=d,
+                           generator=torch.Generator().manual_seed(1)) for d in ("dynamic", "static")}
+        assert torch.equal(draws["dynamic"], draws["static"])
+    with pytest.raises(ValueError, match="decoding"):
+        sample(model, cond, 2, decoding="fast")
+
+
+def test_static_cache_step_has_the_growing_caches_logits():
+    """Step by step, the static cache's logits equal the growing cache's (float32, max difference ~1e-7) while
+    the key and value slots past the position stay unwritten."""
+    model = _stage("coarse")
+    cond, target = _inputs(model, batch=2, steps=8)
+    flat = target.reshape(2, -1)
+    max_len = model.positions(cond, flat.shape[1])
+    logits, grow = model.start(cond, flat[:, :4], max_len=max_len)
+    _, cache = model.start(cond, flat[:, :4], max_len=max_len)
+    static = model.static_cache(cache, max_len)
+    assert static.k.shape[2] == max_len and int(static.position) == grow.length
+    for t in range(4, flat.shape[1]):
+        a, b = model.step(flat[:, t], grow), model.step(flat[:, t], static)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert int(static.position) == grow.length and int(static.targets) == grow.targets
+    assert static.k[:, :, grow.length:].abs().sum() == 0
+
+
+def test_compiled_decoding_draws_the_eager_tokens():
+    """The compiled step (inductor on the CPU; CUDA graphs on a GPU, checked by benchmarks/gpu_check.sh) draws
+    the eager static cache's tokens, for a codebook-interleaved stage (coarse), with a prefix. One layer: the
+    compile is ~10 s of the test."""
+    model = _stage("coarse", depth=1)
+    cond, target = _inputs(model, batch=2, steps=12)
+    draw = lambda: sample(model, cond, 10, prefix=target[:, :2], temperature=0.95,  # noqa: E731
+                          generator=torch.Generator().manual_seed(3))
+    eager = draw()
+    model.compile_decoding()
+    assert torch.equal(draw(), eager)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_flex_attention_gives_the_dense_masks_logits_and_gradients(stage, monkeypatch):
+    """FlexAttention (bias as score_mod, causal block mask, hidden keys looked up per example) against the dense
+    float mask, float64, with the forgetful causal mask on: logits within 1e-10; every parameter's gradient within
+    1e-5 of the largest gradient (the position-bias MLP runs in float32 in both). On the CPU PyTorch refuses
+    FlexAttention's backward at its entry check; its unfused implementation (the one that runs on a CPU) has
+    one, and that is what this test differentiates, to check the score_mod and masks (the GPU kernel is checked
+    by benchmarks/gpu_check.sh)."""
+    import torch.nn.attention.flex_attention as fa
+
+    model = _stage(stage, dtype=torch.float64)
+    cond, target = _inputs(model, batch=2, steps=12)
+    with torch.no_grad():
+        dense = model(cond, target)
+        flex = model.set_attention("flex")(cond, target)
+    torch.testing.assert_close(flex, dense, rtol=0, atol=1e-10)
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    grads = {}
+    for kind in ("dense", "flex"):
+        model.set_attention(kind).zero_grad()
+        torch.manual_seed(5)  # the same hidden keys in both
+        logits = model(cond, target, key_drop=0.15)
+        (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum().backward()
+        grads[kind] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["flex"].keys() == grads["dense"].keys()
+    scale = max(float(g.abs().max()) for g in grads["dense"].values())
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(grads["flex"][name], g, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_flex_attention_is_refused_where_it_cannot_train():
+    from musiclm.train.engine import training_attention
+
+    assert training_attention(TrainConfig(), on_gpu=True) == "dense"
+    assert training_attention(TrainConfig(attention="flex"), on_gpu=True) == "flex"
+    with pytest.raises(ConfigError, match="only on a GPU"):
+        training_attention(TrainConfig(attention="flex"), on_gpu=False)
+    model = build_stage("semantic", model_preset("tiny"))
+    with pytest.raises(ConfigError, match="not one of"):
+        model.set_attention("fused")
+    model.cfg.attn_dropout = 0.1
+    with pytest.raises(ConfigError, match="attn_dropout"):
+        model.set_attention("flex")
+
+
+def test_compiled_stage_gives_the_eager_logits_and_gradients():
+    """``train.compile``: the stage compiled in place (as DeepSpeed's ``engine.compile`` does) and captured whole
+    (``fullgraph``: no graph break in the forward, forgetful causal mask included) gives the eager logits and
+    gradients (float32, dropout off), and its parameter names, hence checkpoints, are unchanged. The backend is
+    ``aot_eager`` (the same capture and autograd graph as inductor, without generating C++): inductor's code for
+    the forward and backward takes 45-90 s to build on 2 cores; benchmarks/train_step.py runs it."""
+    model = _stage("fine", depth=1)
+    cond, target = _inputs(model, batch=2, steps=6)
+    names = list(model.state_dict())
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(4)
+        logits = model(cond, target, key_drop=0.15)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_logits, eager_grads = run()
+    model.compile(backend="aot_eager", fullgraph=True)
+    logits, grads = run()
+    assert list(model.state_dict()) == names and grads.keys() == eager_grads.keys()
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
