@@ -32,15 +32,18 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds generated per candidate in the evaluation")
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--semantic-clusters", type=int, default=d.semantic_clusters,
+                   help="semantic k-means clusters (0: the preset's for --source; for the synthetic corpus a power of "
+                        "two with at least 64 of its frames per cluster)")
     add_ray_args(p)
     return p
 
 
-DEMO_LIMITS = ("with the tiny preset every encoder has random weights: CLAP cannot tell prompts apart, so the "
+DEMO_LIMITS = ("with the tiny preset CLAP and EnCodec have random weights: CLAP cannot tell prompts apart, so the "
                "candidates' CLAP scores (and best-of-N reranking) mean nothing here, and the conditioning gain stays "
-               "near 0; the random semantic encoder's tokens barely carry structure shared between tracks (the "
-               "semantic stage can only learn their frequencies). Pretrained encoders (--preset small/large) make "
-               "these numbers meaningful.")
+               "near 0; the semantic encoder is a band-energy filterbank in HuBERT's form, so its tokens follow pitch "
+               "and timbre (the semantic stage learns them) but carry no meaning. Pretrained encoders (--preset "
+               "small/large) make these numbers meaningful.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                                 train_steps=args.train_steps, num_workers=args.num_workers, batch_size=args.batch_size,
                                 lr=args.lr, use_gpu=args.use_gpu,
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
-                                eval_duration=args.eval_duration, seed=args.seed)
+                                eval_duration=args.eval_duration, seed=args.seed,
+                                semantic_clusters=args.semantic_clusters)
     resources = connect(args)
     ray.data.DataContext.get_current().enable_progress_bars = False  # keep the demo's log readable
     summary = Pipeline(settings, resources, args.actors, args.gpus_per_actor, log=log).run()

@@ -255,7 +255,8 @@ def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def _mean(values) -> float | None:
+def mean_of_known(values) -> float | None:
+    """The mean of the values that are not None (prompts that failed have none); None when none are known."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -279,10 +280,10 @@ def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> 
     for i, p in enumerate(prompts):
         cells = " | ".join(_fmt(cell[p, m].get(f"{k}_score")) for m in names for k in kinds)
         lines.append(f"| {i} | {p} | {cells} |")
-    means = " | ".join(_fmt(_mean(cell[p, m].get(f"{k}_score") for p in prompts)) for m in names for k in kinds)
+    means = " | ".join(_fmt(mean_of_known(cell[p, m].get(f"{k}_score") for p in prompts)) for m in names for k in kinds)
     lines.append(f"| | **mean** | {means} |")
     for m in names:
-        gain = _mean(cell[p, m]["best_score"] - cell[p, m]["random_score"] for p in prompts
+        gain = mean_of_known(cell[p, m]["best_score"] - cell[p, m]["random_score"] for p in prompts
                      if cell[p, m]["best_score"] is not None and cell[p, m].get("random_score") is not None)
         lines.append(f"\n{m}: reranking {n} candidates by CLAP raises the score by {_fmt(gain)} on average "
                      f"over one random candidate.")
@@ -360,6 +361,6 @@ def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = N
     board.close()
 
 
-__all__ = ["evaluate", "parse_model_sets", "dataset_prompts", "prompt_clips", "read_prompt_set", "Prompt", "check_same_scorer", "write_table", "plot", "RESULTS",
+__all__ = ["evaluate", "mean_of_known", "parse_model_sets", "dataset_prompts", "prompt_clips", "read_prompt_set", "Prompt", "check_same_scorer", "write_table", "plot", "RESULTS",
            "PLOT"]
 

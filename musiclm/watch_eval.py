@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from . import storage
-from .evaluate import Prompt, evaluate
+from .evaluate import Prompt, evaluate, mean_of_known
 from .generate import GenerateSettings, ModelSet
 from .train import checkpoint as ckpt
 
@@ -95,12 +95,8 @@ def evaluate_checkpoint(req: WatchRequest, checkpoint: str, *, cluster_cpus: flo
                     cluster_gpus=cluster_gpus, actors=1, cpus_per_actor=cpus_per_actor,
                     gpus_per_actor=gpus_per_actor, references=req.references,
                     reference_cache=storage.join(req.eval_dir, "reference_embeddings.npz"), log=log)
-
-    def mean(key):
-        values = [r[key] for r in rows if r[key] is not None]
-        return sum(values) / len(values) if values else None
-
-    scalars = {"eval/clap_score": mean("best_score"), "eval/clap_score_random": mean("random_score")}
+    scalars = {"eval/clap_score": mean_of_known(r["best_score"] for r in rows),
+               "eval/clap_score_random": mean_of_known(r["random_score"] for r in rows)}
     if req.references:
         fads = storage.read_json(storage.join(out, "fad.json"))["sets"][SET]
         scalars.update({"eval/fad_clap": fads.get("fad_clap", {}).get("fad"),

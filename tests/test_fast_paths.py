@@ -52,6 +52,34 @@ def test_static_cache_draws_the_growing_caches_tokens_in_float32(stage):
         sample(model, cond, 2, decoding="fast")
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse"])
+def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
+    """Generation's sliding windows (``generate.sample_windows``: each window conditioned on the overlap with
+    what exists, the last moved back to end at the requested length) fill the same tokens with the static cache as
+    with the growing one, and one static cache (one set of tensors for a compiled step) serves every window."""
+    from functools import partial
+
+    from musiclm.generate import sample_windows, slide
+
+    model = _stage(stage)
+    cond, _ = _inputs(model, batch=2, steps=40)
+    windows = slide(35, 16, 0.5)
+    assert windows == [(0, 16), (8, 24), (16, 32), (19, 35)]
+    conditioning = (lambda s, e: cond) if stage == "semantic" else (lambda s, e: [cond[0], cond[1][:, s:e]])
+    caches = []
+
+    def static(*args, **kwargs):
+        out = sample(*args, **kwargs, decoding="static")
+        caches.append(model._static)
+        return out
+
+    draws = {d: sample_windows(model, windows, conditioning, temperature=1.0, top_fraction=0.1,
+                               generator=torch.Generator().manual_seed(2), sampler=sampler)
+             for d, sampler in (("dynamic", partial(sample, decoding="dynamic")), ("static", static))}
+    assert draws["static"].shape[:2] == (2, 35) and torch.equal(draws["static"], draws["dynamic"])
+    assert len(caches) == 4 and all(c is caches[0] for c in caches)
+
+
 def test_static_cache_step_has_the_growing_caches_logits():
     """Step by step, the static cache's logits equal the growing cache's (float32, max difference ~1e-7) while
     the key and value slots past the position stay unwritten."""

@@ -105,10 +105,6 @@ def test_a_12_second_request_gives_12_seconds_through_sliding_windows(tiny_model
     assert plan["coarse"][-1] == (600, 900) and plan["fine"][-1] == (750, 900)
     result = generator.generate("a long song", settings)
     assert result.audio.shape == (1, 12 * 24000)
-    # the default decoder on a CPU (static cache) draws exactly what the growing cache draws, window after window
-    assert settings.decoding == "auto"
-    dynamic = generator.generate("a long song", GenerateSettings(duration=12.0, num_samples=1, decoding="dynamic"))
-    assert np.array_equal(dynamic.audio, result.audio)
     coarse_only = generator.generate("a long song", GenerateSettings(duration=5.0, num_samples=1, coarse_only=True))
     assert coarse_only.audio.shape == (1, 5 * 24000)
 

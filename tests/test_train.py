@@ -40,7 +40,7 @@ def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
-                                                    zero):
+                                                    capsys, zero):
     """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks; ZeRO-3's runs go through
     faults (a lost worker, a killed driver), ZeRO-2's through a rerun with more steps and evaluation beside it.
     The token dataset is read from a bucket and the runs are kept in one, as on a cluster without a shared file
@@ -118,6 +118,16 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     assert dict(after["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
     assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
     assert ckpt.read_stage(ckpt_latest(run_dir)).step == 30
+    # `musiclm watch-eval` on the same run, with the same prompts and settings as the evaluation beside training:
+    # every checkpoint is scored already, so it evaluates nothing and writes no event file
+    from jobs.watch_eval import main as watch_eval
+
+    events = storage.list_files(storage.join(run_dir, "tensorboard"))
+    capsys.readouterr()
+    watch_eval(["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data, "--max-prompts", "2",
+                "--num-samples", "1", "--duration", "1"])
+    assert "no new checkpoints" in capsys.readouterr().out
+    assert storage.list_files(storage.join(run_dir, "tensorboard")) == events
 
 
 def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:

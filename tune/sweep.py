@@ -119,6 +119,7 @@ def trial_rows(grid, keys: list[str], total_steps: int, sweep_dir: str) -> list[
         row["stopped_early"] = result.error is None and row["steps"] < total_steps
         row["error"] = type(result.error).__name__ if result.error else ""
         row["_trial_dir"] = storage.join(sweep_dir, "trials", f"trial_{tid}")
+        row["_best_checkpoint"] = best_checkpoint(row["_trial_dir"])[0]  # the one ranked, and named in best.json
         row["_config"] = result.config
         rows.append(row)
     rows.sort(key=lambda r: (math.isnan(r["best_valid_loss"]), r["best_valid_loss"]))
@@ -132,7 +133,7 @@ def rank_by_evaluation(rows: list[dict], ranking: Ranking, resources: dict, log=
 
     for row in rows:
         row[ranking.metric] = math.nan
-        checkpoint, _ = best_checkpoint(row["_trial_dir"])
+        checkpoint = row["_best_checkpoint"]
         if checkpoint is None:
             continue
         req = WatchRequest(row["_trial_dir"], ranking.models, ranking.prompts, ranking.settings, ranking.references)
@@ -143,7 +144,6 @@ def rank_by_evaluation(rows: list[dict], ranking: Ranking, resources: dict, log=
                 req, checkpoint, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0),
                 cpus_per_actor=ranking.cpus_per_actor, gpus_per_actor=ranking.gpus_per_actor, log=log))
         row[ranking.metric] = state["checkpoints"][name]["scalars"].get(ranking.metric, math.nan)
-        row["_ranked_checkpoint"] = checkpoint
     sign = -1.0 if ranking.higher_is_better else 1.0
     rows.sort(key=lambda r: (math.isnan(r[ranking.metric]), sign * r[ranking.metric]
                              if not math.isnan(r[ranking.metric]) else 0.0))
@@ -172,7 +172,7 @@ def summarize(grid, keys: list[str], total_steps: int, sweep_dir: str, base_cfg,
     storage.write_text(storage.join(sweep_dir, f"{RESULTS}.md"), "\n".join(lines) + "\n")
     best = rows[0]
     if not math.isnan(best["best_valid_loss"]):
-        checkpoint, _ = best_checkpoint(best["_trial_dir"])
+        checkpoint = best["_best_checkpoint"]
         cfg = apply_overrides(base_cfg, best["_config"])
         ranked = {"ranked_by": ranking.metric if ranking else "valid/loss"}
         if ranking:

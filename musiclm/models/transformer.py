@@ -268,7 +268,7 @@ class StaticKVCache:
 
     def conv_input(self, layer: int, h: Tensor) -> Tensor:
         padded = torch.cat((self.conv[layer], h), dim=1)
-        self.conv[layer].copy_(padded[:, 1:])
+        self.conv[layer].copy_(padded[:, -(CONV_KERNEL - 1):])
         return padded
 
     def attn_mask(self, dtype: torch.dtype) -> Tensor:
