@@ -34,9 +34,14 @@ def finished_report(folder: str | Path, prompt: str, settings: GenerateSettings,
         report = storage.read_json(storage.join(folder, REPORT))
     except (OSError, json.JSONDecodeError):
         return None
-    same = (report.get("prompt") == prompt and report.get("settings") == asdict(settings)
+    same = (report.get("prompt") == prompt and _what_is_drawn(report.get("settings")) == _what_is_drawn(asdict(settings))
             and report.get("checkpoints") == checkpoints and all(storage.exists(f) for f in report.get("files", [])))
     return report if same else None
+
+
+def _what_is_drawn(settings: dict | None) -> dict | None:
+    """The settings that decide a generation: all but how tokens are decoded (every decoder draws the same)."""
+    return None if settings is None else {k: v for k, v in settings.items() if k != "decoding"}
 
 
 def cpu_threads(cpus: int) -> int:

@@ -142,6 +142,17 @@ def _local(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 @pytest.mark.faults
+def _cmdline(process) -> str:
+    """A process's command line; "" once it has exited (a worker that ended is a zombie until reaped, and psutil
+    raises for it: seen once, failing this test before any fault was injected)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus, tiny_system_dir, tmp_path):
     import psutil
 
@@ -175,9 +186,9 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
         while time.time() < deadline and not list(out.glob("*/part-*")):
             time.sleep(0.1)
         in_progress = json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
-        worker_raylets = [p for p in local.processes(6399) if "raylet/raylet" in " ".join(p.cmdline())
-                          and "sockets/raylet.1 " in " ".join(p.cmdline())]
-        assert len(worker_raylets) == 1, [p.cmdline()[:2] for p in local.processes(6399)]
+        worker_raylets = [p for p in local.processes(6399) if "raylet/raylet" in _cmdline(p)
+                          and "sockets/raylet.1 " in _cmdline(p)]
+        assert len(worker_raylets) == 1, [_cmdline(p)[:200] for p in local.processes(6399)]
         worker_raylets[0].kill()
         logs = subprocess.run([ray_cli, "job", "logs", "--follow", "--address", "http://127.0.0.1:8299", "tokens"],
                               env=env, capture_output=True, text=True, timeout=300, cwd=REPO)

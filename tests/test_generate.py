@@ -147,3 +147,23 @@ def test_mismatched_checkpoints_are_refused_before_sampling(tiny_model_set, tmp_
 
         run(lambda: generate_job.main(["x", "--models", str(other_system), "--out", str(tmp_path / "o")]))
     assert stop.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_a_finished_report_is_current_whatever_the_decoder(tmp_path):
+    """Every decoder draws the same tokens, so a batch rerun with another --decoding keeps the prompts it finished
+    (a report written before the setting existed too); another seed does not."""
+    import dataclasses
+
+    from musiclm.generate_batch import finished_report
+
+    settings = GenerateSettings(decoding="static")
+    saved = dataclasses.asdict(settings)
+    checkpoints = {"semantic": {"path": "s", "step": 1, "fingerprint": "f"}}
+    (tmp_path / "report.json").write_text(json.dumps({"prompt": "p", "settings": saved, "checkpoints": checkpoints,
+                                                      "files": []}))
+    assert finished_report(tmp_path, "p", dataclasses.replace(settings, decoding="dynamic"), checkpoints)
+    assert finished_report(tmp_path, "p", dataclasses.replace(settings, seed=1), checkpoints) is None
+    del saved["decoding"]
+    (tmp_path / "report.json").write_text(json.dumps({"prompt": "p", "settings": saved, "checkpoints": checkpoints,
+                                                      "files": []}))
+    assert finished_report(tmp_path, "p", settings, checkpoints)
