@@ -9,10 +9,11 @@ DEMO_DIR ?= demo_out
 
 # Re-installs whenever pyproject.toml changes. torch goes first so pip takes the pinned CPU/CUDA build the
 # machine offers instead of resolving a plain `torch` to several GB of CUDA packages.
+# --no-compile: pip would byte-compile every installed module (torch, ray, ...); Python compiles what is imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	$(PY) -m pip check
 	touch $(STAMP)
 
