@@ -49,13 +49,14 @@ class PipelineSettings:
     # one a power of two giving each cluster at least FRAMES_PER_CLUSTER of its frames (128 for the demo's 16 x 12 s)
     semantic_clusters: int = 0
 
-    def clusters(self, preset_clusters: int) -> int:
+    def clusters(self, kmeans) -> int:
+        """The semantic k-means size, given the preset's ``HubertKmeansConfig``."""
         if self.semantic_clusters:
             return self.semantic_clusters
         if self.source is not None:
-            return preset_clusters
-        frames = self.num_tracks * self.seconds * 50
-        return int(min(preset_clusters, max(16, 2 ** math.floor(math.log2(frames / FRAMES_PER_CLUSTER)))))
+            return kmeans.codebook_size
+        frames = self.num_tracks * self.seconds * kmeans.output_hz
+        return int(min(kmeans.codebook_size, max(16, 2 ** math.floor(math.log2(frames / FRAMES_PER_CLUSTER)))))
 
 
 # Fewer frames per cluster and the clusters fit the corpus' tracks instead of the music: on the demo corpus with
@@ -130,7 +131,7 @@ class Pipeline:
         from .config import model_preset
 
         cfg = model_preset(self.s.preset)
-        k = self.s.clusters(cfg.hubert_kmeans_cfg.codebook_size)
+        k = self.s.clusters(cfg.hubert_kmeans_cfg)
         return dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k))
 
     def _fitted(self, part: str) -> bool:
