@@ -111,6 +111,7 @@ def test_compiled_decoding_draws_the_eager_tokens():
     assert torch.equal(draw(), eager)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # unfused on purpose: the CPU
 @pytest.mark.parametrize("stage", STAGES)
 def test_flex_attention_gives_the_dense_masks_logits_and_gradients(stage, monkeypatch):
     """FlexAttention (bias as score_mod, causal block mask, hidden keys looked up per example) against the dense
