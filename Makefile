@@ -9,11 +9,13 @@ DEMO_DIR ?= demo_out
 
 # Re-installs whenever pyproject.toml changes. torch goes first so pip takes the pinned CPU/CUDA build the
 # machine offers instead of resolving a plain `torch` to several GB of CUDA packages.
-# --no-compile: pip would byte-compile every installed module (torch, ray, ...); Python compiles what is imported.
+# pip byte-compiles what it installs: keep it (no --no-compile). This environment sets PYTHONDONTWRITEBYTECODE=1,
+# so without pip's .pyc files every process (each Ray worker) compiled torch and Ray from source at every import:
+# tried on 2026-11-26, install 1.1 min faster, tests about 2x slower.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile torch==2.13.0
-	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip check
 	touch $(STAMP)
 
