@@ -40,6 +40,11 @@ def main() -> None:
     p.add_argument("--attentions", default=None, help="default: dense,flex on a GPU, dense on a CPU (PyTorch has "
                                                         "no FlexAttention backward there)")
     p.add_argument("--compile", action="store_true", help="also time every path compiled")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each timing, print the N kernels with the most GPU time in one forward/backward")
+    p.add_argument("--flex-kernel-options", default=None,
+                   help="JSON list of FlexAttention kernel_options tried in order, the first that builds is used "
+                        "(default: musiclm.models.transformer.FLEX_KERNEL_OPTIONS alone)")
     args = p.parse_args()
 
     from musiclm.config import model_preset
@@ -54,14 +59,34 @@ def main() -> None:
     peak = peak_flops(device, args.peak_tflops)
     on_gpu = device.type == "cuda"
     attentions = (args.attentions or ("dense,flex" if on_gpu else "dense")).split(",")
+    if args.flex_kernel_options is None:
+        from musiclm.models.transformer import FLEX_KERNEL_OPTIONS
+        args.flex_kernel_options = json.dumps([FLEX_KERNEL_OPTIONS])
 
-    def forward_backward(model, cond, target, seed=0):
+    def forward_backward(model, cond, target, seed=0, bf16=on_gpu):
         torch.manual_seed(seed)  # the same forgetful mask for every path
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(cond, target, 0.15)
         loss = stage_loss(logits, target)
         loss.backward()
         return float(loss.detach())
+
+    def gradients(model, attention, cond, target, bf16=on_gpu):
+        """Loss and gradients of one forward/backward from the initial weights (float32 copies)."""
+        model.load_state_dict(initial)
+        model.set_attention(attention)
+        model.zero_grad(set_to_none=True)
+        loss = forward_backward(model, cond, target, bf16=bf16)
+        return loss, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def error(grads, reference):
+        """Largest relative gradient error over parameters, max |g - g_ref| / max |g_ref|, and its parameter."""
+        errors = {n: float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+                  for n, g in reference.items() if n != "rel_pos.out.bias"}  # its true gradient is 0
+        worst = max(errors, key=errors.get)
+        return round(errors[worst], 4), worst
+
+    from musiclm.models import transformer
 
     for stage in args.stages.split(","):
         torch.manual_seed(0)
@@ -69,24 +94,30 @@ def main() -> None:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         *cond, target = stage_inputs(model, args.batch_size, device)
         seq = model.positions(cond, target[0].numel())
-        reference = None
+        # the reference: dense attention in float32 (what bf16 is an approximation of, whichever kernel)
+        ref_loss, ref_grads = gradients(model, "dense", cond, target, bf16=False)
         for attention in attentions:
-            model.load_state_dict(initial)
-            model.set_attention(attention)
-            model.zero_grad(set_to_none=True)
-            loss = forward_backward(model, cond, target)
-            grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-            if reference is None:
-                reference, check = (loss, grads), {}
+            if attention == "flex" and on_gpu:
+                for options in json.loads(args.flex_kernel_options):
+                    transformer.FLEX_KERNEL_OPTIONS.clear()
+                    transformer.FLEX_KERNEL_OPTIONS.update(options)
+                    try:
+                        loss, grads = gradients(model, attention, cond, target)
+                        break
+                    except Exception as e:  # noqa: BLE001 - Triton out of shared memory: try the next options
+                        print(json.dumps({"stage": stage, "kernel_options": options, "failed": str(e)[-300:]}))
+                        torch._dynamo.reset()
+                else:
+                    continue
+                print(json.dumps({"stage": stage, "kernel_options_used": options}), flush=True)
             else:
-                worst = max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30))
-                            for n, g in reference[1].items() if n != "rel_pos.out.bias")  # its true gradient is 0
-                check = {"loss_vs_first": round(loss - reference[0], 5), "grad_rel_diff_max": round(worst, 4)}
+                loss, grads = gradients(model, attention, cond, target)
+            grad_err, worst = error(grads, ref_grads)
+            check = {"loss_vs_fp32": round(loss - ref_loss, 5), "grad_rel_err_vs_fp32": grad_err, "worst": worst}
             del grads
             for compiled in (False, True) if args.compile else (False,):
                 model.load_state_dict(initial)
-                if compiled:
-                    model.compile()
+                runner = torch.compile(model) if compiled else model  # a wrapper: `model` itself stays eager
                 opt, _ = make_optimizer(model, TrainConfig(stage=stage), on_gpu=on_gpu)
                 if on_gpu:
                     torch.cuda.empty_cache()
@@ -97,12 +128,15 @@ def main() -> None:
                         torch.cuda.synchronize()
                     start = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
-                    forward_backward(model, cond, target, seed=i)
+                    forward_backward(runner, cond, target, seed=i)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                     opt.step()
                     if on_gpu:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
+                if args.profile:
+                    profile(lambda r=runner: forward_backward(r, cond, target), f"{stage} {attention} "
+                            f"{'compiled' if compiled else 'eager'}", args.profile)
                 step = sum(times[args.warmup:]) / max(1, len(times) - args.warmup)
                 tokens_per_s = args.batch_size * seq / step
                 flops = model_flops_per_token(model, seq) * tokens_per_s
@@ -115,12 +149,27 @@ def main() -> None:
                     "mfu": round(flops / peak, 3) if peak else None,
                     "max_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1) if on_gpu else None,
                     **check}), flush=True)
-                del opt
-                if compiled:  # back to the eager forward for the next path
-                    model._compiled_call_impl = None
+                del opt, runner
         del model
         if on_gpu:
             torch.cuda.empty_cache()
+
+
+def profile(step, label: str, top: int) -> None:
+    """The ``top`` operations by self device time over one ``step`` (forward and backward, no optimizer)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    total = sum(getattr(e, key) for e in prof.key_averages()) or 1.0
+    print(json.dumps({"profile": label, "ms_total": round(total / 1000, 1),
+                      "top": [[e.key[:70], round(getattr(e, key) / 1000, 2), e.count] for e in rows]}), flush=True)
 
 
 if __name__ == "__main__":

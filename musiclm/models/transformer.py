@@ -302,7 +302,15 @@ class FlexMask:
             return torch.where(key_mask[b, kv_idx], score, -float("inf"))
 
         return flex_attention_fn(q.device.type)(q, k, v, score_mod=score_mod, block_mask=self.block_mask,
-                                                scale=ATTN_SCALE, enable_gqa=True)
+                                                scale=ATTN_SCALE, enable_gqa=True,
+                                                kernel_options=dict(FLEX_KERNEL_OPTIONS) if q.is_cuda else None)
+
+
+# Tile sizes of the fused FlexAttention forward on a GPU. PyTorch 2.11's default for bf16, head dim 64 on an H100
+# (128 x 128 tiles, 3 stages) asks 311,296 bytes of shared memory for this score_mod (the bias gather and the
+# hidden-key lookup on a 128 x 128 tile of indices) where the chip has 232,448: it does not build. 128 x 64 tiles
+# in 2 stages build and run (2026-11-26, H100); benchmarks/train_step_gpu.py --flex-kernel-options tries others.
+FLEX_KERNEL_OPTIONS: dict = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2}
 
 
 def _causal(b, h, q_idx, kv_idx):
