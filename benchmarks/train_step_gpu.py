@@ -165,9 +165,13 @@ def profile(step, label: str, top: int) -> None:
         step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    total = sum(getattr(e, key) for e in prof.key_averages()) or 1.0
+    events = list(prof.key_averages())
+    key = "self_cpu_time_total"
+    if torch.cuda.is_available():  # the kernels alone: an op and the kernels it launches both carry device time
+        key = "self_device_time_total"
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or events
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    total = sum(getattr(e, key) for e in events) or 1.0
     print(json.dumps({"profile": label, "ms_total": round(total / 1000, 1),
                       "top": [[e.key[:70], round(getattr(e, key) / 1000, 2), e.count] for e in rows]}), flush=True)
 

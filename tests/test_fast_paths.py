@@ -182,3 +182,26 @@ def test_compiled_stage_gives_the_eager_logits_and_gradients():
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
     for name, g in eager_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_causal_depthwise_conv_is_the_conv1d_forward_and_backward():
+    """The feed-forward's shifted multiply-adds compute nn.Conv1d's function (the module open-musiclm's checkpoints
+    hold the weight of) on the transposed tensor: outputs and both gradients in float64, and gradcheck."""
+    from musiclm.models.transformer import CONV_KERNEL, causal_depthwise_conv
+
+    torch.manual_seed(0)
+    b, n, c = 2, 7, 5
+    conv = torch.nn.Conv1d(c, c, CONV_KERNEL, groups=c, bias=False).double()
+    padded = torch.randn(b, n + CONV_KERNEL - 1, c, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(b, n, c, dtype=torch.float64)
+    ours = causal_depthwise_conv(padded, conv.weight)
+    (g_padded, g_weight) = torch.autograd.grad(ours, (padded, conv.weight), grad)
+    theirs = conv(padded.transpose(1, 2)).transpose(1, 2)
+    (r_padded, r_weight) = torch.autograd.grad(theirs, (padded, conv.weight), grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_padded, r_padded, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_weight, r_weight, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, conv.weight))
+    # the decoding shape: one new step after the two kept inputs
+    one = causal_depthwise_conv(padded[:, -CONV_KERNEL:], conv.weight)
+    torch.testing.assert_close(one, theirs[:, -1:], rtol=0, atol=1e-12)
