@@ -5,10 +5,14 @@ optimizer as a real run, random tokens at the real window lengths of each stage 
 coarse 12 + 199 + 300×3, fine 12 + 150×3 + 150×5). MFU = model FLOPs per token (6 × matmul parameters plus
 causal attention) × tokens/s ÷ the GPU's peak dense bf16 FLOP/s.
 
+``--precision bf16`` (default) runs the module in bf16 as DeepSpeed's bf16 mode does in ``musiclm train``;
+``autocast`` keeps float32 weights under ``torch.autocast`` (how every training-step figure in RESULTS.md up to
+this option was taken).
 Each ``--attentions`` path (dense float mask vs FlexAttention) is timed in the same run, with peak memory, and
-first checked against the dense one on the same weights and batch: the bf16 loss and the gradients' relative
-difference (largest over parameters of max |g_flex - g_dense| / max |g_dense|). ``--compile`` also times each
-path with the stage compiled (``train.compile``), its first steps (the compile) excluded.
+first checked against a float32 dense forward/backward on the same weights and batch: the loss difference and
+the largest relative gradient error over parameters (max |g - g_fp32| / max |g_fp32|) and which parameter.
+``--compile`` also times each path with the stage compiled (``train.compile``), its first steps (the compile)
+excluded; ``--profile N`` prints the N kernels with the most GPU time in one forward/backward.
     python benchmarks/train_step_gpu.py [--preset large --batch-size 8 --steps 20 --peak-tflops 989]
 """
 from __future__ import annotations
@@ -39,6 +43,10 @@ def main() -> None:
     p.add_argument("--stages", default="semantic,coarse,fine")
     p.add_argument("--attentions", default=None, help="default: dense,flex on a GPU, dense on a CPU (PyTorch has "
                                                         "no FlexAttention backward there)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "autocast"],
+                   help="bf16: the module's weights in bf16, as DeepSpeed's bf16 mode runs it in `musiclm train` (its "
+                        "float32 master weights not modelled: AdamW steps the bf16 weights); autocast: float32 "
+                        "weights under torch.autocast (a cast of every weight and of many activations per step)")
     p.add_argument("--compile", action="store_true", help="also time every path compiled")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N kernels with the most GPU time in one forward/backward")
@@ -63,7 +71,9 @@ def main() -> None:
         from musiclm.models.transformer import FLEX_KERNEL_OPTIONS
         args.flex_kernel_options = json.dumps([FLEX_KERNEL_OPTIONS])
 
-    def forward_backward(model, cond, target, seed=0, bf16=on_gpu):
+    autocast = on_gpu and args.precision == "autocast"
+
+    def forward_backward(model, cond, target, seed=0, bf16=autocast):
         torch.manual_seed(seed)  # the same forgetful mask for every path
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(cond, target, 0.15)
@@ -71,7 +81,7 @@ def main() -> None:
         loss.backward()
         return float(loss.detach())
 
-    def gradients(model, attention, cond, target, bf16=on_gpu):
+    def gradients(model, attention, cond, target, bf16=autocast):
         """Loss and gradients of one forward/backward from the initial weights (float32 copies)."""
         model.load_state_dict(initial)
         model.set_attention(attention)
@@ -96,6 +106,8 @@ def main() -> None:
         seq = model.positions(cond, target[0].numel())
         # the reference: dense attention in float32 (what bf16 is an approximation of, whichever kernel)
         ref_loss, ref_grads = gradients(model, "dense", cond, target, bf16=False)
+        if on_gpu and args.precision == "bf16":
+            model.to(torch.bfloat16)  # load_state_dict(initial) now rounds the float32 weights into it
         for attention in attentions:
             if attention == "flex" and on_gpu:
                 for options in json.loads(args.flex_kernel_options):
@@ -142,6 +154,7 @@ def main() -> None:
                 flops = model_flops_per_token(model, seq) * tokens_per_s
                 print(json.dumps({
                     "stage": stage, "preset": args.preset, "device": name, "attention": attention,
+                    "precision": args.precision if on_gpu else "float32",
                     "compiled": compiled, "params_M": round(count_parameters(model) / 1e6, 1),
                     "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),
                     "first_steps_s": round(sum(times[:args.warmup]), 1),

@@ -139,9 +139,6 @@ def _local(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           check=check, timeout=180)
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(420)
-@pytest.mark.faults
 def _cmdline(process) -> str:
     """A process's command line; "" once it has exited (a worker that ended is a zombie until reaped, and psutil
     raises for it: seen once, failing this test before any fault was injected)."""
@@ -153,6 +150,9 @@ def _cmdline(process) -> str:
         return ""
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+@pytest.mark.faults
 def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus, tiny_system_dir, tmp_path):
     import psutil
 

@@ -160,8 +160,9 @@ def test_cached_sampling_draws_what_recomputing_draws(stage):
 
 def test_bf16_position_bias_keeps_every_distance_and_logits_stay_close_to_float32():
     """bf16 holds whole numbers exactly only up to 256: a table built from bf16 distances gave 1100-1103 one
-    bias. The table is computed in float32 (then cast), also under bf16 autocast (training on a GPU), so a bf16
-    model gives a float32 model's table for the same weights, and a 1,217-position fine example (2 s window) gives nearly float32 logits."""
+    bias. The table is computed in float32 (then cast), also under bf16 autocast, so a bf16 model gives a float32
+    model's table for the same weights, and a 1,217-position fine example (2 s window) gives nearly float32
+    logits."""
     assert len(torch.arange(1217, dtype=torch.bfloat16).unique()) == 537  # what arange in bf16 keeps
     torch.manual_seed(0)
     bf16 = build_stage("fine", model_preset("tiny")).eval().to(torch.bfloat16)

@@ -42,7 +42,7 @@ def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
                                                     capsys, zero):
     """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks; ZeRO-3's runs go through
-    faults (a lost worker, a killed driver), ZeRO-2's through a rerun with more steps and evaluation beside it.
+    faults (a lost worker, a killed driver, then a rerun with more steps), ZeRO-2's has evaluation beside it.
     The token dataset is read from a bucket and the runs are kept in one, as on a cluster without a shared file
     system: checkpoints go up, the resume comes back down."""
     bucket = object_store.bucket()
@@ -50,9 +50,13 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     storage.upload_dir(token_dataset_dir, data)
     run_dir = storage.join(runs, "coarse-run")
     # ZeRO-3's run loses one of its workers (SIGKILL) once its first checkpoint (step 10) is committed: Ray Train
-    # restarts the worker group from it within the run, which ends at its target step as if nothing had happened
+    # restarts the worker group from it within the run, which ends at its target step as if nothing had happened.
+    # ZeRO-2's run scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny set,
+    # prompts and FAD reference from the dataset's valid split).
     killer = _WorkerKiller(run_dir) if zero == 3 else None
-    summary = _train(data, runs, steps=20, zero=zero)
+    evaluation = ("--eval-models", str(tiny_model_set), "--eval-duration", "1", "--eval-num-samples", "1",
+                  "--max-prompts", "2", "--eval-poll-s", "2")
+    summary = _train(data, runs, steps=20, zero=zero, extra=evaluation if zero == 2 else ())
     if killer:
         killer.check()
     assert summary["run"] == run_dir and summary["latest_checkpoint"].startswith(run_dir + "/checkpoint_")
@@ -83,51 +87,44 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     target = torch.randint(0, 1024, (2, 6, 3))
     assert torch.equal(model(cond, target), reference(cond, target))
 
-    if zero == 3:
-        # The same run again, its driver (a process of its own on the same Ray) killed (SIGKILL) at the first
-        # committed checkpoint, then the same command run again: it continues from step 10 to 20, its summary
-        # and TensorBoard are an unbroken run's, and its weights equal the worker-killed run's bit for bit.
-        again_dir = storage.join(runs, "coarse-again")
-        _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, run="coarse-again", zero=zero),
-                                         again_dir, local_ray.get_runtime_context().gcs_address)
-        assert not storage.exists(storage.join(again_dir, "summary.json"))
-        again = _train(data, runs, steps=20, run="coarse-again", zero=zero)
-        assert again["metrics"]["step"] == 20
-        assert tensorboard_steps(storage.join(again_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20]
-        resumed, _ = ckpt.load_stage(again["latest_checkpoint"], stage="coarse")
-        for name, weight in model.state_dict().items():
-            assert torch.equal(resumed.state_dict()[name], weight), name
-        return  # ZeRO-3's resume from its shards was tested above; the rerun with more steps below is ZeRO-2's
-    # Re-running the same command with more steps continues from step 20: same optimizer and lr schedule. It also scores its checkpoints as music while it trains (--eval-models: the other stages of a tiny
-    # set, prompts and FAD reference from the dataset's valid split): every checkpoint there, the two of the
-    # first command included, gets eval/ scalars at its step, and the summary keeps them.
-    first_loss = scalars["train/loss"][0][1]
-    loss_at_20 = dict(scalars["train/loss"])[20]
-    evaluation = ("--eval-models", str(tiny_model_set), "--eval-duration", "1", "--eval-num-samples", "1",
-                  "--max-prompts", "2", "--eval-poll-s", "2")
-    summary = _train(data, runs, steps=30, zero=zero, extra=evaluation)
-    after = _scalars(run_dir)
-    from musiclm.watch_eval import SCALARS
+    if zero == 2:
+        # every checkpoint got eval/ scalars at its step while the run trained, and the summary keeps them
+        from musiclm.watch_eval import SCALARS
 
-    for tag in SCALARS:
-        assert [step for step, _ in after[tag]] == [10, 20, 30], tag
-    assert sorted(summary["eval"], key=int) == ["10", "20", "30"] and summary["best_checkpoint"]
-    resumed = dict(after["train/loss"])
-    assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
-    assert abs(resumed[25] - loss_at_20) < abs(resumed[25] - first_loss), (first_loss, loss_at_20, resumed)
-    assert dict(after["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
-    assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
-    assert ckpt.read_stage(ckpt_latest(run_dir)).step == 30
-    # `musiclm watch-eval` on the same run, with the same prompts and settings as the evaluation beside training:
-    # every checkpoint is scored already, so it evaluates nothing and writes no event file
-    from jobs.watch_eval import main as watch_eval
+        for tag in SCALARS:
+            assert [step for step, _ in scalars[tag]] == [10, 20], tag
+        assert sorted(summary["eval"], key=int) == ["10", "20"] and summary["best_checkpoint"]
+        # `musiclm watch-eval` on the same run, with the same prompts and settings as the evaluation beside
+        # training: every checkpoint is scored already, so it evaluates nothing and writes no event file
+        from jobs.watch_eval import main as watch_eval
 
-    events = storage.list_files(storage.join(run_dir, "tensorboard"))
-    capsys.readouterr()
-    watch_eval(["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data, "--max-prompts", "2",
-                "--num-samples", "1", "--duration", "1"])
-    assert "no new checkpoints" in capsys.readouterr().out
-    assert storage.list_files(storage.join(run_dir, "tensorboard")) == events
+        events = storage.list_files(storage.join(run_dir, "tensorboard"))
+        capsys.readouterr()
+        watch_eval(["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data,
+                    "--max-prompts", "2", "--num-samples", "1", "--duration", "1"])
+        assert "no new checkpoints" in capsys.readouterr().out
+        assert storage.list_files(storage.join(run_dir, "tensorboard")) == events
+        return
+    # ZeRO-3: the same run again, its driver (a process of its own on the same Ray) killed (SIGKILL) at the first
+    # committed checkpoint, then the same command run again with more steps (30): it continues from step 10 with
+    # the same optimizer and lr schedule, its summary and TensorBoard are an unbroken run's, and its weights at
+    # step 20 equal the worker-killed run's bit for bit.
+    again_dir = storage.join(runs, "coarse-again")
+    _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, run="coarse-again", zero=zero),
+                                     again_dir, local_ray.get_runtime_context().gcs_address)
+    assert not storage.exists(storage.join(again_dir, "summary.json"))
+    again = _train(data, runs, steps=30, run="coarse-again", zero=zero)
+    assert again["metrics"]["step"] == 30 and ckpt.read_stage(ckpt_latest(again_dir)).step == 30
+    assert tensorboard_steps(storage.join(again_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
+    after = dict(_scalars(again_dir)["train/lr"])
+    assert after[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
+    from musiclm.watch_eval import ready_checkpoints
+
+    at_20 = [c for c in ready_checkpoints(again_dir) if ckpt.read_stage(c).step == 20]
+    assert len(at_20) == 1, ready_checkpoints(again_dir)
+    resumed, _ = ckpt.load_stage(at_20[0], stage="coarse")
+    for name, weight in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], weight), name
 
 
 def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:
@@ -256,6 +253,45 @@ def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
 
     skip_inference_comm_op()
     assert build_shm_op() is None
+
+
+ZERO_INITIALIZE = """
+import os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed, torch.distributed
+from musiclm.config import TrainConfig, model_preset
+from musiclm.models import build_stage
+from musiclm.train import engine
+torch.distributed.init_process_group("gloo")
+cfg = TrainConfig(stage="coarse")
+model = build_stage("coarse", model_preset("tiny"))
+optimizer, scheduler = engine.make_optimizer(model, cfg, False)
+engine.skip_inference_comm_op()
+if sys.argv[1] == "skip":
+    engine.skip_muon_import()
+deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine.deepspeed_config(cfg, False))
+print("inductor imported:", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_zero_initialize_skips_importing_deepspeeds_muon_optimizer():
+    """Muon's module compiles its kernels at import: TorchInductor's import was 2.2 s of `deepspeed.initialize`'s
+    2.3 s, in every worker of every run. With the skip, a ZeRO engine is made without it (a fresh process each)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(mode: str) -> str:
+        out = subprocess.run([sys.executable, "-c", ZERO_INITIALIZE, mode], capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).parents[1])
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return out.stdout
+
+    assert "inductor imported: False" in run("skip")
+    assert "inductor imported: True" in run("plain")  # what it guards against: DeepSpeed imports it otherwise
 
 
 def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
