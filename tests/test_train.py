@@ -255,45 +255,6 @@ def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
     assert build_shm_op() is None
 
 
-ZERO_INITIALIZE = """
-import os, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-import deepspeed, torch.distributed
-from musiclm.config import TrainConfig, model_preset
-from musiclm.models import build_stage
-from musiclm.train import engine
-torch.distributed.init_process_group("gloo")
-cfg = TrainConfig(stage="coarse")
-model = build_stage("coarse", model_preset("tiny"))
-optimizer, scheduler = engine.make_optimizer(model, cfg, False)
-engine.skip_inference_comm_op()
-if sys.argv[1] == "skip":
-    engine.skip_muon_import()
-deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine.deepspeed_config(cfg, False))
-print("inductor imported:", "torch._inductor.compile_fx" in sys.modules)
-"""
-
-
-def test_zero_initialize_skips_importing_deepspeeds_muon_optimizer():
-    """Muon's module compiles its kernels at import: TorchInductor's import was 2.2 s of `deepspeed.initialize`'s
-    2.3 s, in every worker of every run. With the skip, a ZeRO engine is made without it (a fresh process each)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    def run(mode: str) -> str:
-        out = subprocess.run([sys.executable, "-c", ZERO_INITIALIZE, mode], capture_output=True, text=True,
-                             timeout=120, cwd=Path(__file__).parents[1])
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        return out.stdout
-
-    assert "inductor imported: False" in run("skip")
-    assert "inductor imported: True" in run("plain")  # what it guards against: DeepSpeed imports it otherwise
-
-
 def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
     """Under bf16 the module's weights are rounded copies of DeepSpeed's fp32 masters: the export must be the
     masters, as DeepSpeed's own consolidation of its checkpoint gives them (one process, gloo, on CPU)."""

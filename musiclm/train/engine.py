@@ -41,23 +41,6 @@ def skip_inference_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-def skip_muon_import() -> None:
-    """Keep ``deepspeed.initialize`` from importing DeepSpeed's Muon optimizer, which we never use.
-
-    With ZeRO on, ``initialize`` asks whether the optimizer is one ZeRO supports and, to list Muon among them,
-    imports its module, whose kernels are ``torch.compile``-decorated: that import pulls in TorchInductor, 2.2 s of
-    the 2.3 s ``initialize`` took on this project's CPU machine, in every worker of every run. A ``None`` entry in
-    ``sys.modules`` makes that import raise ImportError, which DeepSpeed catches (Muon then is not listed). Left
-    alone if something already imported the module.
-    """
-    import sys
-
-    sys.modules.setdefault(MUON_MODULE, None)
-
-
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
@@ -104,5 +87,4 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_gpu: bool):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
 
-__all__ = ["training_attention", "deepspeed_config", "param_groups", "lr_factor", "make_optimizer", "uses_bf16",
-           "skip_inference_comm_op", "skip_muon_import"]
+__all__ = ["training_attention", "deepspeed_config", "param_groups", "lr_factor", "make_optimizer", "uses_bf16"]

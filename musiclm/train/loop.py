@@ -26,8 +26,7 @@ from ..data.clips import stable_fraction
 from ..models import build_stage, split_batch, stage_loss
 from ..models.transformer import model_flops_per_token
 from . import checkpoint as ckpt
-from .engine import (deepspeed_config, make_optimizer, skip_inference_comm_op, skip_muon_import, training_attention,
-                     uses_bf16)
+from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
 from .metrics import (ConditioningSums, TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers,
                       peak_flops)
 
@@ -187,7 +186,6 @@ def train_loop(loop_cfg: dict) -> None:
     optimizer, scheduler = make_optimizer(model, tc, on_gpu)
     if not on_gpu:
         skip_inference_comm_op()
-    skip_muon_import()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(tc, bf16))
     if tc.compile:
