@@ -347,8 +347,8 @@ class FlexMask:
 
 
 # Tile sizes of the fused FlexAttention forward on a GPU. PyTorch 2.11's default for bf16, head dim 64 on an H100
-# (128 x 128 tiles, 3 stages) asks 311,296 bytes of shared memory for this score_mod (the bias gather and the
-# hidden-key lookup on a 128 x 128 tile of indices) where the chip has 232,448: it does not build. 128 x 64 tiles
+# (128 x 128 tiles, 3 stages) asks 311,296 bytes of shared memory for this score_mod (which gathers from the bias
+# table and the hidden-key mask per score) where the chip has 232,448: it does not build. 128 x 64 tiles
 # in 2 stages build and run (2026-11-26, H100); benchmarks/train_step_gpu.py --flex-kernel-options tries others.
 FLEX_KERNEL_OPTIONS: dict = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2}
 
