@@ -5,8 +5,8 @@
 #                                    (TRAIN_COMPILE=1 also times them compiled: minutes more)
 #   2. benchmarks/generate.py        10 s text-to-audio, best of 4 batched, untrained large stages, bf16 weights:
 #                                    real-time factor of dynamic-cache vs compiled (CUDA graphs) decoding
-#   3. benchmarks/gpu_smoke.py       with SMOKE=1 (passed on an H200, 2026-11-26): the real `musiclm train --use-gpu` path
-#                                    (Ray Train, DeepSpeed, NCCL, bf16):
+#   3. benchmarks/gpu_smoke.py       with SMOKE=1 (passed on an H200, 2026-11-26): the real
+#                                    `musiclm train --use-gpu` path (Ray Train, DeepSpeed, NCCL, bf16):
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
 #                                    checkpoint, resume, export
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
