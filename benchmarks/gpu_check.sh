@@ -8,7 +8,7 @@
 #   3. benchmarks/gpu_smoke.py       with SMOKE=1 (passed on an H200, 2026-11-26): the real
 #                                    `musiclm train --use-gpu` path (Ray Train, DeepSpeed, NCCL, bf16):
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
-#                                    checkpoint, resume, export
+#                                    checkpoint, resume, export; SMOKE_SET="train.compile=true" adds overrides
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -34,5 +34,5 @@ timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-
   --num-samples 4 --decodings "${DECODINGS:-compiled,dynamic}" 2>&1 | tee "$OUT/generate.txt"
 if [ -n "${SMOKE:-}" ]; then
   timeout "${SMOKE_TIMEOUT:-150}" $PY benchmarks/gpu_smoke.py --workdir /tmp/gpu_smoke --sizes "${SMOKE_SIZES:-tiny}" \
-    --steps 30 --batch-size 8 2>&1 | tee "$OUT/gpu_smoke.txt"
+    --steps 30 --batch-size 8 ${SMOKE_SET:+--set $SMOKE_SET} 2>&1 | tee "$OUT/gpu_smoke.txt"
 fi

@@ -11,6 +11,7 @@ so the windows are the real windows; only the encoders are small and random).
 
     python benchmarks/gpu_smoke.py [--workdir gpu_smoke_out --sizes tiny,large --steps 30 --batch-size 8]
     python benchmarks/gpu_smoke.py --cpu --sizes tiny   # the same path on CPUs (gloo, fp32), to check the script
+    python benchmarks/gpu_smoke.py --sizes large --set train.compile=true   # the stage compiled under DeepSpeed
 
 Exits non-zero when a command fails or a check does not hold (steps, resume, export).
 """
@@ -56,7 +57,7 @@ def train(args, size: str, steps: int, system: Path, data: Path, runs: Path) -> 
     overrides = [f"train.num_train_steps={steps}", f"train.save_model_every={max(1, args.steps // 2)}",
                  f"train.save_results_every={max(1, args.steps // 2)}", "train.log_every=5", "train.lr_warmup=5",
                  f"train.batch_size={args.batch_size}", "train.grad_accum_every=1", "train.valid_batches=2",
-                 *(LARGE if size == "large" else [])]
+                 *(LARGE if size == "large" else []), *args.set]
     cmd = [sys.executable, "-m", "jobs.cli", "train", "--stage", "coarse", "--data", str(data),
            "--token-system", str(system), "--preset", "tiny", "--run-name", f"smoke-{size}", "--storage", str(runs),
            "--cpu" if args.cpu else "--use-gpu", "--set", *overrides]
@@ -119,6 +120,8 @@ def main() -> None:
     p.add_argument("--tracks", type=int, default=24, help="synthetic tracks in the dataset")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per train command")
     p.add_argument("--cpu", action="store_true", help="train on CPUs (a check of this script without a GPU)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every train command, e.g. train.compile=true")
     args = p.parse_args()
 
     work = Path(args.workdir).resolve()
