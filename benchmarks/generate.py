@@ -15,6 +15,7 @@ the three stages with sliding windows, EnCodec decoding and CLAP scoring, on ``-
 without it, a set built here (tiny token system fitted on two synthetic tracks, untrained stages of
 ``--models-preset``'s sizes: speed does not depend on the weights); a 1 s warm-up generation first (it compiles).
     python benchmarks/generate.py [--preset tiny --device cpu --fraction 1.0 --models DIR --seconds 10]
+    python benchmarks/generate.py --device cuda --preset large --ways compiled --fraction 0.1 --skip-whole --profile 15
 """
 from __future__ import annotations
 
@@ -48,8 +49,13 @@ def main() -> None:
     p.add_argument("--decodings", default="dynamic,static,compiled", help="decoding modes of the whole generation")
     p.add_argument("--num-samples", type=int, default=4, help="candidates of the whole generation (batched)")
     p.add_argument("--weights-dtype", default="auto", help="stage weights of the whole generation")
+    p.add_argument("--window-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="stage weights of the window timings (float32: every way draws the same tokens, checked)")
     p.add_argument("--skip-windows", action="store_true", help="only the whole-generation timing")
     p.add_argument("--skip-whole", action="store_true", help="only the per-window timings")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each window's timings, profile the same draw again with the last of --ways: the N "
+                        "kernels with the most GPU time, and the kernel launches (on a CPU: operations)")
     args = p.parse_args()
 
     if args.threads:
@@ -69,7 +75,7 @@ def windows(args) -> None:
     ways = (["recompute"] if args.recompute else []) + args.ways.split(",")
     for stage, window in WINDOWS.items():
         torch.manual_seed(0)
-        model = build_stage(stage, model_preset(args.preset)).to(device).eval()
+        model = build_stage(stage, model_preset(args.preset)).to(device, getattr(torch, args.window_dtype)).eval()
         cond = [torch.randint(0, s.codebook_size, (args.batch, *window[s.name]), device=device)
                 for s in model.sequences[:-1]]
         steps = max(1, int(window["target"] * args.fraction))
@@ -98,6 +104,16 @@ def windows(args) -> None:
                           **({"compile_s": round(compile_s, 1)} if compile_s is not None else {}),
                           "same_tokens": all(torch.equal(o.cpu(), outputs[base].cpu()) for o in outputs.values())}),
               flush=True)
+        if args.profile:
+            from train_step_gpu import profile  # benchmarks/ is the script's folder, hence on sys.path
+
+            name = ways[-1]  # the same draw as timed, so a compiled step replays what it captured
+            draw = (lambda: sample_recompute(model, cond, steps, temperature=1.0)) if name == "recompute" else (
+                lambda: sample(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                               decoding="dynamic" if name == "dynamic" else "static"))
+            n = steps * model.target.num_quantizers  # one decode step per token
+            profile(draw, f"{stage} {name}: {n} tokens (launches / {n}: per decode step, the prompt's forward "
+                          f"included)", args.profile)
 
 
 def sync(device: torch.device) -> None:

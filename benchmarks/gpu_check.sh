@@ -9,6 +9,7 @@
 #                                    `musiclm train --use-gpu` path (Ray Train, DeepSpeed, NCCL, bf16):
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
 #                                    checkpoint, resume, export; SMOKE_SET="train.compile=true" adds overrides
+#   DECODE_PROFILE=1 also profiles one compiled bf16 window per large stage (benchmarks/generate.py --profile)
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -32,6 +33,10 @@ timeout "${STEP_TIMEOUT:-$step_default}" $PY benchmarks/train_step_gpu.py --pres
   ${TRAIN_COMPILE:+--compile} 2>&1 | tee "$OUT/train_step_gpu.txt"
 timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-preset large --skip-windows --seconds 10 \
   --num-samples 4 --decodings "${DECODINGS:-compiled,dynamic}" 2>&1 | tee "$OUT/generate.txt"
+if [ -n "${DECODE_PROFILE:-}" ]; then  # where a compiled decode step's time goes: kernels per token, top kernels
+  timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \
+    --window-dtype bfloat16 --fraction 0.1 --skip-whole --profile 15 2>&1 | tee "$OUT/decode_profile.txt"
+fi
 if [ -n "${SMOKE:-}" ]; then
   timeout "${SMOKE_TIMEOUT:-150}" $PY benchmarks/gpu_smoke.py --workdir /tmp/gpu_smoke --sizes "${SMOKE_SIZES:-tiny}" \
     --steps 30 --batch-size 8 ${SMOKE_SET:+--set $SMOKE_SET} 2>&1 | tee "$OUT/gpu_smoke.txt"

@@ -178,7 +178,8 @@ def main() -> None:
 
 
 def profile(step, label: str, top: int) -> None:
-    """The ``top`` operations by self device time over one ``step`` (forward and backward, no optimizer)."""
+    """The ``top`` kernels by device time (on a CPU: operations by CPU time) over one call of ``step``, and how many
+    were launched."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -194,7 +195,7 @@ def profile(step, label: str, top: int) -> None:
         events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or events
     rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     total = sum(getattr(e, key) for e in events) or 1.0
-    print(json.dumps({"profile": label, "ms_total": round(total / 1000, 1),
+    print(json.dumps({"profile": label, "ms_total": round(total / 1000, 1), "launches": sum(e.count for e in events),
                       "top": [[e.key[:70], round(getattr(e, key) / 1000, 2), e.count] for e in rows]}), flush=True)
 
 
