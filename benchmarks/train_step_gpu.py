@@ -2,7 +2,8 @@
 
 Plain PyTorch (no Ray, no DeepSpeed), so it runs on any GPU machine that has torch: the same model, loss and
 optimizer as a real run, random tokens at the real window lengths of each stage (semantic 12 + 499,
-coarse 12 + 199 + 300×3, fine 12 + 150×3 + 150×5). MFU = model FLOPs per token (6 × matmul parameters plus
+coarse 12 + 199 + 300×3, fine 12 + 150×3 + 150×5; until 2026-11-26 evening the fine stage was given 300×3 coarse
+tokens, 1,667 positions instead of 1,216). MFU = model FLOPs per token (6 × matmul parameters plus
 causal attention) × tokens/s ÷ the GPU's peak dense bf16 FLOP/s.
 
 ``--precision bf16`` (default) runs the module in bf16 as DeepSpeed's bf16 mode does in ``musiclm train``;
@@ -25,10 +26,14 @@ import torch
 
 
 def stage_inputs(model, batch: int, device):
-    shapes = {"clap": (batch, 12), "semantic": (batch, 499), "coarse": (batch, 300, 3), "fine": (batch, 150, 5)}
-    if model.sequences[-1].name == "coarse":
-        shapes["semantic"] = (batch, 199)
-    return [torch.randint(0, s.codebook_size, shapes[s.name], device=device) for s in model.sequences]
+    """Random tokens in the shapes of one training crop of the stage (``CropSpec``, the default windows)."""
+    from musiclm.config import GlobalConfig
+    from musiclm.data.shards import CropSpec
+
+    stage, windows = model.sequences[-1].name, GlobalConfig()
+    shapes = CropSpec(stage, int(windows.semantic_audio_length_seconds),
+                      int(getattr(windows, f"{stage}_audio_length_seconds"))).shapes()
+    return [torch.randint(0, s.codebook_size, (batch, *shapes[s.name]), device=device) for s in model.sequences]
 
 
 def main() -> None:
