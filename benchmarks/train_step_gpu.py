@@ -3,7 +3,7 @@
 Plain PyTorch (no Ray, no DeepSpeed), so it runs on any GPU machine that has torch: the same model, loss and
 optimizer as a real run, random tokens at the real window lengths of each stage (semantic 12 + 499,
 coarse 12 + 199 + 300×3, fine 12 + 150×3 + 150×5; until 2026-11-26 evening the fine stage was given 300×3 coarse
-tokens, 1,667 positions instead of 1,216). MFU = model FLOPs per token (6 × matmul parameters plus
+tokens, 1,667 positions instead of 1,217). MFU = model FLOPs per token (6 × matmul parameters plus
 causal attention) × tokens/s ÷ the GPU's peak dense bf16 FLOP/s.
 
 ``--precision bf16`` (default) runs the module in bf16 as DeepSpeed's bf16 mode does in ``musiclm train``;
