@@ -16,6 +16,7 @@ without it, a set built here (tiny token system fitted on two synthetic tracks, 
 ``--models-preset``'s sizes: speed does not depend on the weights); a 1 s warm-up generation first (it compiles).
     python benchmarks/generate.py [--preset tiny --device cpu --fraction 1.0 --models DIR --seconds 10]
     python benchmarks/generate.py --device cuda --preset large --ways compiled --fraction 0.1 --skip-whole --profile 15
+    python benchmarks/generate.py --device cuda --preset large --ways static,compiled --compile-mode max-autotune
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def main() -> None:
                    help="stage weights of the window timings (float32: every way draws the same tokens, checked)")
     p.add_argument("--skip-windows", action="store_true", help="only the whole-generation timing")
     p.add_argument("--skip-whole", action="store_true", help="only the per-window timings")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled decoding step (default: the model's choice, "
+                        "reduce-overhead on a GPU): max-autotune also tunes Triton kernels for the one-token matmuls")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each window's timings, profile the same draw again with the last of --ways: the N "
                         "kernels with the most GPU time, and the kernel launches (on a CPU: operations)")
@@ -85,7 +89,7 @@ def windows(args) -> None:
             fn = sample_recompute if name == "recompute" else sample
             kw = {} if name == "recompute" else {"decoding": "dynamic" if name == "dynamic" else "static"}
             if name == "compiled":
-                model.compile_decoding()
+                model.compile_decoding(args.compile_mode)
                 start = time.perf_counter()  # a short draw of the same shapes compiles (and captures the graph)
                 sample(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(9),
                        decoding="static")
@@ -150,6 +154,10 @@ def whole_generation(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
         generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype)
+        if args.compile_mode:  # as MusicGenerator.sampler compiles, in the mode asked for
+            for model in generator.models.values():
+                model.compile_decoding(args.compile_mode)
+            generator.compiled = True
         tokens = {}
         for mode in args.decodings.split(","):
             settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,
@@ -164,6 +172,7 @@ def whole_generation(args) -> None:
             print(json.dumps({"whole_generation": mode,
                               "models": str(args.models or f"untrained {args.models_preset} (built here)"),
                               "device": args.device, "weights": generator.describe()["weights_dtype"],
+                              **({"compile_mode": args.compile_mode} if mode == "compiled" and args.compile_mode else {}),
                               "audio_s": args.seconds, "candidates": args.num_samples, "warm_up_s": round(warm, 1),
                               **{k: t[k] for k in ("semantic", "coarse", "fine", "decode", "score", "total")},
                               "real_time_factor": round(t["real_time_factor"], 3)}), flush=True)

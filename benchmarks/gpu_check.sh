@@ -10,6 +10,8 @@
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
 #                                    checkpoint, resume, export; SMOKE_SET="train.compile=true" adds overrides
 #   DECODE_PROFILE=1 also profiles one compiled bf16 window per large stage (benchmarks/generate.py --profile)
+#   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
+#                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -36,6 +38,13 @@ timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-
 if [ -n "${DECODE_PROFILE:-}" ]; then  # where a compiled decode step's time goes: kernels per token, top kernels
   timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \
     --window-dtype bfloat16 --fraction 0.1 --skip-whole --profile 15 2>&1 | tee "$OUT/decode_profile.txt"
+fi
+if [ -n "${DECODE_MODE:-}" ]; then  # a 10th of each window: the default compiled step, then DECODE_MODE's
+  for mode in reduce-overhead "$DECODE_MODE"; do
+    timeout "${MODE_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \
+      --window-dtype bfloat16 --fraction 0.1 --skip-whole --batch 4 --compile-mode "$mode" 2>&1 \
+      | tee -a "$OUT/decode_modes.txt"
+  done
 fi
 if [ -n "${SMOKE:-}" ]; then
   timeout "${SMOKE_TIMEOUT:-150}" $PY benchmarks/gpu_smoke.py --workdir /tmp/gpu_smoke --sizes "${SMOKE_SIZES:-tiny}" \
