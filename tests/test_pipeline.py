@@ -13,7 +13,7 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     from jobs.pipeline import main as pipeline
 
     work = tmp_path / "demo"
-    # `make demo` runs the defaults (9.3 min here); every step is the same code with fewer tracks, steps and
+    # `make demo` runs the defaults (4.3 min here); every step is the same code with fewer tracks, steps and
     # seconds, which is what this test checks: that each step runs, hands on to the next, and is skipped after.
     argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--train-steps", "10",
             "--num-workers", "1", "--duration", "2", "--eval-duration", "1", "--num-samples", "1"]
