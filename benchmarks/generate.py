@@ -153,11 +153,8 @@ def whole_generation(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
-        generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype)
-        if args.compile_mode:  # as MusicGenerator.sampler compiles, in the mode asked for
-            for model in generator.models.values():
-                model.compile_decoding(args.compile_mode)
-            generator.compiled = True
+        generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype,
+                                   compile_mode=args.compile_mode)
         tokens = {}
         for mode in args.decodings.split(","):
             settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,

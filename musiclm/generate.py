@@ -250,7 +250,9 @@ class MusicGenerator:
     """A loaded model set: the token system (CLAP, RVQ, EnCodec) and the stage transformers."""
 
     def __init__(self, models: ModelSet, device: str | torch.device | None = None, coarse_only: bool = False,
-                 weights_dtype: str = "auto"):
+                 weights_dtype: str = "auto", compile_mode: str | None = None):
+        """``compile_mode``: the torch.compile mode of the ``compiled`` decoding step (None: ``compile_decoding``'s
+        choice, CUDA graphs on a GPU)."""
         from .tokens.system import TokenSystem
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -264,14 +266,14 @@ class MusicGenerator:
         self.dtype = inference_dtype(weights_dtype, self.device)
         for model in self.models.values():
             model.to(self.dtype)
-        self.compiled = False
+        self.compile_mode, self.compiled = compile_mode, False
 
     def sampler(self, settings: GenerateSettings):
         """``sample`` with the settings' decoding mode (compiling every stage's step the first time it is asked)."""
         mode = decoding_mode(settings.decoding, self.device)
         if mode == "compiled" and not self.compiled:
             for model in self.models.values():
-                model.compile_decoding()
+                model.compile_decoding(self.compile_mode)
             self.compiled = True
         return functools.partial(sample, decoding="dynamic" if mode == "dynamic" else "static")
 
