@@ -227,6 +227,11 @@ class TrainConfig:
         check(self.cache_train_mb >= 0, "cache_train_mb", "must be >= 0 (0 = always stream)")
         check(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = by the GPU's name)")
         check(self.attention in ("auto", "dense", "flex"), "attention", "must be auto, dense or flex")
+        # ZeRO-3 gathers a partitioned parameter when the code reads it outside its module's forward (the start
+        # tokens, output weights, position-bias MLP, convolution weights) only in eager mode: under torch.compile
+        # the graph read them empty and the first step failed in every worker (tried on CPUs, DeepSpeed 0.19.8).
+        check(not (self.compile and self.zero_stage == 3), "compile",
+              "is not supported with zero_stage 3; use zero_stage 2 (or lower) with compile, or compile false")
 
 
 @dataclass

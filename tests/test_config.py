@@ -66,6 +66,10 @@ def test_overrides_from_cli_strings_and_tune_dicts():
         apply_overrides(cfg, ["train.lrr=1"])
     with pytest.raises(ConfigError, match=r"train\.zero_stage: must be 0, 1, 2 or 3"):
         apply_overrides(cfg, {"train.zero_stage": 4})
+    # a combination that would fail in every worker's first step is refused before anything starts
+    assert apply_overrides(cfg, {"train.compile": True}).train.compile
+    with pytest.raises(ConfigError, match=r"train\.compile: is not supported with zero_stage 3; use zero_stage 2"):
+        apply_overrides(cfg, {"train.compile": True, "train.zero_stage": 3})
     with pytest.raises(ConfigError, match="key.sub=value"):
         apply_overrides(cfg, ["train.lr"])
 
