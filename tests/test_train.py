@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from musiclm import storage
-from musiclm.config import model_preset, stage_config
+from musiclm.config import ConfigError, model_preset, stage_config
 from musiclm.data.dataset import DatasetError
 from musiclm.models import build_stage
 from musiclm.train import checkpoint as ckpt
@@ -243,6 +243,13 @@ def test_mismatched_fingerprint_and_model_config_are_refused(token_dataset_dir, 
         check_request(TrainRequest(wide, str(token_dataset_dir), "r", str(tmp_path)))
     assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
                                       init_from=str(tmp_path / "ours")))["fingerprint"] == fingerprint
+    # FlexAttention on CPU workers: refused by the driver before any worker starts (the workers' first step
+    # failed 45 s later on 2 CPUs)
+    from musiclm.train.run import build_trainer
+
+    flex = stage_config("coarse", "tiny", overrides=["train.attention=flex", "train.use_gpu=false"])
+    with pytest.raises(ConfigError, match=r"train\.attention: 'flex' trains only on a GPU"):
+        build_trainer(TrainRequest(flex, str(token_dataset_dir), "r", str(tmp_path)), {}, cluster_cpus=2)
 
 
 def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():

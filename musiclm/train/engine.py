@@ -22,7 +22,7 @@ def training_attention(cfg: TrainConfig, on_gpu: bool) -> str:
     no FlexAttention backward on the CPU); ``auto`` stays ``dense`` until flex has been measured on a GPU
     (benchmarks/gpu_check.sh prints both)."""
     if cfg.attention == "flex" and not on_gpu:
-        raise ConfigError("attention: 'flex' trains only on a GPU (PyTorch has no FlexAttention backward on the "
+        raise ConfigError("train.attention: 'flex' trains only on a GPU (PyTorch has no FlexAttention backward on the "
                           "CPU); use 'dense' or 'auto' here")
     return "flex" if cfg.attention == "flex" else "dense"
 
