@@ -150,6 +150,9 @@ def test_flex_attention_is_refused_where_it_cannot_train():
     assert training_attention(TrainConfig(attention="flex"), on_gpu=True) == "flex"
     with pytest.raises(ConfigError, match="only on a GPU"):
         training_attention(TrainConfig(attention="flex"), on_gpu=False)
+    with pytest.raises(ConfigError, match=r"the coarse stage has attn_dropout 0.1; set model.coarse_cfg.attn_dropout=0"):
+        training_attention(TrainConfig(stage="coarse", attention="flex"), on_gpu=True,
+                           model=dataclasses.replace(model_preset("tiny").coarse_cfg, attn_dropout=0.1))
     model = build_stage("semantic", model_preset("tiny"))
     with pytest.raises(ConfigError, match="not one of"):
         model.set_attention("fused")

@@ -10,20 +10,23 @@ import math
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, TransformerConfig
 
 
 def uses_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
 
 
-def training_attention(cfg: TrainConfig, on_gpu: bool) -> str:
+def training_attention(cfg: TrainConfig, on_gpu: bool, model: TransformerConfig | None = None) -> str:
     """The attention path of training's forwards: ``flex`` only where asked for, and only on a GPU (PyTorch has
-    no FlexAttention backward on the CPU); ``auto`` stays ``dense`` until flex has been measured on a GPU
-    (benchmarks/gpu_check.sh prints both)."""
+    no FlexAttention backward on the CPU) for a stage (``model``) without attention dropout; ``auto`` stays
+    ``dense`` until flex has been measured on a GPU (benchmarks/gpu_check.sh prints both)."""
     if cfg.attention == "flex" and not on_gpu:
         raise ConfigError("train.attention: 'flex' trains only on a GPU (PyTorch has no FlexAttention backward on the "
                           "CPU); use 'dense' or 'auto' here")
+    if cfg.attention == "flex" and model is not None and model.attn_dropout > 0:
+        raise ConfigError(f"train.attention: 'flex' has no attention dropout, and the {cfg.stage} stage has "
+                          f"attn_dropout {model.attn_dropout:g}; set model.{cfg.stage}_cfg.attn_dropout=0 or use 'dense'")
     return "flex" if cfg.attention == "flex" else "dense"
 
 

@@ -177,7 +177,7 @@ def train_loop(loop_cfg: dict) -> None:
             worker_print(f"[train {stage}] {msg}")
 
     torch.manual_seed(tc.seed)
-    model = build_stage(stage, cfg.model).set_attention(training_attention(tc, on_gpu))
+    model = build_stage(stage, cfg.model).set_attention(training_attention(tc, on_gpu, cfg.model.stage(stage)))
     resume = ray.train.get_checkpoint()
     if resume is None and loop_cfg.get("init_from"):
         ckpt.load_into(model, ckpt.load_state(loop_cfg["init_from"]), loop_cfg["init_from"])

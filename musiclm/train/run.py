@@ -129,7 +129,8 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     cfg, t = req.config, req.config.train
     if t.use_gpu == "auto":
         raise ConfigError("train.use_gpu is 'auto': resolve it with the cluster's resources first (resolve_use_gpu)")
-    training_attention(t, bool(t.use_gpu))  # refused here, not in every worker's first step (45 s later on 2 CPUs)
+    # refused here, not in every worker's first step (45 s later on 2 CPUs)
+    training_attention(t, bool(t.use_gpu), cfg.model.stage(t.stage))
     cpus = worker_cpus(cfg, cluster_cpus)
     if not t.use_gpu and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
         raise ConfigError(f"{t.num_workers} workers × {cpus:g} CPUs plus the data pipeline ({DATA_RESERVE:g} CPU) "
