@@ -15,7 +15,9 @@
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
 #   next lease, in this order: (a) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420`
 #   (whether train.compile can become the GPU default: the compile took 80 s per stage in plain PyTorch), then
-#   (b) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes), then (c) `STEP=0 GEN=0 DECODE_MODE=max-autotune`.
+#   (b) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes), then (c) `STEP=0 GEN=0 DECODE_MODE=max-autotune`,
+#   (d) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions dense --profile 20"` (where a compiled
+#   training step's time goes: the MFU goal). TRAIN_ARGS: more options of train_step_gpu.py.
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -37,7 +39,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 step_default=200; [ -n "${TRAIN_COMPILE:-}" ] && step_default=400  # inductor on the large stages: minutes
 if [ "${STEP:-1}" != 0 ]; then
   timeout "${STEP_TIMEOUT:-$step_default}" $PY benchmarks/train_step_gpu.py --preset large --batch-size 8 --steps 12 \
-    --warmup 4 ${TRAIN_COMPILE:+--compile} 2>&1 | tee "$OUT/train_step_gpu.txt"
+    --warmup 4 ${TRAIN_COMPILE:+--compile} ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step_gpu.txt"
 fi
 if [ "${GEN:-1}" != 0 ]; then
   timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-preset large --skip-windows --seconds 10 \
