@@ -13,11 +13,15 @@
 #   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
 #                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
-#   next lease, in this order: (a) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420`
-#   (whether train.compile can become the GPU default: the compile took 80 s per stage in plain PyTorch), then
-#   (b) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes), then (c) `STEP=0 GEN=0 DECODE_MODE=max-autotune`,
-#   (d) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions dense --profile 20"` (where a compiled
-#   training step's time goes: the MFU goal). TRAIN_ARGS: more options of train_step_gpu.py.
+#   next lease, in this order: (a) `STEP=0 DECODINGS=compiled DECODE_COMPILE=1` (the default compiled decoding shares one
+#   compiled block between layers, measured on CPUs only: compile and step time against every layer compiled apart,
+#   then the whole 10 s generation as before), (b) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large
+#   SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile can become the GPU default: the compile took
+#   80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
+#   (d) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (e) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
+#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal). TRAIN_ARGS: more options of
+#   train_step_gpu.py.
+#   DECODE_COMPILE=1 runs benchmarks/decode_compile.py on the large coarse stage (bf16, batch 4).
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -48,6 +52,10 @@ fi
 if [ -n "${DECODE_PROFILE:-}" ]; then  # where a compiled decode step's time goes: kernels per token, top kernels
   timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \
     --window-dtype bfloat16 --fraction 0.1 --skip-whole --profile 15 2>&1 | tee "$OUT/decode_profile.txt"
+fi
+if [ -n "${DECODE_COMPILE:-}" ]; then  # the decoding step's layers compiled apart vs as one shared block (regions)
+  timeout "${DC_TIMEOUT:-300}" $PY benchmarks/decode_compile.py --device cuda --preset large --depth 0 --batch 4 \
+    --dtype bfloat16 --fraction 0.1 2>&1 | tee "$OUT/decode_compile.txt"
 fi
 if [ -n "${DECODE_MODE:-}" ]; then  # a 10th of each window: the default compiled step, then DECODE_MODE's
   for mode in reduce-overhead "$DECODE_MODE"; do

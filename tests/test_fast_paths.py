@@ -98,16 +98,18 @@ def test_static_cache_step_has_the_growing_caches_logits():
     assert static.k[:, :, grow.length:].abs().sum() == 0
 
 
-def test_compiled_decoding_draws_the_eager_tokens():
+@pytest.mark.parametrize("regions", [True, False], ids=["one-block-for-all-layers", "every-layer-apart"])
+def test_compiled_decoding_draws_the_eager_tokens(regions):
     """The compiled step (inductor on the CPU; CUDA graphs on a GPU, checked by benchmarks/gpu_check.sh) draws
-    the eager static cache's tokens, for a codebook-interleaved stage (coarse), with a prefix. One layer: the
-    compile is ~10 s of the test."""
-    model = _stage("coarse", depth=1)
+    the eager static cache's tokens, for a codebook-interleaved stage (coarse), with a prefix; with the layers
+    sharing one compiled block (each its own weights and cache slots: two layers) or compiled apart. Each compile
+    is ~10 s of the test."""
+    model = _stage("coarse", depth=2)
     cond, target = _inputs(model, batch=2, steps=12)
     draw = lambda: sample(model, cond, 10, prefix=target[:, :2], temperature=0.95,  # noqa: E731
                           generator=torch.Generator().manual_seed(3))
     eager = draw()
-    model.compile_decoding()
+    model.compile_decoding(regions=regions)
     assert torch.equal(draw(), eager)
 
 
