@@ -3,8 +3,10 @@
 #   1. benchmarks/train_step_gpu.py  plain PyTorch bf16 step of the large stages at their real windows, dense mask
 #                                    vs FlexAttention (loss and gradients compared first): step time, MFU, memory
 #                                    (TRAIN_COMPILE=1 also times them compiled: minutes more)
-#   2. benchmarks/generate.py        10 s text-to-audio, best of 4 batched, untrained large stages, bf16 weights:
-#                                    real-time factor of dynamic-cache vs compiled (CUDA graphs) decoding
+#   2. benchmarks/generate.py        10 s text-to-audio, best of 4 batched, untrained large stages, bf16 weights,
+#                                    compiled (CUDA graphs) decoding (DECODINGS=compiled,dynamic adds the growing
+#                                    cache): real-time factor with the fine stage's windows one after the other vs
+#                                    batched (WINDOW_BATCHES, default 8,1: the new default first)
 #   3. benchmarks/gpu_smoke.py       with SMOKE=1 (passed on an H200, 2026-11-26): the real
 #                                    `musiclm train --use-gpu` path (Ray Train, DeepSpeed, NCCL, bf16):
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
@@ -13,9 +15,10 @@
 #   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
 #                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
-#   next lease, in this order: (a) `STEP=0 DECODINGS=compiled DECODE_COMPILE=1` (the default compiled decoding shares one
-#   compiled block between layers, measured on CPUs only: compile and step time against every layer compiled apart,
-#   then the whole 10 s generation as before), (b) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large
+#   next lease, in this order: (a) `STEP=0 DECODE_COMPILE=1` (the whole 10 s generation with the fine windows
+#   batched, the new default, against one after the other: whether the delivered best-of-4 clip's real-time factor
+#   is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step time against
+#   every layer compiled apart), (b) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large
 #   SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile can become the GPU default: the compile took
 #   80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
 #   (d) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (e) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
@@ -47,7 +50,8 @@ if [ "${STEP:-1}" != 0 ]; then
 fi
 if [ "${GEN:-1}" != 0 ]; then
   timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-preset large --skip-windows --seconds 10 \
-    --num-samples 4 --decodings "${DECODINGS:-compiled,dynamic}" 2>&1 | tee "$OUT/generate.txt"
+    --num-samples 4 --decodings "${DECODINGS:-compiled}" --window-batches "${WINDOW_BATCHES:-8,1}" 2>&1 \
+    | tee "$OUT/generate.txt"
 fi
 if [ -n "${DECODE_PROFILE:-}" ]; then  # where a compiled decode step's time goes: kernels per token, top kernels
   timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \

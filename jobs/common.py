@@ -180,6 +180,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
                    help="sample among this fraction of the most likely tokens")
     g.add_argument("--coarse-only", action="store_true", help="decode the coarse tokens alone (skip the fine stage)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates sampled together (0: all)")
+    g.add_argument("--window-batch", type=int, default=d.window_batch,
+                   help="windows that do not overlap (the fine stage's) sampled together, at most (1: one after the "
+                        "other; a seed then draws other tokens)")
     g.add_argument("--weights-dtype", default=d.weights_dtype, choices=WEIGHT_DTYPES,
                    help="stage weights while sampling: auto = bfloat16 on a GPU that supports it, else float32; "
                         "float32 reproduces the reference sampler's tokens")

@@ -9,6 +9,11 @@ Longer outputs than a stage's window are made with sliding windows as open-music
   each conditioned on the coarse tokens already made in its span;
 - fine: 2 s windows (150 frames, conditioned on the same 150 coarse frames), one after the other.
 
+Windows that do not overlap (the fine stage's, with ``fine_step`` 1) need no tokens of each other, so up to
+``window_batch`` of them are sampled as one batch: the same distribution as one after the other in a fifth of
+the token steps for 10 s (on a GPU a decoding step takes about as long for 20 rows as for 4), though a seed
+draws other tokens than with ``window_batch`` 1.
+
 Unlike open-musiclm's ``unfold`` (which drops a partial last window), the last window of every stage is moved
 back to end exactly at the requested length (overlapping more), so a 25 s request gives 25 s of audio.
 Window starts of the coarse stage lie on the common grid of the two token rates (1/25 s: 2 semantic and
@@ -49,6 +54,7 @@ class GenerateSettings:
     fine_step: float = 1.0
     coarse_only: bool = False  # decode coarse tokens alone (no fine stage)
     batch_size: int = 0  # candidates sampled together (0: all N at once)
+    window_batch: int = 8  # windows that do not overlap (the fine stage's) sampled together; 1: one after another
     weights_dtype: str = "auto"  # stage weights for sampling: auto (bfloat16 on a GPU that has it, else float32)
     decoding: str = "auto"  # compiled / static (cache allocated once) / dynamic (cache grows); auto: see DECODING
 
@@ -61,6 +67,7 @@ class GenerateSettings:
             check(0 < getattr(self, f"{stage}_step") <= 1, f"{stage}_step", "must be in (0, 1]")
         check(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
         check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = all candidates at once)")
+        check(self.window_batch >= 1, "window_batch", "must be >= 1 (1 = windows one after the other)")
         check(self.weights_dtype in WEIGHT_DTYPES, "weights_dtype", f"must be one of {', '.join(WEIGHT_DTYPES)}")
         check(self.decoding in DECODING, "decoding", f"must be one of {', '.join(DECODING)}")
 
@@ -214,19 +221,44 @@ def slide(total: int, window: int, step_fraction: float, grid: int = 1) -> list[
     return [(s, s + window) for s in starts]
 
 
-def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, temperature: float, top_fraction: float,
-                   generator: torch.Generator, sampler=sample, on_window=None) -> torch.Tensor:
-    """Fill ``windows`` left to right: each window is conditioned on ``conditioning(start, end)`` and on the
-    tokens already made inside it, and adds the rest. Returns (b, total) or (b, total, q)."""
-    out = None
+def window_groups(windows: list[tuple[int, int]], limit: int) -> list[list[tuple[int, int]]]:
+    """``windows`` in order, grouped for sampling: a window that needs no earlier tokens opens a group, which
+    takes the windows of its length that follow it end to end (none conditioned on another's tokens), up to
+    ``limit``; a window overlapping what exists is sampled alone."""
+    groups: list[list[tuple[int, int]]] = []
+    done, open_group = 0, False
     for start, end in windows:
+        g = groups[-1] if groups else []
+        if open_group and len(g) < limit and start == g[-1][1] and end - start == g[0][1] - g[0][0]:
+            g.append((start, end))
+        else:
+            groups.append([(start, end)])
+            open_group = start >= done
+        done = max(done, end)
+    return groups
+
+
+def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, temperature: float, top_fraction: float,
+                   generator: torch.Generator, sampler=sample, on_window=None, window_batch: int = 1) -> torch.Tensor:
+    """Fill ``windows`` left to right: each window is conditioned on ``conditioning(start, end)`` and on the
+    tokens already made inside it, and adds the rest; windows that need none of each other's tokens
+    (``window_groups``) are sampled as one batch, up to ``window_batch`` at once. Returns (b, total) or
+    (b, total, q)."""
+    out = None
+    for group in window_groups(windows, window_batch):
+        start, end = group[0]
         done = 0 if out is None else out.shape[1]
         prefix = out[:, start:] if out is not None and done > start else None
-        new = sampler(model, conditioning(start, end), end - done, prefix=prefix, temperature=temperature,
-                      top_fraction=top_fraction, generator=generator)
+        if len(group) == 1:
+            new = sampler(model, conditioning(start, end), end - done, prefix=prefix, temperature=temperature,
+                          top_fraction=top_fraction, generator=generator)
+        else:  # rows window-major: (windows × b, steps[, q]) -> (b, windows × steps[, q])
+            rows = [torch.cat(c) for c in zip(*(conditioning(s, e) for s, e in group))]
+            new = sampler(model, rows, end - start, temperature=temperature, top_fraction=top_fraction,
+                          generator=generator).unflatten(0, (len(group), -1)).transpose(0, 1).flatten(1, 2)
         out = new if out is None else torch.cat((out, new), 1)
         if on_window:
-            on_window(end - done)
+            on_window(group[-1][1] - done)
     return out
 
 
@@ -304,7 +336,8 @@ class MusicGenerator:
                 progress.set_postfix_str(stage)
             out = sample_windows(self.models[stage], plan[stage], conditioning, generator=generator, sampler=sampler,
                                  temperature=getattr(settings, f"{stage}_temperature"),
-                                 top_fraction=settings.top_fraction, on_window=progress.update if progress else None)
+                                 top_fraction=settings.top_fraction, on_window=progress.update if progress else None,
+                                 window_batch=settings.window_batch)
             timings[stage] = time.perf_counter() - start
             return out
 
@@ -389,4 +422,4 @@ def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled:
 
 
 __all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_model_set", "checkpoint_ids",
-           "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "progress_bar", "REPORT"]
+           "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]

@@ -70,7 +70,7 @@ def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
 
     def static(*args, **kwargs):
         out = sample(*args, **kwargs, decoding="static")
-        caches.append(model._static)
+        caches.append(model._statics[-1])
         return out
 
     draws = {d: sample_windows(model, windows, conditioning, temperature=1.0, top_fraction=0.1,
@@ -79,6 +79,39 @@ def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
     assert draws["static"].shape[:2] == (2, 35) and torch.equal(draws["static"], draws["dynamic"])
     assert len(caches) == 4 and all(c is caches[0] for c in caches)
 
+
+
+def test_windows_end_to_end_are_sampled_as_one_batch():
+    """The fine stage's windows (step 1: end to end) need none of each other's tokens: sampled as one batch, up to
+    ``window_batch`` at once, they draw what they draw one after the other, row for row (argmax, float64: the
+    conditioning of each row is its own window's); the last window, moved back over the one before it, is
+    sampled alone after them with that overlap as its prefix. Overlapping windows are never batched."""
+    from musiclm.generate import sample_windows, slide, window_groups
+
+    model = _stage("fine", dtype=torch.float64)
+    cond, _ = _inputs(model, batch=2, steps=40)
+    windows = slide(40, 12, 1.0)
+    assert windows == [(0, 12), (12, 24), (24, 36), (28, 40)]
+    assert window_groups(windows, 8) == [[(0, 12), (12, 24), (24, 36)], [(28, 40)]]
+    assert window_groups(windows, 2) == [[(0, 12), (12, 24)], [(24, 36)], [(28, 40)]]
+    assert window_groups(slide(35, 16, 0.5), 8) == [[w] for w in slide(35, 16, 0.5)]
+    calls = []
+
+    def counted(model, conditioning, steps, **kwargs):
+        calls.append((conditioning[1].shape[0], steps, kwargs.get("prefix") is not None))
+        return sample(model, conditioning, steps, **kwargs)
+
+    def draw(n):
+        return sample_windows(model, windows, lambda s, e: [cond[0], cond[1][:, s:e]], temperature=0.0,
+                              top_fraction=0.1, generator=None, sampler=counted, window_batch=n)
+
+    draws = {n: draw(n) for n in (1, 2, 8)}
+    assert draws[1].shape == (2, 40, 5)
+    assert torch.equal(draws[2], draws[1]) and torch.equal(draws[8], draws[1])
+    assert calls[-2:] == [(6, 12, False), (2, 4, True)]  # window_batch 8: 3 windows x 2 rows, then the last
+    # a static cache per batch shape (2, 4, 6 rows), kept: drawing again reuses their tensors (a CUDA graph's)
+    kept = {id(c) for c in model._statics}
+    assert len(kept) == 3 and torch.equal(draw(8), draws[1]) and {id(c) for c in model._statics} == kept
 
 def test_static_cache_step_has_the_growing_caches_logits():
     """Step by step, the static cache's logits equal the growing cache's (float32, max difference ~1e-7) while

@@ -42,6 +42,7 @@ from ..config import ConfigError, TransformerConfig
 
 CONV_KERNEL = 3
 ATTN_SCALE = 8.0  # open-musiclm multiplies q·k of unit vectors (times learned scales) by a fixed 8
+STATIC_CACHES = 4  # decoding caches kept per stage, one per (batch, window length): generation uses 1-3
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,9 @@ class TokenConditionedTransformer(nn.Module):
         self.attention = "dense"  # how a full forward attends: "dense" (float mask) or "flex" (set_attention)
         self._compiled_step = None  # compile_decoding
         self._compile_regions = True  # compile_decoding: one block compiled and reused by every layer
-        self._static: StaticKVCache | None = None  # the last static cache, reused while its shapes fit
+        # static caches of the last STATIC_CACHES shapes, most recent last: each shape keeps its tensors, so a
+        # compiled step's CUDA graph replays on the addresses it recorded (no re-recording when shapes alternate)
+        self._statics: list[StaticKVCache] = []
 
     def set_attention(self, kind: str) -> "TokenConditionedTransformer":
         """Attention of full forwards (training, validation): ``dense`` or ``flex``. Decoding always uses the
@@ -602,14 +605,19 @@ class TokenConditionedTransformer(nn.Module):
         return self._logits(hidden, cache.targets)[:, 0]
 
     def static_cache(self, cache: KVCache, max_len: int) -> StaticKVCache:
-        """The growing cache of a consumed prompt moved into a static one of ``max_len`` positions: the one the
-        last call made when its shapes fit (a compiled step keeps replaying on the same tensors), else a new one."""
+        """The growing cache of a consumed prompt moved into a static one of ``max_len`` positions: the one an
+        earlier call made for these shapes (a compiled step keeps replaying on the same tensors; the last
+        ``STATIC_CACHES`` shapes are kept), else a new one."""
         if cache.bias_table is not None and cache.bias_table.shape[1] < max_len:
             cache.bias_table = self.rel_pos.table(max_len, cache.bias_table.device)
-        static = self._static
-        if static is not None and static.fits(cache, max_len):
-            return static.fill(cache)
-        static = self._static = StaticKVCache(cache, max_len)
+        for static in self._statics:
+            if static.fits(cache, max_len):
+                self._statics.remove(static)
+                self._statics.append(static)
+                return static.fill(cache)
+        static = StaticKVCache(cache, max_len)
+        self._statics.append(static)
+        del self._statics[:-STATIC_CACHES]
         if static.k.is_cuda:
             for t in static.tensors():  # CUDA graphs replay on these addresses and see the in-place updates
                 torch._dynamo.mark_static_address(t)
