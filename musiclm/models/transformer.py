@@ -43,6 +43,10 @@ from ..config import ConfigError, TransformerConfig
 CONV_KERNEL = 3
 ATTN_SCALE = 8.0  # open-musiclm multiplies q·k of unit vectors (times learned scales) by a fixed 8
 STATIC_CACHES = 4  # decoding caches kept per stage, one per (batch, window length): generation uses 1-3
+# A static cache's slots are a multiple of this: a GPU's memory-efficient attention wants the float mask's rows
+# at a multiple of 8 elements, and a compiled step copies a mask that is not into a padded one in every layer
+# (torch/_inductor/lowering.py, sdpa_constraint); windows are 514, 1,116 and 1,217 positions. Extra slots stay masked.
+CACHE_SLOT_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -248,26 +252,28 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Decoding state in tensors allocated once: keys and values (depth, b, max_len, dim_head), the convolution's
-    last inputs (depth, b, 2, channels), which keys are visible (b, max_len), the position bias table, and the
-    positions and target tokens consumed as 0-dim tensors on the model's device. A step writes its keys at
-    ``position`` and attends over all ``max_len`` slots, those not yet written masked: every step has the same
-    shapes, and advancing is an in-place add, so a compiled step (or a CUDA graph of it) replays as it is.
+    """Decoding state in tensors allocated once: keys and values (depth, b, slots, dim_head) (slots: ``max_len``
+    rounded up to a multiple of ``CACHE_SLOT_MULTIPLE``), the convolution's last inputs (depth, b, 2, channels),
+    which keys are visible (b, slots), the position bias table, and the positions and target tokens consumed as
+    0-dim tensors on the model's device. A step writes its keys at ``position`` and attends over all slots, those
+    not yet written masked: every step has the same shapes, and advancing is an in-place add, so a compiled step
+    (or a CUDA graph of it) replays as it is.
     ``fill`` loads a consumed prompt into the same tensors, so one cache (one compiled graph) serves every window
     of a stage."""
 
     def __init__(self, cache: KVCache, max_len: int):
         k0, b = cache.k[0], cache.key_mask.shape[0]
         device = k0.device
-        self.max_len = max_len
-        self.k = k0.new_zeros(len(cache.k), b, max_len, k0.shape[-1])
+        self.max_len = max_len  # positions a window can reach; slots: allocated, rounded up (CACHE_SLOT_MULTIPLE)
+        slots = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
+        self.k = k0.new_zeros(len(cache.k), b, slots, k0.shape[-1])
         self.v = torch.zeros_like(self.k)
         convs = [c for c in cache.conv if c is not None]
         self.conv = torch.zeros((len(convs), *convs[0].shape), dtype=convs[0].dtype, device=device) if convs else None
-        self.key_mask = torch.ones(b, max_len, dtype=torch.bool, device=device)
+        self.key_mask = torch.ones(b, slots, dtype=torch.bool, device=device)
         table = cache.bias_table
         self.bias_table = None if table is None else table.new_zeros(table.shape[0], max_len)
-        self.keys = torch.arange(max_len, device=device)
+        self.keys = torch.arange(slots, device=device)  # slot i holds position i; slots past max_len stay masked
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.targets = torch.zeros((), dtype=torch.long, device=device)
         self.fill(cache)
@@ -309,11 +315,11 @@ class StaticKVCache:
         return self.k[layer], self.v[layer], None if self.conv is None else self.conv[layer], self.position
 
     def attn_mask(self, dtype: torch.dtype) -> Tensor:
-        """(b, heads or 1, 1, max_len): the bias of the query at ``position`` over every slot, -inf past it and at
+        """(b, heads or 1, 1, slots): the bias of the query at ``position`` over every slot, -inf past it and at
         hidden keys; the same values the growing cache's mask has over its keys."""
         allowed = self.key_mask & (self.keys <= self.position)
         if self.bias_table is None:
-            bias = torch.zeros(1, self.max_len, device=self.keys.device)
+            bias = torch.zeros(1, self.keys.shape[0], device=self.keys.device)
         else:
             bias = self.bias_table[:, (self.position - self.keys).clamp(min=0)]
         return bias[None, :, None].masked_fill(~allowed[:, None, None], float("-inf")).to(dtype)
