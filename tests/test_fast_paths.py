@@ -138,14 +138,18 @@ def test_compiled_decoding_draws_the_eager_tokens(regions):
     """The compiled step (inductor on the CPU; CUDA graphs on a GPU, checked by benchmarks/gpu_check.sh) draws
     the eager static cache's tokens, for a codebook-interleaved stage (coarse), with a prefix; with the layers
     sharing one compiled block (each its own weights and cache slots: two layers) or compiled apart. Each compile
-    is ~10 s of the test."""
+    is ~10 s of the test. Every shape compiles anew, all stages together counted against dynamo's recompile
+    limit (a hard failure under fullgraph once reached): ``compile_decoding`` raises it, checked from a limit of 1."""
     model = _stage("coarse", depth=2)
     cond, target = _inputs(model, batch=2, steps=12)
-    draw = lambda: sample(model, cond, 10, prefix=target[:, :2], temperature=0.95,  # noqa: E731
-                          generator=torch.Generator().manual_seed(3))
+    draw = lambda rows=2: sample(model, [c[:rows] for c in cond], 10, prefix=target[:rows, :2],  # noqa: E731
+                                 temperature=0.95, generator=torch.Generator().manual_seed(3))
     eager = draw()
-    model.compile_decoding(regions=regions)
-    assert torch.equal(draw(), eager)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model.compile_decoding(regions=regions)
+        assert torch.equal(draw(), eager)
+        if regions:
+            assert draw(rows=1).shape == (1, 10, 3)  # a second shape: beyond a limit of 1
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # unfused on purpose: the CPU

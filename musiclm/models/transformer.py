@@ -47,6 +47,10 @@ STATIC_CACHES = 4  # decoding caches kept per stage, one per (batch, window leng
 # at a multiple of 8 elements, and a compiled step copies a mask that is not into a padded one in every layer
 # (torch/_inductor/lowering.py, sdpa_constraint); windows are 514, 1,116 and 1,217 positions. Extra slots stay masked.
 CACHE_SLOT_MULTIPLE = 16
+# Compiled decoding steps kept for one process: every (stage, batch size, window length) is one entry of the one
+# compiled ``_static_step`` (all stages and model sets share its code); past dynamo's default of 8 (a stage set
+# tried at three candidate counts) the next shape fails outright under fullgraph.
+DECODE_RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -634,9 +638,11 @@ class TokenConditionedTransformer(nn.Module):
         of hundreds) on a GPU, inductor's default elsewhere. The first step of each batch size and window length
         compiles (seconds to a minute); later ones replay. ``regions``: the layers share one compiled block (the
         compile no longer grows with depth: 24 layers 89 s -> 30 s on 2 CPU cores); False compiles every layer
-        apart."""
+        apart. Raises dynamo's recompile limit to ``DECODE_RECOMPILE_LIMIT`` (shapes are many, each compiled once)."""
         if mode is None:
             mode = "reduce-overhead" if self.norm.weight.is_cuda else "default"
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
         self._compile_regions = regions
         self._compiled_step = torch.compile(self._static_step, mode=mode, fullgraph=True, dynamic=False)
         return self
