@@ -262,6 +262,35 @@ def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
     assert build_shm_op() is None
 
 
+def test_checkpoint_staging_of_a_killed_worker_is_removed_by_the_next_save(tmp_path, monkeypatch):
+    """A worker SIGKILLed while saving leaves its staging folder (a checkpoint's size) in the temp folder: the next
+    save on the node removes it once nothing was written into it for an hour, and keeps the folders of live
+    processes and fresh ones (a process of another PID namespace looks dead)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    monkeypatch.setattr(ckpt.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, old = socket.gethostname(), time.time() - 2 * 3600
+    folders = {}
+    for name, pid, age in (("dead_old", dead.stdout.strip(), old), ("dead_fresh", dead.stdout.strip(), None),
+                           ("live_old", os.getpid(), old), ("other_host", dead.stdout.strip(), old)):
+        d = tmp_path / f"{ckpt.STAGING_PREFIX}{'elsewhere' if name == 'other_host' else host}-{pid}-{name}"
+        (d / "deepspeed").mkdir(parents=True)
+        (d / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
+        if age:
+            for f in (d / "deepspeed" / "shard.pt", d / "deepspeed", d):
+                os.utime(f, (age, age))
+        folders[name] = d
+    with ckpt.staging_dir() as staging:
+        assert Path(staging).parent == tmp_path and Path(staging).name.startswith(f"{ckpt.STAGING_PREFIX}{host}-")
+    assert [n for n, d in folders.items() if not d.exists()] == ["dead_old"]
+
+
 def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
     """Under bf16 the module's weights are rounded copies of DeepSpeed's fp32 masters: the export must be the
     masters, as DeepSpeed's own consolidation of its checkpoint gives them (one process, gloo, on CPU)."""

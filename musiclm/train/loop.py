@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -235,7 +234,7 @@ def train_loop(loop_cfg: dict) -> None:
         return out
 
     def save(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
+        with ckpt.staging_dir() as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG)
             params = list(engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=tc.zero_stage == 3):
