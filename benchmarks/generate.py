@@ -193,5 +193,6 @@ def whole_generation(args) -> None:
                 print(json.dumps({"decoding": mode, f"window_batch {batches[-1]} vs {batches[0]} (whole generation)":
                                   f"{times[mode, batches[0]] / times[mode, batches[-1]]:.2f}x faster"}))
 
+
 if __name__ == "__main__":
     main()

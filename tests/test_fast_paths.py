@@ -80,7 +80,6 @@ def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
     assert len(caches) == 4 and all(c is caches[0] for c in caches)
 
 
-
 def test_windows_end_to_end_are_sampled_as_one_batch():
     """The fine stage's windows (step 1: end to end) need none of each other's tokens: sampled as one batch, up to
     ``window_batch`` at once, they draw what they draw one after the other, row for row (argmax, float64: the

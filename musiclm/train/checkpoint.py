@@ -84,8 +84,11 @@ def sweep_staging(root: str | Path | None = None, stale_s: float = STAGING_STALE
         pid = d.name[len(STAGING_PREFIX) + len(host) + 1:].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        newest = max((f.stat().st_mtime for f in d.rglob("*")), default=d.stat().st_mtime)
-        if time.time() - max(newest, d.stat().st_mtime) >= stale_s:
+        try:
+            newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.rglob("*")])
+        except OSError:  # going away meanwhile: its owner is cleaning it
+            continue
+        if time.time() - newest >= stale_s:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
