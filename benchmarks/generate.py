@@ -54,6 +54,9 @@ def main() -> None:
     p.add_argument("--window-batches", default="1,8",
                    help="window_batch values of the whole generation, each timed: 1 samples the fine stage's "
                         "windows one after the other, 8 as one batch (for 10 s: 5 windows x the candidates)")
+    p.add_argument("--prompts", type=int, default=0, metavar="P",
+                   help="also time P prompts (each --num-samples candidates of --seconds) generated one at a time vs "
+                        "together (generate_many: what a Ray prompt worker does), with the first of --decodings")
     p.add_argument("--weights-dtype", default="auto", help="stage weights of the whole generation")
     p.add_argument("--window-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="stage weights of the window timings (float32: every way draws the same tokens, checked)")
@@ -73,6 +76,8 @@ def main() -> None:
         windows(args)
     if not args.skip_whole:
         whole_generation(args)
+    if args.prompts:
+        prompts_together(args)
 
 
 def windows(args) -> None:
@@ -192,6 +197,35 @@ def whole_generation(args) -> None:
             if len(batches) > 1:
                 print(json.dumps({"decoding": mode, f"window_batch {batches[-1]} vs {batches[0]} (whole generation)":
                                   f"{times[mode, batches[0]] / times[mode, batches[-1]]:.2f}x faster"}))
+
+
+def prompts_together(args) -> None:
+    """``--prompts`` prompts one at a time (``generate``) vs together (``generate_many``): wall time, and whether
+    every prompt got the same candidates both ways."""
+    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+
+    prompts = [f"prompt {i}: a jazz trio" for i in range(args.prompts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
+        generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype,
+                                   compile_mode=args.compile_mode)
+        settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples,
+                                    decoding=args.decodings.split(",")[0], weights_dtype=args.weights_dtype)
+        generator.generate_many(prompts[:2], settings)  # warm-up: compiles the shapes of both ways
+        generator.generate(prompts[0], settings)
+        start = time.perf_counter()
+        alone = [generator.generate(p, settings) for p in prompts]
+        one_at_a_time = time.perf_counter() - start
+        start = time.perf_counter()
+        together = generator.generate_many(prompts, settings)
+        at_once = time.perf_counter() - start
+        print(json.dumps({"prompts": args.prompts, "candidates_each": args.num_samples, "audio_s": args.seconds,
+                          "decoding": settings.decoding, "device": args.device,
+                          "models": str(args.models or f"untrained {args.models_preset} (built here)"),
+                          "one_at_a_time_s": round(one_at_a_time, 2), "together_s": round(at_once, 2),
+                          "together_vs_one_at_a_time": f"{one_at_a_time / at_once:.2f}x faster",
+                          "same_candidates": all(np.array_equal(a.audio, t.audio) for a, t in zip(alone, together))}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@
 #   SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile can become the GPU default: the compile took
 #   80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
 #   (d) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (e) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
-#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal). TRAIN_ARGS: more options of
-#   train_step_gpu.py.
+#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal), (f) `STEP=0 PROMPTS=4
+#   WINDOW_BATCHES=8 GEN_TIMEOUT=480` (prompts sampled together). TRAIN_ARGS: more options of train_step_gpu.py.
 #   DECODE_COMPILE=1 runs benchmarks/decode_compile.py on the large coarse stage (bf16, batch 4).
+#   PROMPTS=4 adds to 2. four prompts one at a time vs together (what a Ray prompt worker does with its batches).
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -50,8 +51,8 @@ if [ "${STEP:-1}" != 0 ]; then
 fi
 if [ "${GEN:-1}" != 0 ]; then
   timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-preset large --skip-windows --seconds 10 \
-    --num-samples 4 --decodings "${DECODINGS:-compiled}" --window-batches "${WINDOW_BATCHES:-8,1}" 2>&1 \
-    | tee "$OUT/generate.txt"
+    --num-samples 4 --decodings "${DECODINGS:-compiled}" --window-batches "${WINDOW_BATCHES:-8,1}" \
+    ${PROMPTS:+--prompts $PROMPTS} 2>&1 | tee "$OUT/generate.txt"
 fi
 if [ -n "${DECODE_PROFILE:-}" ]; then  # where a compiled decode step's time goes: kernels per token, top kernels
   timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/generate.py --device cuda --preset large --ways compiled \

@@ -1,5 +1,6 @@
 """Many prompts on Ray: a Ray Data actor pool in which each actor loads a model set once (on a GPU when the
-cluster has them) and generates prompt after prompt (several model sets share one pool, as evaluation needs),
+cluster has them) and generates its prompts several at a time (up to ``PROMPT_BATCH`` in one pass of decoding
+steps, each drawing the candidates it draws alone; several model sets share one pool, as evaluation needs),
 writing ``OUT/<index>-<prompt slug>/`` (the top K WAVs and ``report.json``) and ``OUT/prompts.json`` (one row
 per prompt: folder, best and mean CLAP score, error).
 
@@ -10,7 +11,9 @@ go on.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +24,9 @@ from . import storage
 from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set, checkpoint_ids
 
 INDEX = "prompts.json"
+# prompts an actor samples together, at most: their candidates are one batch (8 prompts x 4 candidates x 5 fine
+# windows of 10 s = 160 rows); fewer when there are fewer prompts per actor, so that every actor gets some
+PROMPT_BATCH = 8
 
 
 def prompt_folder(out: str | Path, index: int, prompt: str) -> str:
@@ -53,8 +59,9 @@ def cpu_threads(cpus: int) -> int:
 
 
 class PromptWorker:
-    """One Ray Data actor generating one prompt per call with the model set its row names. It holds one set at
-    a time and loads another when a row asks for it (rows come grouped by set, so each actor loads each set at
+    """One Ray Data actor generating the prompts of each call with the model set each row names, the prompts of
+    one set together (``MusicGenerator.generate_many``: the same candidates as one at a time). It holds one set
+    at a time and loads another when a row asks for it (rows come grouped by set, so each actor loads each set at
     most about once)."""
 
     def __init__(self, sets: dict[str, ModelSet], settings: dict, device: str, threads: int):
@@ -76,18 +83,38 @@ class PromptWorker:
     def __call__(self, batch: dict) -> dict:
         """Generates and writes each prompt's folder; returns its error ("" when it worked). The driver reads
         the scores from the reports, which also covers prompts finished by an earlier run."""
+        rows = [(str(n), str(p), str(f)) for n, p, f in zip(batch["model_set"], batch["prompt"], batch["folder"])]
         errors = []
-        for name, prompt, folder in zip(batch["model_set"], batch["prompt"], batch["folder"]):
-            error = ""
-            try:
-                generator = self._generator(str(name))
-                generator.write(generator.generate(str(prompt), self.settings), self.settings, str(folder))
-            except Exception as e:  # one bad prompt must not stop the batch; it is recorded with its reason
-                error = f"{type(e).__name__}: {e}"
-                storage.write_text(storage.join(str(folder), "error.txt"), error + "\n")
-            errors.append(error)
+        for name, group in itertools.groupby(rows, key=lambda r: r[0]):
+            errors += self._generate(name, [(p, f) for _, p, f in group])
         return {"model_set": np.asarray(batch["model_set"]), "index": np.asarray(batch["index"]),
                 "error": np.asarray(errors)}
+
+    def _generate(self, name: str, rows: list[tuple[str, str]]) -> list[str]:
+        """The errors of (prompt, folder) rows of set ``name``, "" where it worked: one bad prompt must not stop
+        the others, so a failed batch (out of memory, say) is tried again one prompt at a time."""
+        try:
+            generator = self._generator(name)
+            results = generator.generate_many([prompt for prompt, _ in rows], self.settings)
+        except Exception as e:
+            if len(rows) > 1:
+                return [self._generate(name, [row])[0] for row in rows]
+            return [_failed(rows[0][1], e)]
+        errors = []
+        for (_, folder), result in zip(rows, results):
+            try:
+                generator.write(result, self.settings, folder)
+                errors.append("")
+            except Exception as e:
+                errors.append(_failed(folder, e))
+        return errors
+
+
+def _failed(folder: str, e: Exception) -> str:
+    """``e`` recorded in the prompt's folder (``error.txt``) and returned as its reason."""
+    error = f"{type(e).__name__}: {e}"
+    storage.write_text(storage.join(folder, "error.txt"), error + "\n")
+    return error
 
 
 def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSettings, out: str | Path, *,
@@ -130,7 +157,8 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
         if cpus_per_actor is not None:
             cpus_each, threads = cpus_per_actor, max(1, int(cpus_per_actor))
         ds = ray.data.from_items(todo).map_batches(
-            PromptWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
+            PromptWorker, batch_size=max(1, min(PROMPT_BATCH, math.ceil(len(todo) / n))),
+            compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
             num_cpus=cpus_each,
             fn_constructor_kwargs={"sets": {name: models for name, (models, _) in sets.items()},
                                    "settings": asdict(settings), "device": "cuda" if use_gpu else "cpu",
@@ -157,4 +185,4 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
 
 
 __all__ = ["generate_prompts", "generate_sets", "prompt_folder", "finished_report", "cpu_threads", "PromptWorker",
-           "INDEX"]
+           "INDEX", "PROMPT_BATCH"]

@@ -167,3 +167,45 @@ def test_a_finished_report_is_current_whatever_the_decoder(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"prompt": "p", "settings": saved, "checkpoints": checkpoints,
                                                       "files": []}))
     assert finished_report(tmp_path, "p", settings, checkpoints)
+
+
+def test_prompts_sampled_together_get_the_candidates_they_get_alone(tiny_model_set):
+    """``generate_many``: the candidates of several prompts in one batch (4 s: two fine windows batched too), each
+    prompt's noise drawn from its own generator as it is drawn alone: the second prompt's clips and scores are
+    exactly those it gets alone. (Hot temperatures: the session's tiny stages are sure of their few tracks, and
+    every draw must depend on its noise for the comparison to mean anything.)"""
+    generator = MusicGenerator(ModelSet.from_dir(tiny_model_set), device="cpu")
+    settings = GenerateSettings(duration=4.0, num_samples=2, seed=2, semantic_temperature=3.0,
+                                coarse_temperature=3.0, fine_temperature=3.0, top_fraction=1.0)
+    together = generator.generate_many(["a calm piano melody", "drums and bass"], settings)
+    alone = generator.generate("drums and bass", settings)
+    assert [c.prompt for c in together] == ["a calm piano melody", "drums and bass"]
+    assert np.array_equal(together[1].audio, alone.audio) and np.array_equal(together[1].scores, alone.scores)
+    assert not np.array_equal(alone.audio[0], alone.audio[1])  # the draws depend on the noise
+    assert together[1].timings["prompts_together"] == 2
+
+
+def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_path, monkeypatch):
+    """Ray's prompt worker samples a call's prompts together; when that fails (out of memory, say) it tries them
+    one at a time, so only the prompt that fails alone is recorded as failed (error.txt) and the others are
+    written."""
+    import dataclasses
+
+    from musiclm.generate_batch import PromptWorker
+
+    real = MusicGenerator.generate_many
+
+    def generate_many(self, prompts, settings, *args, **kwargs):
+        if "bad" in prompts:
+            raise RuntimeError(f"out of memory for {len(prompts)} prompts")
+        return real(self, prompts, settings, *args, **kwargs)
+
+    monkeypatch.setattr(MusicGenerator, "generate_many", generate_many)
+    settings = GenerateSettings(duration=1.0, num_samples=1)
+    worker = PromptWorker({"set": ModelSet.from_dir(tiny_model_set)}, dataclasses.asdict(settings), "cpu", 1)
+    prompts = ["a waltz", "bad", "a march"]
+    out = worker({"model_set": ["set"] * 3, "prompt": prompts, "index": [0, 1, 2],
+                  "folder": [str(tmp_path / p) for p in prompts]})
+    assert list(out["error"]) == ["", "RuntimeError: out of memory for 1 prompts", ""]
+    assert (tmp_path / "bad" / "error.txt").read_text().startswith("RuntimeError: out of memory for 1 prompts")
+    assert all((tmp_path / p / "report.json").exists() for p in ("a waltz", "a march"))

@@ -27,16 +27,48 @@ def keep_top_fraction(logits: Tensor, fraction: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, index, values)
 
 
-def pick(logits: Tensor, temperature: float, top_fraction: float, generator: torch.Generator | None) -> Tensor:
+class RowGenerators:
+    """The sampling noise of a batch whose rows belong to independent draws (several prompts sampled together):
+    each group of rows takes its noise from its own generator, in the order that draw alone has its rows, so a
+    prompt draws the noise it draws by itself whatever shares its batch."""
+
+    def __init__(self, groups: list[tuple[torch.Generator, Tensor]]):
+        self.groups = groups  # (generator, row indices in the batch, in its own draw's order)
+
+    def rand(self, shape: torch.Size, device: torch.device) -> Tensor:
+        if sum(len(rows) for _, rows in self.groups) != shape[0]:
+            raise ValueError(f"noise for {shape[0]} rows asked of generators of "
+                             f"{sum(len(rows) for _, rows in self.groups)} rows")
+        u = torch.empty(shape, device=device)
+        for generator, rows in self.groups:
+            u[rows.to(device)] = torch.rand((len(rows), *shape[1:]), generator=generator,
+                                            device=generator.device).to(device)
+        return u
+
+    def tile(self, copies: int, rows: int) -> "RowGenerators":
+        """The same draws for a batch of ``copies`` copies of this one's ``rows`` rows, copy-major (windows sampled
+        together): each group's rows in the first copy, then in the second, ... (its own draw's order then)."""
+        return RowGenerators([(g, torch.cat([r + i * rows for i in range(copies)])) for g, r in self.groups])
+
+
+def noise(shape: torch.Size, device: torch.device, generator: "torch.Generator | RowGenerators | None") -> Tensor:
+    """Uniform noise for ``pick``, drawn where the generator lives: a generator on the GPU keeps the draw there
+    (no copy per token)."""
+    if isinstance(generator, RowGenerators):
+        return generator.rand(shape, device)
+    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    return u.to(device)
+
+
+def pick(logits: Tensor, temperature: float, top_fraction: float,
+         generator: "torch.Generator | RowGenerators | None") -> Tensor:
     """One token per row: Gumbel-max over the filtered logits at ``temperature`` (argmax when it is 0)."""
     logits = logits.float().clone()
     logits[..., -1] = float("-inf")  # eos never falls inside a window
     logits = keep_top_fraction(logits, top_fraction)
     if temperature <= 0:
         return logits.argmax(-1)
-    # the noise is drawn where the generator lives: a generator on the GPU keeps the draw there (no copy per token)
-    u = torch.rand(logits.shape, generator=generator, device=generator.device if generator is not None else "cpu")
-    u = u.to(logits.device).clamp_(1e-20, 1.0)
+    u = noise(logits.shape, logits.device, generator).clamp_(1e-20, 1.0)
     return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
@@ -50,7 +82,7 @@ def _shape(tokens: Tensor, b: int, q: int) -> Tensor:
 @torch.no_grad()
 def sample(model: TokenConditionedTransformer, conditioning: list[Tensor], steps: int, *,
            prefix: Tensor | None = None, temperature: float = 1.0, top_fraction: float = 0.1,
-           generator: torch.Generator | None = None, decoding: str = "static") -> Tensor:
+           generator: "torch.Generator | RowGenerators | None" = None, decoding: str = "static") -> Tensor:
     """Generate ``steps`` time steps (× num_quantizers tokens) after ``prefix`` with the KV cache; returns the
     new tokens as (b, steps) or (b, steps, q)."""
     if decoding not in DECODING:
@@ -75,7 +107,7 @@ def sample(model: TokenConditionedTransformer, conditioning: list[Tensor], steps
 @torch.no_grad()
 def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tensor], steps: int, *,
                      prefix: Tensor | None = None, temperature: float = 1.0, top_fraction: float = 0.1,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: "torch.Generator | RowGenerators | None" = None) -> Tensor:
     """The same draw as ``sample`` without a cache: a full forward over the whole prefix for every token."""
     q = model.target.num_quantizers
     b = conditioning[0].shape[0]
@@ -89,4 +121,5 @@ def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tens
 
 
 
-__all__ = ["DECODING", "kept_count", "keep_top_fraction", "pick", "sample", "sample_recompute"]
+__all__ = ["DECODING", "RowGenerators", "kept_count", "keep_top_fraction", "noise", "pick", "sample",
+           "sample_recompute"]
