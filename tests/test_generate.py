@@ -201,6 +201,7 @@ def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_
         return real(self, prompts, settings, *args, **kwargs)
 
     monkeypatch.setattr(MusicGenerator, "generate_many", generate_many)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the worker's, for this process: keep the suite's
     settings = GenerateSettings(duration=1.0, num_samples=1)
     worker = PromptWorker({"set": ModelSet.from_dir(tiny_model_set)}, dataclasses.asdict(settings), "cpu", 1)
     prompts = ["a waltz", "bad", "a march"]
