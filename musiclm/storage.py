@@ -31,6 +31,9 @@ import io
 import json
 import os
 import shutil
+import socket
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -300,6 +303,47 @@ def local_copy(loc: str | os.PathLike, files: tuple[str, ...] | None = None, ver
     return dest
 
 
+PROCESS_TEMP_STALE_S = 3600.0  # a dead process's temporary folder untouched this long is removed
+
+
+def process_tempdir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A local temporary folder of this process, named ``<prefix><host>-<pid>-…``, removed when closed. A process
+    killed meanwhile (SIGKILL, the OOM killer, Tune stopping a trial) runs no cleanup and would leave the folder
+    on its node's disk for good, so the same prefix's folders of dead processes go first (``sweep_process_tempdirs``)."""
+    sweep_process_tempdirs(prefix)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-")
+
+
+def sweep_process_tempdirs(prefix: str, root: str | Path | None = None,
+                           stale_s: float = PROCESS_TEMP_STALE_S) -> list[Path]:
+    """Remove the ``process_tempdir`` folders of ``prefix`` whose process on this host no longer exists and that
+    nothing was written into for ``stale_s`` seconds (a process of another PID namespace sharing the folder looks
+    dead: the age keeps its work in progress); returns them."""
+    removed, host = [], socket.gethostname()
+    for d in Path(root or tempfile.gettempdir()).glob(f"{prefix}{host}-*"):
+        pid = d.name[len(prefix) + len(host) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.rglob("*")])
+        except OSError:  # going away meanwhile: its owner is cleaning it
+            continue
+        if time.time() - newest >= stale_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def parquet_bytes(table, **kwargs) -> bytes:
     """``table`` as a Parquet file in memory (to be written whole with ``write_bytes``)."""
     import pyarrow.parquet as pq
@@ -335,4 +379,5 @@ def parquet_rows(loc) -> int:
 __all__ = ["StorageError", "is_remote", "location", "join", "name", "parent", "resolve", "exists", "is_file",
            "size", "read_bytes", "read_text", "read_json", "write_bytes", "write_text", "write_json",
            "make_dirs", "list_files", "list_dirs", "is_empty_dir", "delete", "remove_temporaries", "upload_dir",
-           "download_dir", "local_copy", "parquet_bytes", "read_parquet", "filesystem_paths", "parquet_rows"]
+           "download_dir", "local_copy", "process_tempdir", "sweep_process_tempdirs", "parquet_bytes", "read_parquet",
+           "filesystem_paths", "parquet_rows"]

@@ -262,33 +262,51 @@ def test_deepspeed_on_cpu_skips_compiling_its_inference_only_comm_op():
     assert build_shm_op() is None
 
 
-def test_checkpoint_staging_of_a_killed_worker_is_removed_by_the_next_save(tmp_path, monkeypatch):
-    """A worker SIGKILLed while saving leaves its staging folder (a checkpoint's size) in the temp folder: the next
-    save on the node removes it once nothing was written into it for an hour, and keeps the folders of live
-    processes and fresh ones (a process of another PID namespace looks dead)."""
+def test_local_folders_of_killed_workers_are_removed_by_the_next_worker(tmp_path, monkeypatch, object_store):
+    """A worker SIGKILLed while saving leaves its checkpoint staging folder (a checkpoint's size) in the temp
+    folder, and a rank-0 worker that Tune stops leaves the folder its TensorBoard events for a bucket go through:
+    the next such folder made on the node removes those of dead processes once nothing was written into them for
+    an hour, and keeps the folders of live processes and fresh ones (a process of another PID namespace looks
+    dead). A closed writer removes its own after uploading it."""
     import os
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     from pathlib import Path
 
-    monkeypatch.setattr(ckpt.tempfile, "tempdir", str(tmp_path))
+    from musiclm.train.metrics import TENSORBOARD_PREFIX, TensorBoard
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host, old = socket.gethostname(), time.time() - 2 * 3600
     folders = {}
-    for name, pid, age in (("dead_old", dead.stdout.strip(), old), ("dead_fresh", dead.stdout.strip(), None),
-                           ("live_old", os.getpid(), old), ("other_host", dead.stdout.strip(), old)):
-        d = tmp_path / f"{ckpt.STAGING_PREFIX}{'elsewhere' if name == 'other_host' else host}-{pid}-{name}"
-        (d / "deepspeed").mkdir(parents=True)
-        (d / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
-        if age:
-            for f in (d / "deepspeed" / "shard.pt", d / "deepspeed", d):
-                os.utime(f, (age, age))
-        folders[name] = d
+    for prefix in (ckpt.STAGING_PREFIX, TENSORBOARD_PREFIX):
+        for name, pid, age in (("dead_old", dead.stdout.strip(), old), ("dead_fresh", dead.stdout.strip(), None),
+                               ("live_old", os.getpid(), old), ("other_host", dead.stdout.strip(), old)):
+            d = tmp_path / f"{prefix}{'elsewhere' if name == 'other_host' else host}-{pid}-{name}"
+            (d / "deepspeed").mkdir(parents=True)
+            (d / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
+            if age:
+                for f in (d / "deepspeed" / "shard.pt", d / "deepspeed", d):
+                    os.utime(f, (age, age))
+            folders[prefix, name] = d
+
+    def removed():
+        return [key for key, d in folders.items() if not d.exists()]
+
     with ckpt.staging_dir() as staging:
         assert Path(staging).parent == tmp_path and Path(staging).name.startswith(f"{ckpt.STAGING_PREFIX}{host}-")
-    assert [n for n, d in folders.items() if not d.exists()] == ["dead_old"]
+    assert removed() == [(ckpt.STAGING_PREFIX, "dead_old")]
+    events = object_store.bucket() + "/tensorboard"
+    tb = TensorBoard(events)
+    local = Path(tb.local.name)
+    assert local.parent == tmp_path and local.name.startswith(f"{TENSORBOARD_PREFIX}{host}-{os.getpid()}-")
+    assert removed() == [(ckpt.STAGING_PREFIX, "dead_old"), (TENSORBOARD_PREFIX, "dead_old")]
+    tb.scalars({"train/loss": 1.0}, 1)
+    tb.close()
+    assert not local.exists() and storage.list_files(events, "events.*")
 
 
 def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):

@@ -10,11 +10,7 @@ in ``s3://``); ``save_stage`` writes into a local folder (Ray Train uploads it w
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +29,6 @@ STAGE_FILE = "stage.json"
 FORMAT_VERSION = 2
 SHAPE_KEYS = ("dim", "depth", "heads", "dim_head", "use_conv_ff", "relative_position_bias_type")
 STAGING_PREFIX = "musiclm-ckpt-"  # + host-pid-: a worker's checkpoint folder before Ray Train persists it
-STAGING_STALE_S = 3600.0  # a dead worker's staging folder untouched this long is removed
 
 
 class CheckpointError(ValueError):
@@ -70,38 +65,9 @@ def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, mode
 def staging_dir() -> tempfile.TemporaryDirectory:
     """The local folder a training worker writes a checkpoint into before Ray Train persists it, removed after.
     A worker killed meanwhile (SIGKILL, the OOM killer) runs no cleanup and would leave a checkpoint's size on
-    its node's disk (5.2 GB for a large stage) per crash: each save first removes such folders (``sweep_staging``)."""
-    sweep_staging()
-    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
-
-
-def sweep_staging(root: str | Path | None = None, stale_s: float = STAGING_STALE_S) -> list[Path]:
-    """Remove the staging folders of this host's processes that no longer exist and that nothing was written
-    into for ``stale_s`` seconds (a process of another PID namespace that shares the folder looks dead: the
-    age keeps its save in progress); returns them."""
-    removed, host = [], socket.gethostname()
-    for d in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{host}-*"):
-        pid = d.name[len(STAGING_PREFIX) + len(host) + 1:].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.rglob("*")])
-        except OSError:  # going away meanwhile: its owner is cleaning it
-            continue
-        if time.time() - newest >= stale_s:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+    its node's disk (5.2 GB for a large stage) per crash: each save first removes such folders
+    (``storage.process_tempdir``)."""
+    return storage.process_tempdir(STAGING_PREFIX)
 
 
 def read_stage(path: str | Path) -> StageInfo:
@@ -192,4 +158,4 @@ def load_stage(path: str | Path, stage: str | None = None, fingerprint: str | No
 
 
 __all__ = ["CheckpointError", "StageInfo", "MODEL_FILE", "STAGE_FILE", "save_stage", "read_stage", "check_fits",
-           "load_stage", "load_state", "load_into", "shape_of", "sequence_layout", "staging_dir", "sweep_staging"]
+           "load_stage", "load_state", "load_into", "shape_of", "sequence_layout", "staging_dir"]

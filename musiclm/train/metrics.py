@@ -10,6 +10,7 @@ import torch.distributed as dist
 from ..models.stages import token_hits
 
 CHANCE_TOLERANCE = 0.02  # within 2 % of ln(V): the model predicts no better than a uniform guess
+TENSORBOARD_PREFIX = "musiclm-tb-"  # + host-pid-: where a rank-0 worker writes events bound for an object store
 
 
 class ValidSums:
@@ -120,15 +121,13 @@ class TensorBoard:
         self.writer, self.remote, self.local = None, None, None
         self.upload_every_s, self._uploaded = upload_every_s, None
         if log_dir is not None:
-            import tempfile
-
             from torch.utils.tensorboard import SummaryWriter
 
             from .. import storage
 
-            if storage.is_remote(log_dir):
-                self.remote, self.local = log_dir, tempfile.mkdtemp(prefix="musiclm-tb-")
-            self.writer = SummaryWriter(self.local or log_dir, purge_step=purge_step)
+            if storage.is_remote(log_dir):  # a worker that Tune stops never closes this: the next one removes it
+                self.remote, self.local = log_dir, storage.process_tempdir(TENSORBOARD_PREFIX)
+            self.writer = SummaryWriter(self.local.name if self.local else log_dir, purge_step=purge_step)
 
     def scalars(self, metrics: dict, step: int) -> None:
         if self.writer:
@@ -157,16 +156,14 @@ class TensorBoard:
             self.writer.close()
             self._upload()
             if self.local:
-                import shutil
-
-                shutil.rmtree(self.local, ignore_errors=True)
+                self.local.cleanup()
             self.writer = None
 
     def _upload(self) -> None:
         if self.remote:
             from .. import storage
 
-            storage.upload_dir(self.local, self.remote)
+            storage.upload_dir(self.local.name, self.remote)
             self._uploaded = time.monotonic()
 
 
