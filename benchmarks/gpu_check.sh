@@ -11,16 +11,19 @@
 #                                    `musiclm train --use-gpu` path (Ray Train, DeepSpeed, NCCL, bf16):
 #                                    SMOKE_SIZES (tiny; tiny,large adds the large coarse transformer), 30 steps,
 #                                    checkpoint, resume, export; SMOKE_SET="train.compile=true" adds overrides
+#   ALIGN=1 first times the feed-forward's matmuls at open-musiclm's inner width (2,730: rows not 16-byte aligned)
+#                                    vs padded widths (benchmarks/ff_align.py; seconds)
 #   DECODE_PROFILE=1 also profiles one compiled bf16 window per large stage (benchmarks/generate.py --profile)
 #   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
 #                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
-#   next lease, in this order: (a) `STEP=0 DECODE_COMPILE=1` (the whole 10 s generation with the fine windows
+#   next lease, in this order: (a) `STEP=0 DECODE_COMPILE=1 ALIGN=1` (the whole 10 s generation with the fine windows
 #   batched, the new default, against one after the other: whether the delivered best-of-4 clip's real-time factor
 #   is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step time against
-#   every layer compiled apart), (b) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large
-#   SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile can become the GPU default: the compile took
-#   80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
+#   every layer compiled apart; and whether the feed-forward's unaligned width costs matmul speed: the MFU goal), (b)
+#   `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile
+#   can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1`
+#   (where a 2 ms decoding step goes),
 #   (d) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (e) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
 #   dense --profile 20"` (where a compiled training step's time goes: the MFU goal), (f) `STEP=0 PROMPTS=4
 #   WINDOW_BATCHES=8 GEN_TIMEOUT=480` (prompts sampled together). TRAIN_ARGS: more options of train_step_gpu.py.
@@ -45,6 +48,9 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
   $PY -c 'import torch, ray, deepspeed, transformers, pyarrow; print("torch", torch.__version__, "cuda", torch.version.cuda, "ray", ray.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__, "pyarrow", pyarrow.__version__)'
 } 2>&1 | tee "$OUT/versions.txt"
 step_default=200; [ -n "${TRAIN_COMPILE:-}" ] && step_default=400  # inductor on the large stages: minutes
+if [ -n "${ALIGN:-}" ]; then  # the feed-forward's matmuls at the real inner width (2,730) vs padded: seconds
+  timeout "${ALIGN_TIMEOUT:-120}" $PY benchmarks/ff_align.py --device cuda 2>&1 | tee "$OUT/ff_align.txt"
+fi
 if [ "${STEP:-1}" != 0 ]; then
   timeout "${STEP_TIMEOUT:-$step_default}" $PY benchmarks/train_step_gpu.py --preset large --batch-size 8 --steps 12 \
     --warmup 4 ${TRAIN_COMPILE:+--compile} ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step_gpu.txt"
