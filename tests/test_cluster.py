@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -160,6 +161,7 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
     import local
 
     ports = ["--port", "6399", "--dashboard-port", "8299"]
+    earlier = set(local.temp_dir(6399).glob("session_*"))
     started = _local("start", "--workers", "1", "--cpus-per-node", "1", *ports)
     try:
         assert "token authentication on" in started.stdout and "127.0.0.1:8299" in started.stdout
@@ -230,3 +232,5 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
     assert local.processes(6399) == []
     assert not any("musiclm-ray-6399" in " ".join(p.info["cmdline"] or [])
                    for p in psutil.process_iter(["cmdline"]))
+    for session in set(local.temp_dir(6399).glob("session_*")) - earlier:  # its logs (~40 MB), kept by `stop`
+        session.unlink() if session.is_symlink() else shutil.rmtree(session)
