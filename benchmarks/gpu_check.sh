@@ -17,10 +17,11 @@
 #   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
 #                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
-#   next lease, in this order: (a) `STEP=0 DECODE_COMPILE=1 ALIGN=1` (the whole 10 s generation with the fine windows
-#   batched, the new default, against one after the other: whether the delivered best-of-4 clip's real-time factor
-#   is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step time against
-#   every layer compiled apart; and whether the feed-forward's unaligned width costs matmul speed: the MFU goal), (b)
+#   next lease, in this order: (a) `STEP=0 ALIGN=1 DECODE_COMPILE=1 DC_TIMEOUT=240` (about 9 minutes: first whether
+#   the feed-forward's unaligned width costs matmul speed, for the MFU goal; then the whole 10 s generation with the
+#   fine windows batched, the new default, against one after the other: whether the delivered best-of-4 clip's
+#   real-time factor is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step
+#   time against every layer compiled apart), (b)
 #   `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile
 #   can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1`
 #   (where a 2 ms decoding step goes),
