@@ -23,10 +23,12 @@
 #   real-time factor is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step
 #   time against every layer compiled apart), (b)
 #   `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile
-#   can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `STEP=0 GEN=0 DECODE_PROFILE=1`
-#   (where a 2 ms decoding step goes),
-#   (d) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (e) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
-#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal), (f) `STEP=0 PROMPTS=4
+#   can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `GEN=0 TRAIN_ARGS="--stages
+#   coarse --attentions flex --flex-bias-rows 1,128 --profile 12"` (whether FlexAttention's backward, 5.6x its forward
+#   on the H100, gets faster with the bias table copied per query row: if so, FLEX_BIAS_ROWS = 128; if flex then beats
+#   the dense mask, `auto` should pick it), (d) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
+#   (e) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (f) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
+#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal), (g) `STEP=0 PROMPTS=4
 #   WINDOW_BATCHES=8 GEN_TIMEOUT=480` (prompts sampled together). TRAIN_ARGS: more options of train_step_gpu.py.
 #   DECODE_COMPILE=1 runs benchmarks/decode_compile.py on the large coarse stage (bf16, batch 4).
 #   PROMPTS=4 adds to 2. four prompts one at a time vs together (what a Ray prompt worker does with its batches).

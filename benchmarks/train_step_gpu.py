@@ -12,6 +12,8 @@ this option was taken).
 Each ``--attentions`` path (dense float mask vs FlexAttention) is timed in the same run, with peak memory, and
 first checked against a float32 dense forward/backward on the same weights and batch: the loss difference and
 the largest relative gradient error over parameters (max |g - g_fp32| / max |g_fp32|) and which parameter.
+``--flex-bias-rows 1,128`` times FlexAttention with one bias table (``transformer.FLEX_BIAS_ROWS``'s default) and
+with the table copied per query row modulo 128.
 ``--compile`` also times each path with the stage compiled (``train.compile``), its first steps (the compile)
 excluded; ``--profile N`` prints the N kernels with the most GPU time in one forward/backward.
     python benchmarks/train_step_gpu.py [--preset large --batch-size 8 --steps 20 --peak-tflops 989]
@@ -58,6 +60,9 @@ def main() -> None:
     p.add_argument("--flex-kernel-options", default=None,
                    help="JSON list of FlexAttention kernel_options tried in order, the first that builds is used "
                         "(default: musiclm.models.transformer.FLEX_KERNEL_OPTIONS alone)")
+    p.add_argument("--flex-bias-rows", default=None,
+                   help="comma-separated FLEX_BIAS_ROWS values, each flex path timed with each (e.g. 1,128: one bias "
+                        "table vs the table copied per query row modulo 128); default: the module's")
     args = p.parse_args()
 
     from musiclm.config import model_preset
@@ -110,6 +115,9 @@ def main() -> None:
 
     from musiclm.models import transformer
 
+    bias_rows = ([int(r) for r in args.flex_bias_rows.split(",")] if args.flex_bias_rows
+                 else [transformer.FLEX_BIAS_ROWS])
+    paths = [(a, r) for a in attentions for r in (bias_rows if a == "flex" else [None])]
     for stage in args.stages.split(","):
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device).train()
@@ -120,7 +128,9 @@ def main() -> None:
         ref_loss, ref_grads = gradients(model, "dense", cond, target, bf16=False)
         if on_gpu and args.precision == "bf16":
             model.to(torch.bfloat16)  # load_state_dict(initial) now rounds the float32 weights into it
-        for attention in attentions:
+        for attention, rows in paths:
+            if rows is not None:
+                transformer.FLEX_BIAS_ROWS = rows
             if attention == "flex" and on_gpu:
                 for options in json.loads(args.flex_kernel_options):
                     transformer.FLEX_KERNEL_OPTIONS.clear()
@@ -166,6 +176,7 @@ def main() -> None:
                 flops = model_flops_per_token(model, seq) * tokens_per_s
                 print(json.dumps({
                     "stage": stage, "preset": args.preset, "device": name, "attention": attention,
+                    **({"flex_bias_rows": rows} if rows is not None else {}),
                     "precision": args.precision if on_gpu else "float32",
                     "compiled": compiled, "params_M": round(count_parameters(model) / 1e6, 1),
                     "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),

@@ -153,15 +153,20 @@ def test_compiled_decoding_draws_the_eager_tokens(regions):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # unfused on purpose: the CPU
 @pytest.mark.parametrize("stage", STAGES)
-def test_flex_attention_gives_the_dense_masks_logits_and_gradients(stage, monkeypatch):
+@pytest.mark.parametrize("bias_rows", [1, 4, 128])
+def test_flex_attention_gives_the_dense_masks_logits_and_gradients(stage, bias_rows, monkeypatch):
     """FlexAttention (bias as score_mod, causal block mask, hidden keys looked up per example) against the dense
     float mask, float64, with the forgetful causal mask on: logits within 1e-10; every parameter's gradient within
-    1e-5 of the largest gradient (the position-bias MLP runs in float32 in both). On the CPU PyTorch refuses
+    1e-5 of the largest gradient (the position-bias MLP runs in float32 in both), the bias table read from one copy
+    or from one per query row modulo ``bias_rows`` (``FLEX_BIAS_ROWS``: 4 wraps around). On the CPU PyTorch refuses
     FlexAttention's backward at its entry check; its unfused implementation (the one that runs on a CPU) has
     one, and that is what this test differentiates, to check the score_mod and masks (the GPU kernel is checked
     by benchmarks/gpu_check.sh)."""
     import torch.nn.attention.flex_attention as fa
 
+    from musiclm.models import transformer
+
+    monkeypatch.setattr(transformer, "FLEX_BIAS_ROWS", bias_rows)
     model = _stage(stage, dtype=torch.float64)
     cond, target = _inputs(model, batch=2, steps=12)
     with torch.no_grad():

@@ -372,10 +372,14 @@ class FlexMask:
         table, key_mask = self.table, self.key_mask
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # the q/k scales are float32 parameters
+        rows = FLEX_BIAS_ROWS if table is not None and table.requires_grad and torch.is_grad_enabled() else 1
+        if rows > 1:  # one copy of the table per query row modulo ``rows``: the gradients of a tile's scores land
+            table = table[:, None].expand(-1, rows, -1).contiguous()  # on distinct addresses (summed back after)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             if table is not None:
-                score = score + table[h, (q_idx - kv_idx).clamp(min=0)]
+                d = (q_idx - kv_idx).clamp(min=0)
+                score = score + (table[h, q_idx % rows, d] if rows > 1 else table[h, d])
             return torch.where(key_mask[b, kv_idx], score, -float("inf"))
 
         return flex_attention_fn(q.device.type)(q, k, v, score_mod=score_mod, block_mask=self.block_mask,
@@ -388,6 +392,13 @@ class FlexMask:
 # table and the hidden-key mask per score) where the chip has 232,448: it does not build. 128 x 64 tiles
 # in 2 stages build and run (2026-11-26, H100); benchmarks/train_step_gpu.py --flex-kernel-options tries others.
 FLEX_KERNEL_OPTIONS: dict = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2}
+# The bias table's gradient in FlexAttention's backward is a scatter with atomic adds, one per score, into the
+# table's (heads, n) entries: an M x N tile's scores fall on M + N - 1 distances (64 x 64: 127, ~32 adds to each
+# address), and adds to one address are serialized. With ``FLEX_BIAS_ROWS`` above 1 training reads the table from
+# that many copies, one per query row modulo it, so that a tile of up to that many rows adds to distinct addresses
+# (128: 9 MB in float32 for 16 heads x 1,116 positions). The same function (tested); 1 (one table) until a GPU
+# shows that more pays: benchmarks/train_step_gpu.py --flex-bias-rows 1,128 (gpu_check.sh's lease item (c)).
+FLEX_BIAS_ROWS = 1
 
 
 def _causal(b, h, q_idx, kv_idx):
