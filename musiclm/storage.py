@@ -309,7 +309,8 @@ PROCESS_TEMP_STALE_S = 3600.0  # a dead process's temporary folder untouched thi
 def process_tempdir(prefix: str) -> tempfile.TemporaryDirectory:
     """A local temporary folder of this process, named ``<prefix><host>-<pid>-…``, removed when closed. A process
     killed meanwhile (SIGKILL, the OOM killer, Tune stopping a trial) runs no cleanup and would leave the folder
-    on its node's disk for good, so the same prefix's folders of dead processes go first (``sweep_process_tempdirs``)."""
+    on its node's disk for good, so the same prefix's folders of dead processes go first
+    (``sweep_process_tempdirs``)."""
     sweep_process_tempdirs(prefix)
     return tempfile.TemporaryDirectory(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-")
 
