@@ -23,21 +23,29 @@ import time
 WAYS = {"unrolled": False, "regions": True}
 
 
+def stage_model(preset_name: str, stage: str, depth: int, device, dtype: str):
+    """The ``stage`` of ``preset_name`` with ``depth`` layers (0: the preset's), seeded, on ``device``, eval mode."""
+    import torch
+
+    from musiclm.config import model_preset
+    from musiclm.models import build_stage
+
+    preset = model_preset(preset_name)
+    if depth:
+        cfg = getattr(preset, f"{stage}_cfg")
+        preset = dataclasses.replace(preset, **{f"{stage}_cfg": dataclasses.replace(cfg, depth=depth)})
+    torch.manual_seed(0)
+    return build_stage(stage, preset).to(device, getattr(torch, dtype)).eval()
+
+
 def child(args) -> None:
     import torch
 
     from generate import WINDOWS, sync  # benchmarks/ is the script's folder, hence on sys.path
-    from musiclm.config import model_preset
-    from musiclm.models import build_stage
     from musiclm.models.sampling import sample
 
     device = torch.device(args.device)
-    preset = model_preset(args.preset)
-    if args.depth:
-        cfg = getattr(preset, f"{args.stage}_cfg")
-        preset = dataclasses.replace(preset, **{f"{args.stage}_cfg": dataclasses.replace(cfg, depth=args.depth)})
-    torch.manual_seed(0)
-    model = build_stage(args.stage, preset).to(device, getattr(torch, args.dtype)).eval()
+    model = stage_model(args.preset, args.stage, args.depth, device, args.dtype)
     window = WINDOWS[args.stage]
     cond = [torch.randint(0, s.codebook_size, (args.batch, *window[s.name]), device=device)
             for s in model.sequences[:-1]]

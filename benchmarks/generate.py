@@ -7,7 +7,8 @@
 
 over one window of each stage at its real length (semantic 10 s: 12 clap + 499 tokens; coarse 4 s: 12 clap +
 199 semantic → 300 × 3 tokens; fine 2 s: 12 clap + 150 × 3 coarse → 150 × 5 tokens), ``--batch`` candidates
-at once. All draw the same tokens in float32 (checked). Prints tokens/s per way and ratios.
+at once. All draw the same tokens in float32 (checked). Prints tokens/s per way and ratios. ``--decode-attention
+rows,expanded`` times every way with each form of a decoding step's attention (``SINGLE_QUERY_AS_ROWS``).
 
 Then the real-time factor (wall time / audio time, per candidate and for the one best-of-N clip delivered) of a
 whole text-to-audio generation of ``--seconds`` (10 s) and ``--num-samples`` candidates (best of 4) for each
@@ -65,6 +66,10 @@ def main() -> None:
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the compiled decoding step (default: the model's choice, "
                         "reduce-overhead on a GPU): max-autotune also tunes Triton kernels for the one-token matmuls")
+    p.add_argument("--decode-attention", default="rows",
+                   help="attention form(s) of a decoding step in the window timings, each timed: rows (the heads as "
+                        "query rows of the one key/value head, the default) and/or expanded (keys and values "
+                        "expanded to every head, as training runs it; transformer.SINGLE_QUERY_AS_ROWS = False)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each window's timings, profile the same draw again with the last of --ways: the N "
                         "kernels with the most GPU time, and the kernel launches (on a CPU: operations)")
@@ -82,11 +87,13 @@ def main() -> None:
 
 def windows(args) -> None:
     from musiclm.config import model_preset
-    from musiclm.models import build_stage
+    from musiclm.models import build_stage, transformer
     from musiclm.models.sampling import sample, sample_recompute
 
     device = torch.device(args.device)
-    ways = (["recompute"] if args.recompute else []) + args.ways.split(",")
+    forms = args.decode_attention.split(",")
+    ways = [(name, form) for form in forms
+            for name in (["recompute"] if args.recompute else []) + args.ways.split(",")]
     for stage, window in WINDOWS.items():
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device, getattr(torch, args.window_dtype)).eval()
@@ -94,40 +101,47 @@ def windows(args) -> None:
                 for s in model.sequences[:-1]]
         steps = max(1, int(window["target"] * args.fraction))
         n_tokens = steps * model.target.num_quantizers * args.batch
-        timings, outputs, compile_s = {}, {}, None
-        for name in ways:
+        timings, outputs, compile_s = {}, {}, {}
+        for name, form in ways:
+            transformer.SINGLE_QUERY_AS_ROWS = form == "rows"
+            model._compiled_step = None  # the eager ways after another form's compiled one: eager again
+            key = name if len(forms) == 1 else f"{name}_{form}"
             fn = sample_recompute if name == "recompute" else sample
             kw = {} if name == "recompute" else {"decoding": "dynamic" if name == "dynamic" else "static"}
             if name == "compiled":
+                torch._dynamo.reset()  # the other form's compiled step is not reused
                 model.compile_decoding(args.compile_mode)
                 start = time.perf_counter()  # a short draw of the same shapes compiles (and captures the graph)
                 sample(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(9),
                        decoding="static")
                 sync(device)
-                compile_s = time.perf_counter() - start
+                compile_s[key] = time.perf_counter() - start
             start = time.perf_counter()
-            outputs[name] = fn(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
-                               **kw)
+            outputs[key] = fn(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                              **kw)
             sync(device)
-            timings[name] = time.perf_counter() - start
-        base = ways[0]
+            timings[key] = time.perf_counter() - start
+        transformer.SINGLE_QUERY_AS_ROWS = forms[-1] == "rows"  # as the profile below runs it
+        base = next(iter(timings))
         print(json.dumps({"stage": stage, "preset": args.preset, "device": str(device), "batch": args.batch,
                           "tokens": n_tokens, "prompt": model.positions(cond, 0),
                           **{f"{k}_tokens_per_s": round(n_tokens / t, 1) for k, t in timings.items()},
                           **{f"{k}_vs_{base}": round(timings[base] / t, 2) for k, t in timings.items() if k != base},
-                          **({"compile_s": round(compile_s, 1)} if compile_s is not None else {}),
+                          **{"compile_s" if k == "compiled" else f"{k}_compile_s": round(t, 1)
+                             for k, t in compile_s.items()},
                           "same_tokens": all(torch.equal(o.cpu(), outputs[base].cpu()) for o in outputs.values())}),
               flush=True)
         if args.profile:
             from train_step_gpu import profile  # benchmarks/ is the script's folder, hence on sys.path
 
-            name = ways[-1]  # the same draw as timed, so a compiled step replays what it captured
+            name = ways[-1][0]  # the same draw as timed last, so a compiled step replays what it captured
             draw = (lambda: sample_recompute(model, cond, steps, temperature=1.0)) if name == "recompute" else (
                 lambda: sample(model, cond, steps, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
                                decoding="dynamic" if name == "dynamic" else "static"))
             n = steps * model.target.num_quantizers  # one decode step per token
             profile(draw, f"{stage} {name}: {n} tokens (launches / {n}: per decode step, the prompt's forward "
                           f"included)", args.profile)
+    transformer.SINGLE_QUERY_AS_ROWS = True
 
 
 def sync(device: torch.device) -> None:
@@ -160,43 +174,54 @@ def random_model_set(root: Path, preset: str = "tiny") -> Path:
 
 def whole_generation(args) -> None:
     from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+    from musiclm.models import transformer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
         generator = MusicGenerator(ModelSet.from_dir(root), args.device, weights_dtype=args.weights_dtype,
                                    compile_mode=args.compile_mode)
         tokens, times = {}, {}
-        for mode in args.decodings.split(","):
-            for window_batch in map(int, args.window_batches.split(",")):
-                settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,
-                                            weights_dtype=args.weights_dtype, window_batch=window_batch)
-                start = time.perf_counter()  # compiled: every window shape of the real run, so that it compiles here
-                generator.generate("warm-up", settings if mode == "compiled" else
-                                   dataclasses.replace(settings, duration=1.0))
-                warm = time.perf_counter() - start
-                result = generator.generate("an upbeat jazz piano", settings)
-                tokens.setdefault(window_batch, {})[mode] = result.audio
-                t = result.timings
-                times[mode, window_batch] = t["total"]
-                print(json.dumps({"whole_generation": mode, "window_batch": window_batch,
-                                  "models": str(args.models or f"untrained {args.models_preset} (built here)"),
-                                  "device": args.device, "weights": generator.describe()["weights_dtype"],
-                                  **({"compile_mode": args.compile_mode} if mode == "compiled" and args.compile_mode
-                                     else {}),
-                                  "audio_s": args.seconds, "candidates": args.num_samples, "warm_up_s": round(warm, 1),
-                                  **{k: t[k] for k in ("semantic", "coarse", "fine", "decode", "score", "total")},
-                                  "real_time_factor": round(t["real_time_factor"], 3),  # per candidate
-                                  # the wall time of the one clip delivered (the best of the candidates)
-                                  "best_of_n_real_time_factor": round(t["total"] / args.seconds, 3)}), flush=True)
+        forms = args.decode_attention.split(",")
+        for form, mode, window_batch in [(f, m, b) for f in forms for m in args.decodings.split(",")
+                                         for b in map(int, args.window_batches.split(","))]:
+            transformer.SINGLE_QUERY_AS_ROWS = form == "rows"
+            if mode == "compiled" and len(forms) > 1:
+                torch._dynamo.reset()  # the other form's compiled steps are not reused
+            settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,
+                                        weights_dtype=args.weights_dtype, window_batch=window_batch)
+            start = time.perf_counter()  # compiled: every window shape of the real run, so that it compiles here
+            generator.generate("warm-up", settings if mode == "compiled" else
+                               dataclasses.replace(settings, duration=1.0))
+            warm = time.perf_counter() - start
+            result = generator.generate("an upbeat jazz piano", settings)
+            tokens.setdefault(window_batch, {})[mode, form] = result.audio
+            t = result.timings
+            times[mode, window_batch, form] = t["total"]
+            print(json.dumps({"whole_generation": mode, "window_batch": window_batch,
+                              **({"decode_attention": form} if len(forms) > 1 else {}),
+                              "models": str(args.models or f"untrained {args.models_preset} (built here)"),
+                              "device": args.device, "weights": generator.describe()["weights_dtype"],
+                              **({"compile_mode": args.compile_mode} if mode == "compiled" and args.compile_mode
+                                 else {}),
+                              "audio_s": args.seconds, "candidates": args.num_samples, "warm_up_s": round(warm, 1),
+                              **{k: t[k] for k in ("semantic", "coarse", "fine", "decode", "score", "total")},
+                              "real_time_factor": round(t["real_time_factor"], 3),  # per candidate
+                              # the wall time of the one clip delivered (the best of the candidates)
+                              "best_of_n_real_time_factor": round(t["total"] / args.seconds, 3)}), flush=True)
         for window_batch, audio in tokens.items():  # decoders draw the same tokens for one window_batch
             first = next(iter(audio.values()))
             print(json.dumps({"window_batch": window_batch,
                               "same_audio_every_mode": all(np.array_equal(a, first) for a in audio.values())}))
         for mode in args.decodings.split(","):
-            batches = sorted(b for m, b in times if m == mode)
+            batches = sorted({b for m, b, f in times if m == mode and f == forms[-1]})
             if len(batches) > 1:
                 print(json.dumps({"decoding": mode, f"window_batch {batches[-1]} vs {batches[0]} (whole generation)":
-                                  f"{times[mode, batches[0]] / times[mode, batches[-1]]:.2f}x faster"}))
+                                  f"{times[mode, batches[0], forms[-1]] / times[mode, batches[-1], forms[-1]]:.2f}x "
+                                  "faster"}))
+            for b in batches if len(forms) > 1 else []:
+                print(json.dumps({"decoding": mode, "window_batch": b, f"{forms[-1]} vs {forms[0]} (whole generation)":
+                                  f"{times[mode, b, forms[0]] / times[mode, b, forms[-1]]:.2f}x faster"}))
+        transformer.SINGLE_QUERY_AS_ROWS = True
 
 
 def prompts_together(args) -> None:

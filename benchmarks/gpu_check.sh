@@ -14,22 +14,26 @@
 #   ALIGN=1 first times the feed-forward's matmuls at open-musiclm's inner width (2,730: rows not 16-byte aligned)
 #                                    vs padded widths (benchmarks/ff_align.py; seconds)
 #   DECODE_PROFILE=1 also profiles one compiled bf16 window per large stage (benchmarks/generate.py --profile)
+#   DECODE_FORMS=1 times one compiled bf16 decoding step of the large fine stage (4 and 20 rows) with its attention
+#                                    in both forms: the heads as query rows of the one key/value head (the default
+#                                    since 2026-11-27) vs expanded to every head (benchmarks/decode_step.py)
 #   DECODE_MODE=max-autotune also times each large stage's bf16 window compiled in that torch.compile mode beside
 #                                    the default (reduce-overhead): Triton matmuls tuned for one token per step
 #   STEP=0 / GEN=0 skip 1. / 2. (measured already: RESULTS.md), so that a lease goes to what is still open. Issue 20's
-#   next lease, in this order: (a) `STEP=0 ALIGN=1 DECODE_COMPILE=1 DC_TIMEOUT=240` (about 9 minutes: first whether
-#   the feed-forward's unaligned width costs matmul speed, for the MFU goal; then the whole 10 s generation with the
-#   fine windows batched, the new default, against one after the other: whether the delivered best-of-4 clip's
-#   real-time factor is under 1; then the compiled decoding's shared block, measured on CPUs only: compile and step
-#   time against every layer compiled apart), (b)
-#   `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether train.compile
-#   can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `GEN=0 TRAIN_ARGS="--stages
-#   coarse --attentions flex --flex-bias-rows 1,128 --profile 12"` (whether FlexAttention's backward, 5.6x its forward
-#   on the H100, gets faster with the bias table copied per query row: if so, FLEX_BIAS_ROWS = 128; if flex then beats
-#   the dense mask, `auto` should pick it), (d) `STEP=0 GEN=0 DECODE_PROFILE=1` (where a 2 ms decoding step goes),
-#   (e) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (f) `GEN=0 TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions
-#   dense --profile 20"` (where a compiled training step's time goes: the MFU goal), (g) `STEP=0 PROMPTS=4
-#   WINDOW_BATCHES=8 GEN_TIMEOUT=480` (prompts sampled together). TRAIN_ARGS: more options of train_step_gpu.py.
+#   next lease, in this order, one call each: (a) `STEP=0 ALIGN=1 DECODE_FORMS=1` (about 9 minutes: whether the
+#   feed-forward's unaligned width costs matmul speed, for the MFU goal; a decoding step with the heads as query
+#   rows vs expanded, 2.1-11.6x on CPUs; then the whole 10 s generation with the fine windows batched, the default,
+#   against one after the other: whether the delivered best-of-4 clip's real-time factor is under 1),
+#   (b) `STEP=0 GEN=0 SMOKE=1 SMOKE_SIZES=large SMOKE_SET=train.compile=true SMOKE_TIMEOUT=420` (whether
+#   train.compile can become the GPU default: the compile took 80 s per stage in plain PyTorch), (c) `GEN=0
+#   TRAIN_ARGS="--stages coarse --attentions flex --flex-bias-rows 1,128 --profile 12"` (whether FlexAttention's
+#   backward, 5.6x its forward on the H100, gets faster with the bias table copied per query row: if so,
+#   FLEX_BIAS_ROWS = 128; if flex then beats the dense mask, `auto` should pick it), (d) `STEP=0 GEN=0
+#   DECODE_PROFILE=1` (where a 2 ms decoding step goes), (e) `STEP=0 GEN=0 DECODE_MODE=max-autotune`, (f) `GEN=0
+#   TRAIN_COMPILE=1 TRAIN_ARGS="--stages coarse --attentions dense --profile 20"` (where a compiled training step's
+#   time goes: the MFU goal), (g) `STEP=0 PROMPTS=4 WINDOW_BATCHES=8 GEN_TIMEOUT=480` (prompts sampled together),
+#   (h) `STEP=0 GEN=0 DECODE_COMPILE=1` (the compiled decoding's shared block, measured on CPUs only: compile and
+#   step time against every layer compiled apart). TRAIN_ARGS: more options of train_step_gpu.py.
 #   DECODE_COMPILE=1 runs benchmarks/decode_compile.py on the large coarse stage (bf16, batch 4).
 #   PROMPTS=4 adds to 2. four prompts one at a time vs together (what a Ray prompt worker does with its batches).
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
@@ -57,6 +61,10 @@ fi
 if [ "${STEP:-1}" != 0 ]; then
   timeout "${STEP_TIMEOUT:-$step_default}" $PY benchmarks/train_step_gpu.py --preset large --batch-size 8 --steps 12 \
     --warmup 4 ${TRAIN_COMPILE:+--compile} ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step_gpu.txt"
+fi
+if [ -n "${DECODE_FORMS:-}" ]; then  # a decoding step's attention: heads as query rows (default) vs expanded
+  timeout "${FORMS_TIMEOUT:-240}" $PY benchmarks/decode_step.py --device cuda --depth 0 --dtype bfloat16 \
+    --rows 4,20 --repeats 1 2>&1 | tee "$OUT/decode_forms.txt"
 fi
 if [ "${GEN:-1}" != 0 ]; then
   timeout "${GEN_TIMEOUT:-300}" $PY benchmarks/generate.py --device cuda --models-preset large --skip-windows --seconds 10 \

@@ -121,6 +121,9 @@ def toeplitz_bias(table: Tensor, start: int, n: int) -> Tensor:
     return w.unfold(-1, total, 1).flip(1)  # row i: w[n - 1 - i : n - 1 - i + total]
 
 
+SINGLE_QUERY_AS_ROWS = True  # decoding attention in the multi-query form (``Attention.forward``); False: as training
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
         super().__init__()
@@ -143,6 +146,13 @@ class Attention(nn.Module):
         if isinstance(mask, FlexMask):
             out = mask.attend(q, k[:, None], v[:, None])
             return self.to_out(F.dropout(out.transpose(1, 2).reshape(b, n, -1), self.dropout, self.training))
+        if n == 1 and SINGLE_QUERY_AS_ROWS and not (self.training and self.dropout):
+            # one position (a decoding step): its heads as the query rows of one head over the one key/value head,
+            # so that the keys and values are read once, not expanded to every head (a copy per layer and step
+            # inside a compiled step); the mask (b, heads or 1, 1, keys) lies the same way
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], v[:, None],
+                                                 attn_mask=mask.transpose(1, 2), scale=ATTN_SCALE)
+            return self.to_out(out.reshape(b, 1, -1))
         kh = k[:, None].expand(b, self.heads, k.shape[1], self.dim_head)
         vh = v[:, None].expand(b, self.heads, v.shape[1], self.dim_head)
         out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=ATTN_SCALE,
