@@ -8,7 +8,8 @@
 over one window of each stage at its real length (semantic 10 s: 12 clap + 499 tokens; coarse 4 s: 12 clap +
 199 semantic → 300 × 3 tokens; fine 2 s: 12 clap + 150 × 3 coarse → 150 × 5 tokens), ``--batch`` candidates
 at once. All draw the same tokens in float32 (checked). Prints tokens/s per way and ratios. ``--decode-attention
-rows,expanded`` times every way with each form of a decoding step's attention (``SINGLE_QUERY_AS_ROWS``).
+rows,expanded`` times every way (and every whole generation below) with each form of a decoding step's attention
+(``SINGLE_QUERY_AS_ROWS``).
 
 Then the real-time factor (wall time / audio time, per candidate and for the one best-of-N clip delivered) of a
 whole text-to-audio generation of ``--seconds`` (10 s) and ``--num-samples`` candidates (best of 4) for each
@@ -67,9 +68,9 @@ def main() -> None:
                    help="torch.compile mode of the compiled decoding step (default: the model's choice, "
                         "reduce-overhead on a GPU): max-autotune also tunes Triton kernels for the one-token matmuls")
     p.add_argument("--decode-attention", default="rows",
-                   help="attention form(s) of a decoding step in the window timings, each timed: rows (the heads as "
-                        "query rows of the one key/value head, the default) and/or expanded (keys and values "
-                        "expanded to every head, as training runs it; transformer.SINGLE_QUERY_AS_ROWS = False)")
+                   help="attention form(s) of a decoding step, each timed (windows and whole generation): rows "
+                        "(the heads as query rows of the one key/value head, the default) and/or expanded (keys and "
+                        "values expanded to every head, as training runs it; transformer.SINGLE_QUERY_AS_ROWS = False)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each window's timings, profile the same draw again with the last of --ways: the N "
                         "kernels with the most GPU time, and the kernel launches (on a CPU: operations)")
