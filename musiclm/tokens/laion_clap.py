@@ -10,15 +10,29 @@ state dict converts by renaming (and splitting HTSAT's fused ``qkv`` projections
     audio_branch.<...>.norm1 / norm2            ....layernorm_before / layernorm_after
     audio_branch.<...>.attn.qkv                 ....attention.self.query / key / value
     audio_branch.<...>.attn.proj                ....attention.output.dense
-    audio_branch.<...>.attn.relative_position_* ....attention.self.relative_position_*
+    audio_branch.<...>.attn.relative_position_bias_table   ....attention.self.relative_position_bias_table
     audio_branch.<...>.mlp.fc1 / fc2            ....intermediate.dense / output.dense
     audio_branch.* (the rest)                   audio_model.audio_encoder.*
     {text,audio}_projection.0 / .2              {text,audio}_projection.linear1 / linear2
 
-Not carried over: the audio front end's fixed STFT/mel matrices (``ClapFeatureExtractor`` computes the same
-log-mel), HTSAT's classification head (``tscam_conv``, ``head``), the ``{text,audio}_transform`` MLPs (used only
-in laion_clap's training loss) and RoBERTa's ``position_ids`` buffer. The architecture sizes are read from
-the tensors' shapes; every parameter of the new model must be filled, or the conversion is refused.
+What else a laion_clap checkpoint holds, tensor by tensor (``layout.json`` in the test data lists every key of the
+released HTSAT-tiny and HTSAT-base files, made by laion_clap's own code):
+
+- buffers that are a fixed function of the architecture, which transformers computes itself: each shifted-window
+  block's ``attn_mask`` (every second block of a stage whose resolution exceeds the window: five in HTSAT-tiny,
+  eight in HTSAT-base; transformers builds it at run time in ``ClapAudioLayer.get_attn_mask``) and every block's
+  ``attn.relative_position_index``. Each is compared with transformers' own for that block (same blocks shifted,
+  same values) and then dropped; a difference means another architecture and the file is refused;
+- ``text_branch.embeddings.position_ids``: RoBERTa's ``arange`` positions, saved by the transformers releases
+  laion_clap trained with (laion_clap itself deletes it before loading, since transformers 4.31);
+- the audio front end's fixed STFT and mel matrices (``audio_branch.spectrogram_extractor.*``,
+  ``audio_branch.logmel_extractor.*``): ``ClapFeatureExtractor`` computes the same log-mel;
+- HTSAT's classification head (``tscam_conv``, ``head``) and the ``{text,audio}_transform`` MLPs: used only by
+  laion_clap's training loss, never for embeddings.
+Carried over besides the renamed parameters: the BatchNorm's running statistics (``bn0.running_mean`` /
+``running_var`` / ``num_batches_tracked``) and ``logit_scale_a`` / ``logit_scale_t``. The architecture sizes are
+read from the tensors' shapes (so HTSAT-tiny, ``630k-audioset-best.pt``, and HTSAT-base, LAION's music CLAPs,
+both convert); every parameter of the new model must be filled, or the conversion is refused.
 
 The processor pairs laion_clap's audio settings (48 kHz, 1024-point FFT, hop 480, 64 Slaney mel bins from
 50 Hz to 14 kHz, 10 s windows, ``rand_trunc`` / ``repeatpad``) with the RoBERTa tokenizer laion_clap uses
@@ -33,9 +47,11 @@ import torch
 
 IGNORED = ("audio_branch.spectrogram_extractor.", "audio_branch.logmel_extractor.", "audio_branch.tscam_conv.",
            "audio_branch.head.", "text_transform.", "audio_transform.", "text_branch.embeddings.position_ids")
+# buffers that are fixed functions of the architecture: compared with transformers' own (check_derived_buffers)
+DERIVED = re.compile(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.(attn_mask|attn\.relative_position_index)")
 FUSION = ("audio_branch.mel_conv2d.", "audio_branch.fusion_model.")
 BLOCK_RENAMES = (("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
-                 ("attn.relative_position_", "attention.self.relative_position_"),
+                 ("attn.relative_position_bias_table", "attention.self.relative_position_bias_table"),
                  ("attn.proj.", "attention.output.dense."), ("mlp.fc1.", "intermediate.dense."),
                  ("mlp.fc2.", "output.dense."))
 TOKENIZER = "roberta-base"  # laion_clap's text tokenizer
@@ -108,7 +124,7 @@ def convert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """laion_clap parameter names -> transformers ``ClapModel`` names (see the module docstring)."""
     out = {}
     for key, value in state.items():
-        if key.startswith(IGNORED):
+        if key.startswith(IGNORED) or DERIVED.fullmatch(key):
             continue
         new = re.sub(r"^(text|audio)_projection\.([02])\.",
                      lambda m: f"{m.group(1)}_projection.linear{1 if m.group(2) == '0' else 2}.", key)
@@ -128,6 +144,72 @@ def convert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_derived_buffers(state: dict[str, torch.Tensor], model) -> None:
+    """Refuse a checkpoint whose fixed buffers (shifted-window ``attn_mask``, ``relative_position_index``) are not
+    what transformers computes for the same blocks of ``model`` (a ``ClapModel``): another window, shift or
+    spectrogram size. Values are compared unless either side is on the meta device (shapes only then)."""
+    blocks = model.audio_model.audio_encoder.layers
+    problems = []
+
+    def differ(key, theirs, ours) -> bool:
+        if ours is None or tuple(theirs.shape) != tuple(ours.shape):
+            return True
+        return not (theirs.is_meta or ours.is_meta) and not torch.equal(theirs.to(ours.dtype), ours)
+
+    saved_masks = set()
+    for key, value in state.items():
+        match = DERIVED.fullmatch(key)
+        if not match:
+            continue
+        stage, index, kind = int(match.group(1)), int(match.group(2)), match.group(3)
+        if stage >= len(blocks) or index >= len(blocks[stage].blocks):
+            problems.append(f"{key} belongs to no block of the model its weights describe")
+            continue
+        block = blocks[stage].blocks[index]
+        if kind == "attn_mask":
+            saved_masks.add((stage, index))
+            ours = _shifted_window_mask(block, value.device if value.is_meta else torch.device("cpu"))
+            if differ(key, value, ours):
+                problems.append(f"{key} {tuple(value.shape)} is not transformers' shifted-window mask of that block "
+                                f"({'none: the block is not shifted' if ours is None else tuple(ours.shape)})")
+        elif differ(key, value, block.attention.self.relative_position_index):
+            problems.append(f"{key} differs from transformers' relative position index of that block")
+    for stage, layer in enumerate(blocks):
+        for index, block in enumerate(layer.blocks):
+            if (stage, index) not in saved_masks and _shifted_window_mask(block, torch.device("meta")) is not None:
+                problems.append(f"audio_branch.layers.{stage}.blocks.{index}.attn_mask is missing, but transformers "
+                                f"shifts that block's windows")
+    if problems:
+        raise LaionClapError(f"the checkpoint's windowed attention is not HTSAT's as transformers builds it "
+                             f"(spectrogram size 256, window 8, half-window shifts): {'; '.join(problems[:4])}")
+
+
+def _shifted_window_mask(block, device):
+    """transformers' attention mask for a ``ClapAudioLayer`` at its input resolution (None: not shifted)."""
+    import copy
+
+    block = copy.copy(block)  # set_shift_and_window_size changes the block's attributes; keep the model's own
+    block.set_shift_and_window_size(block.input_resolution)
+    return block.get_attn_mask(*block.input_resolution, dtype=torch.float32, device=device)
+
+
+def check_conversion(state: dict[str, torch.Tensor], model, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """laion_clap ``state`` converted onto ``model`` (a ``ClapModel`` of ``clap_config(state)``, on any device, meta
+    included), or a ``LaionClapError`` naming what does not fit: missing, unexpected or misshapen tensors, fixed
+    buffers that are not transformers' own."""
+    converted = convert_state(state)
+    own = model.state_dict()
+    computed = {k for k in own if k.endswith(("position_ids", "token_type_ids", "relative_position_index"))}
+    missing = sorted(set(own) - set(converted) - computed)
+    unexpected = sorted(set(converted) - set(own))
+    wrong = sorted(k for k in set(own) & set(converted) if own[k].shape != converted[k].shape)
+    if missing or unexpected or wrong:
+        raise LaionClapError(f"{source} does not convert to a transformers ClapModel: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_derived_buffers(state, model)
+    return converted
+
+
 def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickle: bool = False):
     """A float32 transformers ``ClapModel`` (eval mode) and ``ClapProcessor`` equal to laion_clap's unfused CLAP
     loaded from ``path``."""
@@ -138,14 +220,7 @@ def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickl
     _quiet_transformers()
     state = read_laion_state(path, trust_pickle)
     model = ClapModel(clap_config(state)).eval()
-    converted = convert_state(state)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(converted) - {k for k in own if k.endswith(("position_ids", "token_type_ids"))})
-    unexpected = sorted(set(converted) - set(own))
-    wrong = sorted(k for k in set(own) & set(converted) if own[k].shape != converted[k].shape)
-    if missing or unexpected or wrong:
-        raise LaionClapError(f"{path} does not convert to a transformers ClapModel: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    converted = check_conversion(state, model, str(path))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in converted.items()},
                           strict=False)
     try:
@@ -160,4 +235,5 @@ def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickl
     return model, ClapProcessor(feature_extractor=features, tokenizer=text_tokenizer)
 
 
-__all__ = ["convert_laion_clap", "read_laion_state", "clap_config", "convert_state", "LaionClapError", "TOKENIZER"]
+__all__ = ["convert_laion_clap", "read_laion_state", "clap_config", "convert_state", "check_conversion",
+           "check_derived_buffers", "LaionClapError", "TOKENIZER"]

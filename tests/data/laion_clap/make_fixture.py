@@ -1,20 +1,34 @@
-"""Make the laion_clap parity fixture: a small unfused HTSAT/RoBERTa CLAP with random weights, saved the way
-laion_clap's training saves checkpoints, and the embeddings laion_clap's own code computes with it.
+"""Make the laion_clap parity fixture: unfused HTSAT/RoBERTa CLAPs at the released architectures (every block,
+every head, every saved buffer) with narrow widths and random weights, saved the way laion_clap's training saves
+checkpoints, the embeddings laion_clap's own code computes with them, and the exact key layout of the released
+full-size files.
 
 Runs in a scratch environment beside the project's, never in it (laion-clap pins numpy < 2); see README.md.
-Nothing here reimplements laion_clap: the model, the checkpoint loading (``CLAP_Module.load_ckpt``) and the
-embeddings (``get_audio_embedding_from_data``, ``get_text_embedding``) are its code. Only the sizes are
-changed (a four-stage HTSAT with one block per stage, a one-layer RoBERTa) so the checkpoint fits in the
-test data, and what it would fetch from the model hub is built offline:
+Nothing here reimplements laion_clap: the models, the checkpoint loading (``CLAP_Module.load_ckpt``) and the
+embeddings (``get_audio_embedding_from_data``, ``get_text_embedding``) are its code. Two audio towers, as LAION
+releases them:
 
-- ``RobertaModel.from_pretrained('roberta-base')`` returns a randomly initialized one-layer RoBERTa of
-  width 768 (laion's text projection expects 768);
-- the RoBERTa tokenizer is a byte-level RoBERTa tokenizer with no merges (the one the project builds for
-  its offline ``tiny`` system), saved to ``tokenizer/`` so the test tokenizes with the same files.
+- ``htsat_tiny``: ``amodel='HTSAT-tiny'`` (``630k-audioset-best.pt``, the CLAP open-musiclm loads by default):
+  depths 2, 2, 6, 2, heads 4, 8, 16, 32, window 8, so five shifted-window blocks that save ``attn_mask``;
+- ``htsat_base``: ``amodel='HTSAT-base'`` (``music_audioset_epoch_15_esc_90.14.pt``,
+  ``music_speech_audioset_epoch_15_esc_89.98.pt``): depths 2, 2, 12, 2, heads 4, 8, 16, 32.
 
-Writes, next to this file: ``clap_random.pt`` ({'state_dict': {'module.<name>': tensor}}, float16 values,
-as laion's released checkpoints hold their state dict), ``tokenizer/``, ``audio.safetensors`` (int16 PCM at
-48 kHz, one tensor per clip), ``expected.safetensors`` (audio_<i> and text embeddings) and ``summary.json``.
+Only the widths are narrowed (patch embedding 16 instead of 96 / 128, so every head is 4 wide; joint embedding 64;
+8 classes in the unused classification head); the spectrogram size, patch and window sizes are laion's, so the
+saved ``attn_mask`` buffers are exactly those of the released files. laion_clap's text tower is transformers'
+``RobertaModel`` itself, so one layer (width 768, which laion's text projection requires) shows the mapping;
+``layout.json`` has every key of the full-size files. What laion_clap would fetch from the hub is built offline:
+
+- ``RobertaModel.from_pretrained('roberta-base')`` returns a randomly initialized RoBERTa (one layer of width 768
+  for the fixtures; roberta-base's sizes for ``layout.json``);
+- the RoBERTa tokenizer is a byte-level RoBERTa tokenizer with no merges (the one the project builds for its
+  offline ``tiny`` system), saved to ``tokenizer/`` so the test tokenizes with the same files.
+
+Writes, next to this file: ``<variant>.pt`` ({'epoch', 'name', 'state_dict': {'module.<name>': tensor}}, float16
+values, the layout laion's training saves), ``tokenizer/``, ``audio.safetensors`` (int16 PCM at 48 kHz, one tensor
+per clip), ``expected.safetensors`` (``<variant>.audio`` and ``<variant>.text`` embeddings), ``layout.json``
+(per variant: every key of the released checkpoint's state dict with its shape and dtype, and which are buffers)
+and ``summary.json``.
 """
 from __future__ import annotations
 
@@ -35,6 +49,18 @@ CAPTIONS = ["slow ambient pads", "fast techno beat with a heavy kick", "a solo p
             "with rain sounds in the background and a long fade out at the end of the track"]
 # clip lengths in seconds: shorter than CLAP's 10 s window (repeat-padded), exactly 10 s
 LENGTHS = [0.25, 1.0, 2.5, 3.0, 5.0, 7.5, 10.0, 10.0]
+# variant -> (laion_clap amodel, the released files of that architecture, narrowed HTSAT sizes)
+VARIANTS = {
+    "htsat_tiny": ("HTSAT-tiny", ["630k-audioset-best.pt", "630k-best.pt"],
+                   dict(embed_dim=16, depths=[2, 2, 6, 2], num_heads=[4, 8, 16, 32])),
+    "htsat_base": ("HTSAT-base", ["music_audioset_epoch_15_esc_90.14.pt",
+                                  "music_speech_audioset_epoch_15_esc_89.98.pt", "music_speech_epoch_15_esc_89.25.pt"],
+                   dict(embed_dim=16, depths=[2, 2, 12, 2], num_heads=[4, 8, 16, 32])),
+}
+TEXT_SMALL = dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64,
+                  max_position_embeddings=80, type_vocab_size=1, layer_norm_eps=1e-5)
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
 
 
 def byte_level_tokenizer():
@@ -98,61 +124,84 @@ def main() -> None:
     tokenizer = byte_level_tokenizer()
     for cls in (transformers.RobertaTokenizer, transformers.BertTokenizer, transformers.BartTokenizer):
         cls.from_pretrained = classmethod(lambda cls, *a, **k: tokenizer)
-    # roberta-base's configuration, but one layer, a narrow feed-forward, the tokenizer's vocabulary and
-    # positions for CLAP's 77 tokens
-    text_config = transformers.RobertaConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=1,
-                                             num_attention_heads=12, intermediate_size=64,
-                                             max_position_embeddings=80, type_vocab_size=1, layer_norm_eps=1e-5,
-                                             pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    transformers.RobertaModel.from_pretrained = classmethod(lambda cls, *a, **k: cls(text_config))
+    text_sizes = {}  # what RobertaModel.from_pretrained('roberta-base') builds (set per model below)
+    transformers.RobertaModel.from_pretrained = classmethod(lambda cls, *a, **k: cls(transformers.RobertaConfig(
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, **text_sizes)))
 
     import laion_clap
     from clap_module import factory, htsat
 
-    small = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4])
     swin_init = htsat.HTSAT_Swin_Transformer.__init__
-    htsat.HTSAT_Swin_Transformer.__init__ = lambda self, **kw: swin_init(self, **{**kw, **small})
-    cfg = json.loads(json.dumps(factory._MODEL_CONFIGS["HTSAT-tiny"]))
-    cfg["embed_dim"] = small["embed_dim"] * 2 ** (len(small["depths"]) - 1)  # HTSAT's output width
-    cfg["joint_embed_shape"] = 64
-    cfg["audio_cfg"]["class_num"] = 8  # HTSAT's classification head (unused for embeddings), kept small
-    factory._MODEL_CONFIGS["HTSAT-mini"] = cfg
-
-    torch.manual_seed(0)
-    module = laion_clap.CLAP_Module(enable_fusion=False, device="cpu", amodel="HTSAT-mini", tmodel="roberta")
-    state = module.model.state_dict()
-    for name, value in state.items():
-        # Perturb every learned tensor (norm gains 1 and biases 0 at initialization would hide swapped names);
-        # keep the fixed STFT and mel matrices of the audio front end exact.
-        if value.is_floating_point() and not name.startswith(FRONT_END):
-            noisy = value + 0.05 * torch.randn_like(value)
-            value.copy_(noisy.abs() if name.endswith("running_var") else noisy)
-    state["text_branch.embeddings.position_ids"] = torch.arange(80)[None]  # as released checkpoints have it
-    # float16 values (stored as float16, loaded into the float32 model exactly) keep the file small
-    saved = {f"module.{k}": (v.half() if v.is_floating_point() and not k.startswith(FRONT_END) else v)
-             for k, v in state.items()}
-    checkpoint = {"epoch": 1, "name": "laion_clap parity fixture (random weights)", "state_dict": saved}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / "full.pt")
-        module.load_ckpt(str(Path(tmp) / "full.pt"), verbose=False)  # laion's own loader
-    # The committed copy leaves out the front end's fixed STFT and mel matrices (4 MB of constants that
-    # every HTSAT has and that converters do not read); everything else is as laion_clap loaded it.
-    checkpoint["state_dict"] = {k: v for k, v in saved.items() if not k.startswith(tuple("module." + f for f in FRONT_END))}
-    torch.save(checkpoint, HERE / "clap_random.pt")
+    htsat_sizes = {}  # HTSAT sizes laid over the factory's (set per model below)
+    htsat.HTSAT_Swin_Transformer.__init__ = lambda self, **kw: swin_init(self, **{**kw, **htsat_sizes})
 
     audio = clips()
-    emb_audio = module.get_audio_embedding_from_data([waveform(a) for a in audio])
-    ids = [tokenizer(c, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-           for c in CAPTIONS]
-    emb_text = module.get_text_embedding(CAPTIONS, tokenizer=lambda x: tokenizer(
-        x, padding="max_length", truncation=True, max_length=77, return_tensors="pt"))
-    assert len(ids) == len(emb_text)
+    expected, layouts, sizes = {}, {}, {}
+    for variant, (amodel, released, small) in VARIANTS.items():
+        # 1. The released checkpoint's layout: laion_clap's model at the real sizes (roberta-base, the factory's
+        #    HTSAT), its state dict's keys, shapes and dtypes, plus the position_ids buffer that the released files
+        #    hold (saved under transformers < 4.31; laion_clap's load_state_dict deletes it before loading).
+        text_sizes.clear(), text_sizes.update(ROBERTA_BASE)
+        htsat_sizes.clear()
+        full = laion_clap.CLAP_Module(enable_fusion=False, device="cpu", amodel=amodel, tmodel="roberta").model
+        buffers = {n for n, _ in full.named_buffers()}
+        state = full.state_dict()
+        state["text_branch.embeddings.position_ids"] = torch.arange(ROBERTA_BASE["max_position_embeddings"])[None]
+        layouts[variant] = {"amodel": amodel, "released_as": released, "keys": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                **({"buffer": True} if k in buffers or k.endswith("position_ids") else {})}
+            for k, v in state.items()}}
+        del full, state
+
+        # 2. The fixture: the same architecture with narrow widths (see the module docstring)
+        text_sizes.clear(), text_sizes.update(TEXT_SMALL, vocab_size=len(tokenizer))
+        htsat_sizes.clear(), htsat_sizes.update(small)
+        cfg = json.loads(json.dumps(factory._MODEL_CONFIGS[amodel]))
+        cfg["embed_dim"] = small["embed_dim"] * 2 ** (len(small["depths"]) - 1)  # HTSAT's output width
+        cfg["joint_embed_shape"] = 64
+        cfg["audio_cfg"]["class_num"] = 8  # HTSAT's classification head (unused for embeddings), kept small
+        factory._MODEL_CONFIGS[f"{amodel}-narrow"] = cfg
+        torch.manual_seed(0)
+        module = laion_clap.CLAP_Module(enable_fusion=False, device="cpu", amodel=f"{amodel}-narrow",
+                                        tmodel="roberta")
+        state = module.model.state_dict()
+        masks = sorted(k for k in state if k.endswith("attn_mask"))
+        assert masks == sorted(k for k in layouts[variant]["keys"] if k.endswith("attn_mask")), masks
+        for name, value in state.items():
+            # Perturb every learned tensor (norm gains 1 and biases 0 at initialization would hide swapped
+            # names); keep the fixed STFT and mel matrices of the audio front end and the attention masks exact.
+            # Values on a grid of 1/128 compress (git stores the files at about a third of their size).
+            if value.is_floating_point() and not name.startswith(FRONT_END) and not name.endswith("attn_mask"):
+                noisy = torch.round((value + 0.05 * torch.randn_like(value)) * 128) / 128
+                value.copy_(noisy.abs() if name.endswith("running_var") else noisy)
+        state["text_branch.embeddings.position_ids"] = torch.arange(TEXT_SMALL["max_position_embeddings"])[None]
+        # float16 values (stored as float16, loaded into the float32 model exactly) keep the file small
+        saved = {f"module.{k}": (v.half() if v.is_floating_point() and not k.startswith(FRONT_END) else v)
+                 for k, v in state.items()}
+        checkpoint = {"epoch": 1, "name": f"laion_clap parity fixture ({amodel}, narrow, random weights)",
+                      "state_dict": saved}
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(checkpoint, Path(tmp) / "full.pt")
+            module.load_ckpt(str(Path(tmp) / "full.pt"), verbose=False)  # laion's own loader
+        # The committed copy leaves out the front end's fixed STFT and mel matrices (4 MB of constants that
+        # every HTSAT has and that converters do not read); everything else is as laion_clap loaded it.
+        checkpoint["state_dict"] = {k: v for k, v in saved.items()
+                                    if not k.startswith(tuple("module." + f for f in FRONT_END))}
+        torch.save(checkpoint, HERE / f"{variant}.pt")
+
+        expected[f"{variant}.audio"] = np.asarray(
+            module.get_audio_embedding_from_data([waveform(a) for a in audio]), np.float32)
+        expected[f"{variant}.text"] = np.asarray(module.get_text_embedding(CAPTIONS, tokenizer=lambda x: tokenizer(
+            x, padding="max_length", truncation=True, max_length=77, return_tensors="pt")), np.float32)
+        sizes[variant] = {"amodel": amodel, "htsat": small, "shifted_window_masks": masks,
+                          "parameters_and_buffers": len(state)}
+        del module
 
     from safetensors.numpy import save_file
 
     save_file({f"clip_{i}": a for i, a in enumerate(audio)}, HERE / "audio.safetensors")
-    save_file({"audio": np.asarray(emb_audio, np.float32), "text": np.asarray(emb_text, np.float32)},
-              HERE / "expected.safetensors")
+    save_file(expected, HERE / "expected.safetensors")
+    (HERE / "layout.json").write_text(json.dumps(layouts, indent=1) + "\n")
     versions = {m: sys.modules[m].__version__ for m in ("torch", "numpy", "transformers")}
     versions["laion_clap"] = "1.1.7"
     (HERE / "summary.json").write_text(json.dumps({
@@ -161,11 +210,7 @@ def main() -> None:
                        "get_audio_embedding_from_data",
         "clip_seconds": LENGTHS, "captions": CAPTIONS,
         "text_tokenization": "tokenizer/ with padding='max_length', truncation, max_length=77",
-        "sizes": {"htsat": small, "roberta": {"hidden_size": 768, "num_hidden_layers": 1,
-                                              "num_attention_heads": 12, "intermediate_size": 64,
-                                              "max_position_embeddings": 80,
-                                              "type_vocab_size": 1, "layer_norm_eps": 1e-5},
-                  "joint_embed_shape": 64, "class_num": 8},
+        "variants": sizes, "roberta": TEXT_SMALL, "joint_embed_shape": 64, "class_num": 8,
     }, indent=2) + "\n")
     print("wrote", sorted(p.name for p in HERE.iterdir()))
 
