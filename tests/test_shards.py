@@ -123,6 +123,38 @@ def test_rows_held_by_every_worker_are_split_evenly_and_cropped_anew_each_epoch(
     assert all(np.array_equal(fixed[k], held[k]) for k in spec.shapes())
 
 
+def test_validation_counts_every_row_once_also_with_fewer_rows_than_workers():
+    """Validation deals every row out (one valid track and two workers: the full-size rehearsal's case, which
+    failed with "the validation subset gave no batches" on the rank that had none and retried until it gave up);
+    ranks run as many forwards (ZeRO-3 gathers in each) with filler that counts nothing, and the sums over the
+    ranks are those of one worker scoring every row."""
+    import pyarrow as pa
+    import torch
+
+    from musiclm.config import model_preset
+    from musiclm.models import build_stage
+    from musiclm.train.data import HeldRows
+    from musiclm.train.loop import validation_pass
+
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"v{i}", "seconds": 12, "clap": rng.integers(0, 1024, 3 * 12),
+             "semantic": rng.integers(0, 1024, 12 * 50 - 1), "coarse": rng.integers(0, 1024, 12 * 75 * 3)}
+            for i in range(5)]
+    spec = CropSpec.make("coarse", GlobalConfig(), MANIFEST)
+    torch.manual_seed(0)
+    model = build_stage("coarse", model_preset("tiny")).eval()
+    for n, world, batch_size in ((1, 2, 1), (5, 2, 2), (3, 4, 1)):
+        table = pa.table({k: [r[k] for r in rows[:n]] for k in ("id", "seconds", "clap", "semantic", "coarse")})
+        valid = HeldRows(table, spec, seed=5, fixed=True)
+        alone = validation_pass(model, model, list(valid.batches(0, 0, 1, batch_size, False)), "cpu")[0].t
+        split = [valid.lockstep_batches(rank, world, batch_size) for rank in range(world)]
+        assert len({len(batches) for batches, _ in split}) == 1  # as many forwards on every rank
+        ids = [i for batches, counted in split for b, c in zip(batches, counted) if c for i in b["id"]]
+        assert sorted(ids) == [f"v{i}" for i in range(n)]  # every row counted once
+        total = sum(validation_pass(model, model, batches, "cpu", counted)[0].t for batches, counted in split)
+        assert alone[1] > 0 and torch.allclose(total, alone), (n, world, total, alone)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_streamed_rows_are_shuffled_and_cropped_anew_each_epoch_on_the_worker(local_ray, monkeypatch):

@@ -309,9 +309,11 @@ def test_local_folders_of_killed_workers_are_removed_by_the_next_worker(tmp_path
     assert not local.exists() and storage.list_files(events, "events.*")
 
 
-def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
+def test_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
     """Under bf16 the module's weights are rounded copies of DeepSpeed's fp32 masters: the export must be the
-    masters, as DeepSpeed's own consolidation of its checkpoint gives them (one process, gloo, on CPU)."""
+    masters, as DeepSpeed's own consolidation of its checkpoint gives them (one process, gloo, on CPU). Under fp32
+    the export takes the module's weights without a gather: the same masters. A rank that does not write the
+    file keeps nothing."""
     import dataclasses
     import socket
 
@@ -332,28 +334,32 @@ def test_bf16_export_is_the_fp32_master_weights(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = build_stage("coarse", model_preset("tiny"))
-        tc = dataclasses.replace(TrainConfig(), precision="bf16", zero_stage=2, batch_size=2, grad_accum_every=1, lr=3e-3,
-                                 lr_warmup=0)
-        optimizer, scheduler = make_optimizer(model, tc, on_gpu=False)
-        skip_inference_comm_op()
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(tc, bf16=True))
-        for _ in range(3):
-            cond = [torch.randint(0, 1024, (2, 12)), torch.randint(0, 1024, (2, 10))]
-            target = torch.randint(0, 1024, (2, 6, 3))
-            engine.backward(stage_loss(engine(cond, target), target))
-            engine.step()
-        exported = export_weights(engine)
-        engine.save_checkpoint(str(tmp_path / "ds"), tag="t")
-        masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ds"), tag="t")
-        rounded = engine.module.state_dict()
-        assert next(iter(rounded.values())).dtype == torch.bfloat16
-        assert set(exported) == set(rounded) and all(v.dtype == torch.float32 for v in exported.values())
-        for k in masters:
-            assert torch.equal(exported[k], masters[k].float()), k
-        assert any(not torch.equal(exported[k], rounded[k].float()) for k in masters)  # not the bf16 copies
+        for precision in ("bf16", "fp32"):  # one process group: DeepSpeed keeps its groups across them
+            torch.manual_seed(0)
+            model = build_stage("coarse", model_preset("tiny"))
+            tc = dataclasses.replace(TrainConfig(), precision=precision, zero_stage=2, batch_size=2, grad_accum_every=1,
+                                     lr=3e-3, lr_warmup=0)
+            optimizer, scheduler = make_optimizer(model, tc, on_gpu=False)
+            skip_inference_comm_op()
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(tc, bf16=precision == "bf16"))
+            for _ in range(3):
+                cond = [torch.randint(0, 1024, (2, 12)), torch.randint(0, 1024, (2, 10))]
+                target = torch.randint(0, 1024, (2, 6, 3))
+                engine.backward(stage_loss(engine(cond, target), target))
+                engine.step()
+            exported = export_weights(engine)
+            engine.save_checkpoint(str(tmp_path / precision), tag="t")
+            masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / precision), tag="t")
+            rounded = engine.module.state_dict()
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+            assert next(iter(rounded.values())).dtype == dtype
+            assert set(exported) == set(rounded) and all(v.dtype == torch.float32 for v in exported.values())
+            for k in masters:
+                assert torch.equal(exported[k], masters[k].float()), k
+            if precision == "bf16":
+                assert any(not torch.equal(exported[k], rounded[k].float()) for k in masters)  # not the bf16 copies
+            assert export_weights(engine, keep=False) == {}
     finally:
         dist.destroy_process_group()
 

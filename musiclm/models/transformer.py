@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..config import ConfigError, TransformerConfig
@@ -465,6 +466,9 @@ class TokenConditionedTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = LayerNorm(cfg.dim)
         self.attention = "dense"  # how a full forward attends: "dense" (float mask) or "flex" (set_attention)
+        # training: keep only each block's input and recompute its activations in the backward (the same function
+        # and gradients, dropout included: checkpoint replays the RNG state) for memory (train.activation_checkpointing)
+        self.checkpoint_blocks = False
         self._compiled_step = None  # compile_decoding
         self._compile_regions = True  # compile_decoding: one block compiled and reused by every layer
         # static caches of the last STATIC_CACHES shapes, most recent last: each shape keeps its tensors, so a
@@ -562,6 +566,9 @@ class TokenConditionedTransformer(nn.Module):
             for i, block in enumerate(self.layers):
                 x = run(block, x, mask, *cache.slots(i))
             cache.position.add_(1)
+        elif cache is None and self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+            for i, block in enumerate(self.layers):
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, None, i, use_reentrant=False)
         else:
             for i, block in enumerate(self.layers):
                 x = block(x, mask, cache, i)

@@ -94,8 +94,10 @@ class HeldRows:
     """A split held by every worker: an Arrow table in Ray's object store, cropped on the worker.
 
     ``fixed``: each row's crop is fixed by (seed, row id) and the rows keep their order (validation); otherwise
-    the order and the crops are drawn anew every epoch (training). Every rank gets the same number of rows
-    (``len // world``; the remainder of that epoch's order is left out), so ranks step in lockstep, as ZeRO needs.
+    the order and the crops are drawn anew every epoch (training). In training every rank gets the same number
+    of rows (``len // world``; the remainder of that epoch's order is left out), so ranks step in lockstep, as
+    ZeRO needs. Validation deals every row out (ranks differ by one row at most; a rank may get none when there
+    are fewer rows than workers), and ``lockstep_batches`` evens the number of forwards out with uncounted filler.
     """
 
     table: object  # ray.ObjectRef of a pyarrow.Table (the table itself once loaded on a worker)
@@ -132,9 +134,10 @@ class HeldRows:
     def order(self, epoch: int, rank: int, world: int) -> np.ndarray:
         """The row indices rank ``rank`` reads in ``epoch``."""
         n = len(self)
+        if self.fixed:
+            return np.arange(n)[rank::world]
         each = n // world
-        order = np.arange(n) if self.fixed else np.random.default_rng([self.seed, epoch]).permutation(n)
-        return order[: each * world][rank::world]
+        return np.random.default_rng([self.seed, epoch]).permutation(n)[: each * world][rank::world]
 
     def rng(self, row_id: str, epoch: int, rank: int) -> np.random.Generator:
         return crop_rng(self.seed, row_id, None if self.fixed else (epoch, rank))
@@ -146,6 +149,18 @@ class HeldRows:
         for start in range(0, stop, batch_size):
             rows = [self._row(int(i)) for i in mine[start: start + batch_size]]
             yield crop_batch(rows, self.spec, [self.rng(r["id"], epoch, rank) for r in rows])
+
+    def lockstep_batches(self, rank: int, world: int, batch_size: int) -> tuple[list[dict], list[bool]]:
+        """This rank's batches of a fixed split and whether each counts: its own rows' (counted), then filler
+        batches of the split's first row (not counted) until it has as many as the rank with the most rows, so
+        that every rank runs as many forwards (under ZeRO-3 each forward gathers parameters from all ranks)."""
+        batches = list(self.batches(0, rank, world, batch_size, drop_last=False))
+        most_rows = -(-len(self) // world)  # rank 0's: rows are dealt round-robin
+        missing = -(-most_rows // batch_size) - len(batches)
+        if missing > 0:
+            row = self._row(0)
+            batches += [crop_batch([row], self.spec, [self.rng(row["id"], 0, rank)])] * missing
+        return batches, [True] * (len(batches) - max(missing, 0)) + [False] * max(missing, 0)
 
     def __getstate__(self):  # ship the reference, never the loaded rows
         return {**self.__dict__, "_rows": None}

@@ -63,17 +63,24 @@ def read_train_state(path: str | Path) -> TrainState | None:
         return None
 
 
-def export_weights(engine) -> dict[str, torch.Tensor]:
+def export_weights(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     """The model's weights in float32, for ``model.safetensors``: DeepSpeed's fp32 master copies where it keeps
-    them (bf16 training under ZeRO 1/2/3, where the module's weights are rounded bf16 copies of them), else the
+    them apart (bf16 training under ZeRO 1/2/3, where the module's weights are rounded bf16 copies of them), else the
     module's own weights. A collective: every rank calls it, parameters in the same order (ZeRO-3: inside
-    ``GatheredParameters``, so that buffers and any parameter without a master copy are whole)."""
+    ``GatheredParameters``, so that buffers and any parameter without a master copy are whole). A rank that does not
+    write the file passes ``keep=False``: it takes part in the gathers and keeps nothing (else every rank held a full
+    float32 copy at every save: 1.1 GB for a large stage). A float32 module under ZeRO 0/1/2 *is* its masters (the
+    updated partitions are copied back and gathered every step): its tensors are returned as they are, no gather."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, t in engine.module.state_dict(keep_vars=True).items():
-        master = safe_get_full_fp32_param(t) if isinstance(t, torch.nn.Parameter) else None
-        out[name] = (master if master is not None else t.detach()).float().cpu()
+        partitioned = hasattr(t, "ds_id")  # ZeRO-3's parameters: their data lives only inside GatheredParameters
+        if isinstance(t, torch.nn.Parameter) and (t.dtype != torch.float32 or partitioned):
+            master = safe_get_full_fp32_param(t)
+            t = master if master is not None else t
+        if keep:
+            out[name] = t.detach().float().cpu()
     return out
 
 
@@ -111,27 +118,35 @@ def _batches(held: dict, split: str, epoch: int, rank: int, world: int, batch_si
 
 
 @torch.no_grad()
-def validation_pass(forward, model, batches: list[dict], device) -> tuple[ValidSums, ConditioningSums, dict | None]:
+def validation_pass(forward, model, batches: list[dict], device,
+                    counted: list[bool] | None = None) -> tuple[ValidSums, ConditioningSums, dict | None]:
     """Loss and accuracy sums of this worker's validation batches (``forward``: the engine, or the model), and
     the same loss with every example's CLAP tokens swapped for those of the example half this worker's subset
     away (crops of one track sit together, so that is another track): ``ConditioningSums``. Also the first
-    example with its predicted tokens, for the TensorBoard sample. Reduce both sums over the workers."""
+    example with its predicted tokens, for the TensorBoard sample. Reduce both sums over the workers. Batches
+    whose ``counted`` is false (``HeldRows.lockstep_batches``' filler) run the same forwards and add nothing."""
+    counted = [True] * len(batches) if counted is None else counted
     sums, cond_sums, example = ValidSums(model.target.num_quantizers), ConditioningSums(), None
     clap = [s.name for s in model.sequences].index("clap")
-    all_clap = np.concatenate([np.asarray(b[model.sequences[clap].name]) for b in batches]) if batches else None
+    own = [np.asarray(b[model.sequences[clap].name]) for b, c in zip(batches, counted) if c]
+    all_clap = np.concatenate(own) if own else None
     first = 0
-    for batch in batches:
+    for batch, count in zip(batches, counted):
         cond, tgt = split_batch(model, batch, device)
         logits = forward(cond, tgt)
         loss = stage_loss(logits, tgt)
-        sums.add(loss, logits, tgt)
-        n, b = len(all_clap), tgt.shape[0]
-        other = torch.as_tensor(all_clap[(np.arange(first, first + b) + n // 2) % n], dtype=torch.long,
-                                device=cond[clap].device)
-        swapped = [other if i == clap else c for i, c in enumerate(cond)]
-        # a forward for every batch, also with nothing to swap (one example): under ZeRO-3 a forward gathers
-        # parameters from every worker, so all must run as many
+        n, b = (len(all_clap) if count else 0), tgt.shape[0]
+        swapped = cond
+        if n:
+            other = torch.as_tensor(all_clap[(np.arange(first, first + b) + n // 2) % n], dtype=torch.long,
+                                    device=cond[clap].device)
+            swapped = [other if i == clap else c for i, c in enumerate(cond)]
+        # a forward for every batch, also with nothing to swap (one example) or nothing to count (filler): under
+        # ZeRO-3 a forward gathers parameters from every worker, so all must run as many
         shuffled_loss = stage_loss(forward(swapped, tgt), tgt)
+        if not count:
+            continue
+        sums.add(loss, logits, tgt)
         if n > 1:
             cond_sums.add(loss, shuffled_loss, logits.shape[0] * logits.shape[1])
         first += b
@@ -177,6 +192,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     torch.manual_seed(tc.seed)
     model = build_stage(stage, cfg.model).set_attention(training_attention(tc, on_gpu, cfg.model.stage(stage)))
+    model.checkpoint_blocks = tc.activation_checkpointing
     resume = ray.train.get_checkpoint()
     if resume is None and loop_cfg.get("init_from"):
         ckpt.load_into(model, ckpt.load_state(loop_cfg["init_from"]), loop_cfg["init_from"])
@@ -189,7 +205,8 @@ def train_loop(loop_cfg: dict) -> None:
                                                    config=deepspeed_config(tc, bf16))
     if tc.compile:
         engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
-    log(f"attention: {model.attention}{', compiled' if tc.compile else ''}")
+    log(f"attention: {model.attention}{', compiled' if tc.compile else ''}"
+        f"{', activation checkpointing' if tc.activation_checkpointing else ''}")
     state = TrainState(world_size=world, zero_stage=tc.zero_stage)
     if resume is not None:
         with resume.as_directory() as d:
@@ -216,8 +233,8 @@ def train_loop(loop_cfg: dict) -> None:
 
     def validate() -> dict:
         engine.eval()
-        batches = list(_batches(held, "valid", 0, rank, world, tc.batch_size, drop_last=False))
-        sums, cond_sums, example = validation_pass(engine, model, batches, device)
+        batches, counted = held["valid"].lockstep_batches(rank, world, tc.batch_size)
+        sums, cond_sums, example = validation_pass(engine, model, batches, device, counted)
         engine.train()
         out = {**sums.reduce(device), **cond_sums.reduce(device)}
         state.valid_loss = out["valid/loss"]
@@ -238,7 +255,7 @@ def train_loop(loop_cfg: dict) -> None:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG)
             params = list(engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=tc.zero_stage == 3):
-                weights = export_weights(engine)  # every rank: gathering the fp32 masters is a collective
+                weights = export_weights(engine, keep=rank == 0)  # every rank: the gathers are collectives
                 if rank == 0:
                     ckpt.save_stage(tmp, weights, stage, cfg.model, state.step, loop_cfg["fingerprint"], metrics)
                     Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(state)))
