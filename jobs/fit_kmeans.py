@@ -19,8 +19,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.tokens.fit import fit_kmeans
+    from musiclm.tokens.fit import fit_kmeans, refuse_refit
 
+    refuse_refit(args.token_system, "semantic_kmeans", args.overwrite)  # before Ray starts
     plan = actor_plan(args, connect(args), "fit-kmeans's semantic-encoder actors")
     fit_kmeans(args.token_system, args.audio, plan, frames_per_track=args.frames_per_track,
                max_tracks=args.max_tracks, max_seconds=args.max_seconds, max_vectors=args.max_frames,

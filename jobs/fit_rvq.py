@@ -20,8 +20,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.tokens.fit import fit_rvq
+    from musiclm.tokens.fit import fit_rvq, refuse_refit
 
+    refuse_refit(args.token_system, "clap_rvq", args.overwrite)  # before Ray starts
     plan = actor_plan(args, connect(args), "fit-rvq's CLAP actors")
     fit_rvq(args.token_system, args.audio, plan, steps=args.steps, batch_size=args.batch_size,
             max_tracks=args.max_tracks, max_seconds=args.max_seconds, max_vectors=args.max_embeddings,

@@ -21,7 +21,7 @@ import torch
 from ..audio import AudioDecodeError, decode_audio, list_audio_files
 from ..raycompute import ActorPlan
 from .kmeans import fit_minibatch_kmeans
-from .system import TokenSystem, TokenSystemError, new_rvq, tokenizer_input, writable_root
+from .system import TokenSystem, TokenSystemError, new_rvq, read_meta, tokenizer_input, writable_root
 
 CLAP, SEMANTIC = "clap", "semantic"
 
@@ -147,10 +147,17 @@ def _select(folder: str | Path, per_track: int, max_vectors: int | None, max_tra
     return sample, info
 
 
-def _guard(system: TokenSystem, fitted: bool, what: str, overwrite: bool) -> None:
+PARTS = {"clap_rvq": "CLAP RVQ", "semantic_kmeans": "semantic k-means"}  # token_system.json's "fitted" keys
+
+
+def refuse_refit(token_system: str | Path, part: str, overwrite: bool) -> None:
+    """Refuse to re-fit a fitted ``part`` (a key of ``PARTS``) of ``token_system`` unless ``overwrite``: checked
+    from ``token_system.json`` alone, before a job starts Ray or loads an encoder (and again by the fit itself)."""
+    fitted = read_meta(token_system)[0].get("fitted", {}).get(part, False)
     if fitted and not overwrite:
-        raise TokenSystemError(f"the {what} of {system.root} is already fitted; re-fitting changes the fingerprint "
-                               f"and every dataset made with it stops matching. Pass --overwrite to re-fit anyway.")
+        raise TokenSystemError(f"the {PARTS[part]} of {token_system} is already fitted; re-fitting changes the "
+                               f"fingerprint and every dataset made with it stops matching. Pass --overwrite to "
+                               f"re-fit anyway.")
 
 
 def _write_report(system: TokenSystem, name: str, report: dict) -> Path:
@@ -164,8 +171,8 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
             max_vectors: int = 200_000, seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Fit the CLAP RVQ on the audio under ``folder`` and save it into ``token_system``."""
     start = time.time()
+    refuse_refit(token_system, "clap_rvq", overwrite)
     system = TokenSystem.load(writable_root(token_system))
-    _guard(system, system.rvq_fitted, "CLAP RVQ", overwrite)
     c = system.config.clap_rvq_cfg
     windows = max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
     paths, sample = _select(folder, windows, max_vectors, max_tracks, seed, log)
@@ -190,8 +197,8 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
                seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Fit the semantic k-means on the audio under ``folder`` and save its centers into ``token_system``."""
     start = time.time()
+    refuse_refit(token_system, "semantic_kmeans", overwrite)
     system = TokenSystem.load(writable_root(token_system))
-    _guard(system, system.kmeans_fitted, "semantic k-means", overwrite)
     paths, sample = _select(folder, frames_per_track, max_vectors, max_tracks, seed, log)
     data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
                    max_vectors=max_vectors, seed=seed, log=log)

@@ -51,7 +51,8 @@ class SemanticTokenizer:
     def features(self, audio: np.ndarray) -> torch.Tensor:
         """Layer features (T, D) for a prepared 16 kHz waveform (``prepare_waveform``), or (B, T, D) for a batch
         (B, N) of equal-length ones."""
-        x = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+        a = np.asarray(audio, dtype=np.float32)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only (Ray's object store): torch warns
         single = x.ndim == 1
         x = x[None] if single else x
         n = (x.shape[-1] // self.cfg.seq_len_multiple_of) * self.cfg.seq_len_multiple_of
