@@ -16,6 +16,7 @@ VERBS = {
     "evaluate": "compare model sets on a prompt set: CLAP score (best of N, random) and FAD (table and plot)",
     "watch-eval": "score a training run's checkpoints as music (CLAP score, FAD) into its TensorBoard",
     "import-open-musiclm": "convert open-musiclm's released checkpoints, RVQ and k-means into a model set",
+    "check-clap-rvq": "which CLAP an RVQ was fitted on: its reconstruction error of each candidate's embeddings",
     "pipeline": "run every step end to end, skipping finished ones (make demo)",
 }
 

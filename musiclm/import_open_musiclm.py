@@ -71,9 +71,16 @@ def transformer_key_map(num_sequences: int, depth: int) -> tuple[dict[str, str],
 
 
 def load_torch_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pt`` file, read with ``weights_only=True`` (tensors and plain containers only)."""
+    """A state dict from a ``.pt`` file, read with ``weights_only=True`` (tensors and plain containers only) and
+    memory-mapped where the file allows (torch.save's zip format): a large stage's 1.1 GB is read from the page
+    cache as it is converted and written, instead of three stages' copies held at once."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -153,6 +160,56 @@ def convert_rvq(state: dict[str, torch.Tensor], num_quantizers: int, codebook_si
         sums.append(total)
     return {"codebooks": torch.stack(codebooks), "cluster_size": torch.stack(sizes), "embed_sum": torch.stack(sums),
             "initialized": torch.tensor(True)}
+
+
+def read_rvq(path: str | Path):
+    """An open-musiclm RVQ file (``clap.rvq.*.pt``) as our ``ResidualVQ``, its sizes read from the file."""
+    from .tokens.rvq import ResidualVQ
+
+    state = load_torch_state(path, "--rvq")
+    books = [v for k, v in state.items() if re.fullmatch(r"layers\.\d+\._codebook\.embed", k)]
+    if not books:
+        raise OpenMusicLMImportError(f"{path} holds no ResidualVQ codebooks (layers.<i>._codebook.embed)")
+    size, dim = books[0].shape[-2:]
+    rvq = ResidualVQ(len(books), size, dim)
+    rvq.load_tensors(convert_rvq(state, len(books), size, dim, str(path)), str(path))
+    return rvq
+
+
+def clap_rvq_residuals(rvq_path: str | Path, candidates: dict[str, str], audio_files: list[str], *,
+                       trust_pickle: bool = False, log=print) -> dict[str, float | None]:
+    """Which CLAP an RVQ was fitted on: for each candidate (a laion_clap ``.pt``, or a transformers-format CLAP's
+    folder or hub id), the RVQ's mean relative residual ``|e - RVQ(e)| / |e|`` over the candidate's embeddings of
+    the first 10 s window of each file. An RVQ reconstructs the embeddings of the CLAP it was fitted on far better
+    than another CLAP's (its codes sit where that CLAP's embeddings lie). None: the CLAP's embedding width is not
+    the RVQ's."""
+    from .audio import load_audio
+    from .config import ClapRVQConfig
+    from .tokens import encoders
+    from .tokens.clap import ClapFeaturizer, embed_audio_features
+    from .tokens.laion_clap import laion_clap_audio
+
+    rvq = read_rvq(rvq_path)
+    clips = [load_audio(f, 48000, max_seconds=10.0) for f in audio_files]
+    log(f"RVQ {rvq.num_quantizers}x{rvq.codebook_size}x{rvq.dim} from {rvq_path}; {len(clips)} clips")
+    out = {}
+    for name, source in candidates.items():
+        if Path(source).is_file():
+            model, features = laion_clap_audio(source, trust_pickle)
+        else:
+            model, processor = encoders.load_clap(source)
+            features = processor.feature_extractor
+        if model.config.projection_dim != rvq.dim:
+            log(f"{name}: embeddings of width {model.config.projection_dim}, the RVQ's are {rvq.dim}: not this one")
+            out[name] = None
+            continue
+        featurizer = ClapFeaturizer(features, ClapRVQConfig(dim=rvq.dim), 10.0)
+        e = embed_audio_features(model, np.concatenate([featurizer(c)[:1] for c in clips]))
+        residual = e - rvq.decode(rvq.encode(e))
+        out[name] = float((residual.norm(dim=1) / e.norm(dim=1)).mean())
+        log(f"{name}: mean relative residual {out[name]:.4f} ({source})")
+        del model
+    return out
 
 
 def load_kmeans_centers(path: str | Path, trust_pickle: bool = False) -> np.ndarray:
@@ -250,4 +307,4 @@ def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], 
 
 
 __all__ = ["import_open_musiclm", "convert_transformer", "convert_rvq", "load_kmeans_centers", "load_torch_state",
-           "transformer_key_map", "OpenMusicLMImportError"]
+           "read_rvq", "clap_rvq_residuals", "transformer_key_map", "OpenMusicLMImportError"]

@@ -100,3 +100,23 @@ def test_a_release_era_kmeans_joblib_loads_and_assigns_as_scikit_learn_predicts(
 
     ids = nearest(torch.from_numpy(expected["features"]), torch.from_numpy(centers)).numpy()
     assert np.array_equal(ids, expected["ids"])
+
+
+def test_check_clap_rvq_names_the_clap_an_rvq_was_fitted_on(tmp_path):
+    """The released RVQ does not say which CLAP it belongs to (README, "Which CLAP"). The fixture's RVQs were fitted
+    by open-musiclm's ClapQuantized on the HTSAT-tiny CLAP's embeddings: `musiclm check-clap-rvq` must tell that
+    CLAP from the HTSAT-base one by how well the RVQ reconstructs each one's embeddings of the same music."""
+    import soundfile as sf
+
+    from jobs.check_clap_rvq import main
+
+    audio = load_file(str(LAION / "audio.safetensors"))
+    (tmp_path / "music").mkdir()
+    for name, pcm in audio.items():
+        sf.write(tmp_path / "music" / f"{name}.wav", pcm, 48000, subtype="PCM_16")
+    for version in VQP:
+        residuals = main(["--rvq", str(FILES / f"clap.rvq.vqp-{version}.pt"), "--audio", str(tmp_path / "music"),
+                          "--candidate", f"tiny={LAION / 'htsat_tiny.pt'}",
+                          "--candidate", f"base={LAION / 'htsat_base.pt'}", "--json", str(tmp_path / "r.json")])
+        assert json.loads((tmp_path / "r.json").read_text()) == residuals
+        assert residuals["tiny"] * 3 < residuals["base"], (version, residuals)

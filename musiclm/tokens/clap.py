@@ -75,6 +75,19 @@ class ClapFeaturizer:
         return out
 
 
+@torch.no_grad()
+def embed_audio_features(model, features: np.ndarray, device: str | torch.device = "cpu",
+                         batch_size: int = 16) -> torch.Tensor:
+    """CLAP audio embeddings (n_windows, dim) of input features (n_windows, 1, frames, mel bins), in batches."""
+    out = []
+    for i in range(0, len(features), batch_size):
+        x = torch.tensor(features[i: i + batch_size]).to(device)
+        # every window is exactly CLAP's input length, so none is "longer" (fusion is never used)
+        is_longer = torch.zeros(len(x), 1, dtype=torch.bool, device=device)
+        out.append(_pooled(model.get_audio_features(input_features=x, is_longer=is_longer)).float().cpu())
+    return torch.cat(out)
+
+
 class ClapTokenizer:
     def __init__(self, model, processor, rvq: ResidualVQ, cfg: ClapRVQConfig, window_seconds: float,
                  device: str | torch.device = "cpu", batch_size: int = 16):
@@ -86,16 +99,9 @@ class ClapTokenizer:
     def windows(self, audio: np.ndarray) -> np.ndarray:
         return self.featurizer.windows(audio)
 
-    @torch.no_grad()
     def embed_features(self, features: np.ndarray) -> torch.Tensor:
         """Embeddings (n_windows, dim) of input features (n_windows, 1, frames, mel bins), in batches."""
-        out = []
-        for i in range(0, len(features), self.batch_size):
-            x = torch.tensor(features[i: i + self.batch_size]).to(self.device)
-            # every window is exactly CLAP's input length, so none is "longer" (fusion is never used)
-            is_longer = torch.zeros(len(x), 1, dtype=torch.bool, device=self.device)
-            out.append(_pooled(self.model.get_audio_features(input_features=x, is_longer=is_longer)).float().cpu())
-        return torch.cat(out)
+        return embed_audio_features(self.model, features, self.device, self.batch_size)
 
     def audio_embeddings(self, audio: np.ndarray) -> torch.Tensor:
         """Embeddings (n_windows, dim) of 48 kHz mono ``audio``."""

@@ -210,12 +210,12 @@ def check_conversion(state: dict[str, torch.Tensor], model, source: str = "the c
     return converted
 
 
-def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickle: bool = False):
-    """A float32 transformers ``ClapModel`` (eval mode) and ``ClapProcessor`` equal to laion_clap's unfused CLAP
-    loaded from ``path``."""
-    from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+def laion_clap_audio(path: str | Path, trust_pickle: bool = False):
+    """The converted float32 ``ClapModel`` (eval mode) of the laion_clap checkpoint at ``path`` and a
+    ``ClapFeatureExtractor`` with laion_clap's audio settings: what embedding audio needs (no tokenizer)."""
+    from transformers import ClapFeatureExtractor, ClapModel
 
-    from .encoders import EncoderLoadError, _quiet_transformers
+    from .encoders import _quiet_transformers
 
     _quiet_transformers()
     state = read_laion_state(path, trust_pickle)
@@ -223,17 +223,28 @@ def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickl
     converted = check_conversion(state, model, str(path))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in converted.items()},
                           strict=False)
+    features = ClapFeatureExtractor(feature_size=model.config.audio_config.num_mel_bins, sampling_rate=48000,
+                                    hop_length=480, fft_window_size=1024, max_length_s=10, frequency_min=50,
+                                    frequency_max=14000, truncation="rand_trunc", padding="repeatpad")
+    return model, features
+
+
+def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickle: bool = False):
+    """A float32 transformers ``ClapModel`` (eval mode) and ``ClapProcessor`` equal to laion_clap's unfused CLAP
+    loaded from ``path``."""
+    from transformers import ClapProcessor, RobertaTokenizer
+
+    from .encoders import EncoderLoadError
+
+    model, features = laion_clap_audio(path, trust_pickle)
     try:
         text_tokenizer = RobertaTokenizer.from_pretrained(tokenizer)
     except Exception as e:
         raise EncoderLoadError(f"cannot load CLAP's RoBERTa tokenizer from {tokenizer!r}: "
                                f"{str(e).splitlines()[0][:300]}. Give a folder or hub id holding roberta-base's "
                                f"tokenizer files (--clap-tokenizer)") from None
-    features = ClapFeatureExtractor(feature_size=model.config.audio_config.num_mel_bins, sampling_rate=48000,
-                                    hop_length=480, fft_window_size=1024, max_length_s=10, frequency_min=50,
-                                    frequency_max=14000, truncation="rand_trunc", padding="repeatpad")
     return model, ClapProcessor(feature_extractor=features, tokenizer=text_tokenizer)
 
 
-__all__ = ["convert_laion_clap", "read_laion_state", "clap_config", "convert_state", "check_conversion",
+__all__ = ["convert_laion_clap", "laion_clap_audio", "read_laion_state", "clap_config", "convert_state", "check_conversion",
            "check_derived_buffers", "LaionClapError", "TOKENIZER"]
