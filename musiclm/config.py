@@ -206,8 +206,8 @@ class TrainConfig:
     attention: Literal["auto", "dense", "flex"] = "auto"
     compile: bool = False  # torch.compile the stage (DeepSpeed's engine.compile): first steps compile (minutes)
     # Keep each block's input only and recompute its activations in the backward (same gradients). A large stage's
-    # fine window (1,212 positions) keeps 6.1 GB of activations per example on a CPU (dense attention: 16 heads x
-    # 1,212^2 per layer), 1.4 GB with it, for about 20 % more step time (measured; README, "Training a stage").
+    # fine window (1,217 positions) keeps 6.4 GiB of activations per example on a CPU (dense attention: 16 heads x
+    # 1,217^2 per layer), 1.4 GiB with it (benchmarks/train_memory.py; README, "Training a stage").
     activation_checkpointing: bool = False
 
     def __post_init__(self):
