@@ -211,7 +211,7 @@ def main() -> None:
         "synth": (["synth", "--out", str(w / "audio"), "--num-tracks", "4", "--seconds", "30"], None),
         "import": (["import-open-musiclm", "--config", files["config"], "--semantic", files["semantic"],
                     "--coarse", files["coarse"], "--fine", files["fine"], "--rvq", files["rvq"],
-                    "--kmeans", files["kmeans"], "--trust-pickle", "--clap-checkpoint", files["clap"],
+                    "--kmeans", files["kmeans"], "--trust-pickle", files["kmeans"], "--clap-checkpoint", files["clap"],
                     "--clap-tokenizer", tokenizer, "--mert", files["mert"], "--encodec", files["encodec"],
                     "--out", str(models), "--overwrite"], None),
         "fit-refused": (["fit-rvq", "--token-system", str(ts), "--audio", str(w / "audio")], "already fitted"),

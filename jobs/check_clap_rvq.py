@@ -7,7 +7,7 @@ open-musiclm's RVQ file does not say which CLAP's embeddings it was fitted on; i
     musiclm check-clap-rvq --rvq clap.rvq.950_no_fusion.pt --audio some_music/ \\
         --candidate 630k=630k-audioset-best.pt --candidate music=music_speech_audioset_epoch_15_esc_89.98.pt
 
-Each candidate is a laion_clap .pt (read weights-only; --trust-pickle for a full pickle) or a transformers-format
+Each candidate is a laion_clap .pt (read weights-only; --trust-pickle FILE for a full pickle) or a transformers-format
 CLAP (folder or hub id). Prints each one's mean relative residual |e - RVQ(e)| / |e| over the clips' first 10 s;
 the lowest, by a wide margin, is the RVQ's CLAP. Runs locally, no Ray."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import log, run
+from jobs.common import add_trust_pickle_arg, log, run, trusted_files
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,8 +26,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a candidate CLAP: laion_clap .pt, or transformers folder / hub id (repeat for each)")
     p.add_argument("--audio", required=True, help="folder of music (searched recursively)")
     p.add_argument("--max-clips", type=int, default=16, help="files used (the first, sorted), 10 s of each")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="read .pt candidates holding more than tensors as full pickles (runs their code)")
+    add_trust_pickle_arg(p, "a candidate .pt that holds more than tensors")
     p.add_argument("--json", help="also write the residuals to this JSON file")
     return p
 
@@ -46,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     files = list_audio_files(args.audio)[: args.max_clips]
     if not files:
         raise ValueError(f"no audio files under {args.audio}")
-    residuals = clap_rvq_residuals(args.rvq, candidates, files, trust_pickle=args.trust_pickle, log=log)
+    trust = trusted_files(args.trust_pickle, **candidates)
+    residuals = clap_rvq_residuals(args.rvq, candidates, files, trusted={n for n, t in trust.items() if t}, log=log)
     ranked = sorted((r, n) for n, r in residuals.items() if r is not None)
     if ranked:
         best = ranked[0]

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 DEFAULT_WAIT_S = 900.0  # a cloud GPU node takes minutes to boot and join
@@ -38,6 +39,29 @@ def add_clap_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clap-tokenizer", default=TOKENIZER,
                         help=f"RoBERTa tokenizer for --clap-checkpoint: hub id or folder (default: {TOKENIZER}, "
                              "laion_clap's)")
+
+
+def add_trust_pickle_arg(parser: argparse.ArgumentParser, which: str) -> None:
+    parser.add_argument("--trust-pickle", action="append", default=[], metavar="FILE",
+                        help=f"read FILE ({which}) as a full Python pickle: loading a pickle runs code stored in the "
+                             f"file, so name only files from a source you trust; repeat for each such file. Every "
+                             f"other file is read weights-only")
+
+
+def trusted_files(trust: list[str], **files: str | None) -> dict[str, bool]:
+    """For each of a command's input ``files`` (option name -> path), whether ``--trust-pickle`` names it. Trust is
+    per file: naming the k-means file does not let a CLAP checkpoint given beside it run code. A ``--trust-pickle``
+    that names none of them is refused (a typo would otherwise trust nothing and fail later, far from the cause)."""
+    given = {name: Path(path).resolve() for name, path in files.items() if path}
+    out = {name: False for name in files}
+    for path in trust:
+        names = [name for name, p in given.items() if p == Path(path).resolve()]
+        if not names:
+            options = ", ".join(f"--{n.replace('_', '-')} {files[n]}" for n in given) or "none given"
+            raise ValueError(f"--trust-pickle {path} names none of this command's files ({options}); name the "
+                             f"file to read as a pickle")
+        out.update(dict.fromkeys(names, True))
+    return out
 
 
 def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:

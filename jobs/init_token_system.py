@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_clap_checkpoint_args, log, run
+from jobs.common import add_clap_checkpoint_args, add_trust_pickle_arg, log, run, trusted_files
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,9 +22,7 @@ def parser() -> argparse.ArgumentParser:
                    help="override token-system settings, e.g. clap_rvq_cfg.hop_seconds=2")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny encoders' random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing token system in --out")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow reading a --clap-checkpoint that holds more than tensors, as a full Python pickle "
-                        "(runs code stored in the file): only for files from a source you trust")
+    add_trust_pickle_arg(p, "a --clap-checkpoint that holds more than tensors")
     return p
 
 
@@ -41,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     config = apply_overrides(config, args.set)
     system = TokenSystem.create(config, args.out, seed=args.seed, overwrite=args.overwrite,
                                 clap_checkpoint=args.clap_checkpoint, clap_tokenizer=args.clap_tokenizer,
-                                trust_pickle=args.trust_pickle)
+                                trust_pickle=trusted_files(args.trust_pickle,
+                                                           clap_checkpoint=args.clap_checkpoint)["clap_checkpoint"])
     log(system.describe())
 
 

@@ -3,7 +3,7 @@
 Inputs: its model JSON (``musiclm_large_small_context.json``), the three transformer state dicts
 (``semantic.transformer.14000.pt`` …, read with ``torch.load(weights_only=True)``), the CLAP RVQ
 (``clap.rvq.950_no_fusion.pt``: a ``vector_quantize_pytorch`` ResidualVQ state dict) and the k-means
-(``kmeans_10s_no_fusion.joblib``: a pickled scikit-learn MiniBatchKMeans, read only with ``trust_pickle``;
+(``kmeans_10s_no_fusion.joblib``: a pickled scikit-learn MiniBatchKMeans, read only with ``trust_kmeans_pickle``;
 its centers as ``.npy`` or ``.safetensors`` need no pickle), and the encoders in transformers format (CLAP,
 MERT, EnCodec: hub ids or local folders), or CLAP as the laion_clap checkpoint open-musiclm loads
 (``clap_checkpoint``, converted by ``tokens.laion_clap``).
@@ -84,8 +84,11 @@ def load_torch_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise OpenMusicLMImportError(f"{what} {path} cannot be read as a weights-only state dict ({str(e).splitlines()[0]}); "
-                           f"give open-musiclm's file as released (a plain state dict saved by torch.save)") from None
+        reason = ("it holds more than tensors: objects whose loading runs code" if "Weights only load failed" in str(e)
+                  else str(e).splitlines()[0][:300])
+        raise OpenMusicLMImportError(f"{what} {path} cannot be read as a weights-only state dict ({reason}); "
+                                     f"give open-musiclm's file as released (a plain state dict saved by torch.save)"
+                                     ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -177,12 +180,12 @@ def read_rvq(path: str | Path):
 
 
 def clap_rvq_residuals(rvq_path: str | Path, candidates: dict[str, str], audio_files: list[str], *,
-                       trust_pickle: bool = False, log=print) -> dict[str, float | None]:
+                       trusted: set[str] = frozenset(), log=print) -> dict[str, float | None]:
     """Which CLAP an RVQ was fitted on: for each candidate (a laion_clap ``.pt``, or a transformers-format CLAP's
     folder or hub id), the RVQ's mean relative residual ``|e - RVQ(e)| / |e|`` over the candidate's embeddings of
     the first 10 s window of each file. An RVQ reconstructs the embeddings of the CLAP it was fitted on far better
     than another CLAP's (its codes sit where that CLAP's embeddings lie). None: the CLAP's embedding width is not
-    the RVQ's."""
+    the RVQ's. ``trusted``: the candidates whose ``.pt`` may be read as a full pickle."""
     from .audio import load_audio
     from .config import ClapRVQConfig
     from .tokens import encoders
@@ -195,7 +198,7 @@ def clap_rvq_residuals(rvq_path: str | Path, candidates: dict[str, str], audio_f
     out = {}
     for name, source in candidates.items():
         if Path(source).is_file():
-            model, features = laion_clap_audio(source, trust_pickle)
+            model, features = laion_clap_audio(source, name in trusted)
         else:
             model, processor = encoders.load_clap(source)
             features = processor.feature_extractor
@@ -226,7 +229,7 @@ def load_kmeans_centers(path: str | Path, trust_pickle: bool = False) -> np.ndar
         return load_file(str(path))["centers"]
     if not trust_pickle:
         raise OpenMusicLMImportError(
-            f"{path} is a pickle (joblib): loading it runs code stored in the file. Pass --trust-pickle if you "
+            f"{path} is a pickle (joblib): loading it runs code stored in the file. Pass --trust-pickle {path} if you "
             f"trust its source (e.g. open-musiclm's own release), or export the centers yourself where you trust "
             f"it and give the .npy: python -c \"import joblib, numpy; numpy.save('kmeans_centers.npy', "
             f"joblib.load('{path}').cluster_centers_)\"")
@@ -255,10 +258,12 @@ def _step(path: Path) -> int:
 def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], rvq: str | Path,
                         kmeans: str | Path, out: str | Path, *, clap: str | None = None, mert: str | None = None,
                         encodec: str | None = None, clap_checkpoint: str | Path | None = None,
-                        clap_tokenizer: str = CLAP_TOKENIZER, trust_pickle: bool = False, overwrite: bool = False,
-                        log=print) -> dict:
+                        clap_tokenizer: str = CLAP_TOKENIZER, trust_kmeans_pickle: bool = False,
+                        trust_clap_pickle: bool = False, overwrite: bool = False, log=print) -> dict:
     """Convert everything in memory first (nothing is written when a file does not convert), then write the
-    token system and the stamped stage checkpoints, and check that each loads."""
+    token system and the stamped stage checkpoints, and check that each loads. Trust is per file: the k-means
+    joblib is read as a pickle only with ``trust_kmeans_pickle``, the CLAP checkpoint only with
+    ``trust_clap_pickle`` (else weights-only)."""
     from .tokens.system import TokenSystem, new_rvq
 
     out = Path(out)
@@ -279,12 +284,12 @@ def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], 
             log(f"{stage}: {len(states[stage])} tensors mapped from {path}")
     c = model_cfg.clap_rvq_cfg
     rvq_tensors = convert_rvq(load_torch_state(rvq, "--rvq"), c.rq_num_quantizers, c.codebook_size, c.dim, str(rvq))
-    centers = load_kmeans_centers(kmeans, trust_pickle)
+    centers = load_kmeans_centers(kmeans, trust_kmeans_pickle)
     log(f"RVQ {c.rq_num_quantizers}x{c.codebook_size}x{c.dim} and k-means {centers.shape} read")
 
     system = TokenSystem.create(model_cfg.token_system(), out / "token_system", overwrite=overwrite,
                                 clap_checkpoint=clap_checkpoint, clap_tokenizer=clap_tokenizer,
-                                trust_pickle=trust_pickle)
+                                trust_pickle=trust_clap_pickle)
     if clap_checkpoint:
         log(f"CLAP converted from the laion_clap checkpoint {clap_checkpoint}")
     quantizer = new_rvq(system.config)

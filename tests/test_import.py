@@ -211,13 +211,11 @@ def test_rvq_conversion_gives_direct_residual_quantization_ids():
         convert_rvq({k_: v for k_, v in state.items() if not k_.startswith("layers.3.")}, q, k, d)
 
 
-def test_import_then_generate_and_the_pickle_needs_consent(tmp_path):
+def _released_like_files(tmp_path) -> tuple[list[str], object]:
+    """open-musiclm-style files of the small config (stage state dicts, RVQ, a k-means joblib written by
+    scikit-learn) and the import command's arguments for them, without any --trust-pickle."""
     import joblib
     from sklearn.cluster import MiniBatchKMeans
-
-    from jobs.common import run
-    from jobs.import_open_musiclm import main as import_main
-    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
 
     (tmp_path / "model.json").write_text(json.dumps(small_model_config()))
     g = torch.Generator().manual_seed(3)
@@ -233,13 +231,22 @@ def test_import_then_generate_and_the_pickle_needs_consent(tmp_path):
             "--out", str(tmp_path / "set")] + [a for stage, step in (("semantic", 14000), ("coarse", 18000),
                                                                      ("fine", 24000))
                                                for a in (f"--{stage}", str(tmp_path / f"{stage}.transformer.{step}.pt"))]
+    return argv, km
+
+
+def test_import_then_generate_and_the_pickle_needs_consent(tmp_path):
+    from jobs.common import run
+    from jobs.import_open_musiclm import main as import_main
+    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+
+    argv, km = _released_like_files(tmp_path)
     with pytest.raises(SystemExit) as stop:
         run(lambda: import_main(argv))
     assert stop.value.code == 2 and not (tmp_path / "set").exists()  # refused before writing anything
     with pytest.raises(OpenMusicLMImportError, match="--trust-pickle"):
         load_kmeans_centers(tmp_path / "kmeans.joblib")
 
-    import_main(argv + ["--trust-pickle"])
+    import_main(argv + ["--trust-pickle", str(tmp_path / "kmeans.joblib")])
     record = json.loads((tmp_path / "set" / "import.json").read_text())
     stage_info = json.loads((tmp_path / "set" / "coarse" / "stage.json").read_text())
     assert stage_info["fingerprint"] == record["fingerprint"] and stage_info["step"] == 18000
@@ -249,3 +256,34 @@ def test_import_then_generate_and_the_pickle_needs_consent(tmp_path):
     generator = MusicGenerator(ModelSet.from_dir(tmp_path / "set"), device="cpu")
     result = generator.generate("imported", GenerateSettings(duration=1.0, num_samples=1))
     assert result.audio.shape == (1, 24000) and math.isfinite(float(result.scores[0]))
+
+
+class _RunsCode:
+    """Unpickling this creates the file ``marker`` (what a hostile checkpoint's ``__reduce__`` can do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_trust_is_per_file_a_hostile_clap_checkpoint_never_runs_code(tmp_path):
+    """The README's command trusts the k-means joblib with --trust-pickle; a CLAP checkpoint given beside it is
+    still read weights-only: a file whose unpickling runs code is refused (exit 2, named) and its code never runs
+    unless --trust-pickle names that file itself. A --trust-pickle naming none of the files is refused."""
+    from jobs.common import run
+    from jobs.import_open_musiclm import main as import_main
+
+    argv, _ = _released_like_files(tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {"module.x": _RunsCode(str(marker))}}, tmp_path / "630k-audioset-best.pt")
+    evil = ["--clap-checkpoint", str(tmp_path / "630k-audioset-best.pt")]
+    for extra in (["--trust-pickle", str(tmp_path / "kmeans.joblib")], ["--trust-pickle", str(tmp_path / "k.joblib")]):
+        with pytest.raises(SystemExit) as stop:
+            run(lambda: import_main(argv + evil + extra))
+        assert stop.value.code == 2 and not marker.exists() and not (tmp_path / "set").exists()
+    with pytest.raises(SystemExit):  # trusted by name: its code runs (then it is no state dict of tensors)
+        run(lambda: import_main(argv + evil + ["--trust-pickle", str(tmp_path / "kmeans.joblib"),
+                                               "--trust-pickle", str(tmp_path / "630k-audioset-best.pt")]))
+    assert marker.exists()

@@ -70,9 +70,11 @@ def read_laion_state(path: str | Path, trust_pickle: bool = False) -> dict[str, 
     except FileNotFoundError:
         raise LaionClapError(f"CLAP checkpoint {path} does not exist") from None
     except Exception as e:
-        hint = ("" if trust_pickle else " If you trust the file, --trust-pickle loads it as a full pickle (it can "
-                                        "run code).")
-        raise LaionClapError(f"cannot read CLAP checkpoint {path}: {str(e).splitlines()[0][:300]}.{hint}") from None
+        if not trust_pickle and "Weights only load failed" in str(e):
+            raise LaionClapError(f"CLAP checkpoint {path} holds more than tensors (objects whose loading runs code), "
+                                 f"so it was not read. If you trust the file, --trust-pickle {path} loads it as a "
+                                 f"full pickle (it can run code).") from None
+        raise LaionClapError(f"cannot read CLAP checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LaionClapError(f"{path} holds no laion_clap state dict (expected {{'state_dict': {{name: tensor}}}})")
