@@ -174,6 +174,7 @@ def run(main) -> None:
     from musiclm.tokens.encoders import EncoderLoadError
     from musiclm.tokens.system import TokenSystemError
     from musiclm.train.checkpoint import CheckpointError
+    from musiclm.train.run import TrainingDiverged
 
     try:
         main()
@@ -181,7 +182,7 @@ def run(main) -> None:
         print("interrupted: work already written is kept; run the same command again to continue", file=sys.stderr)
         sys.exit(130)
     except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError,
-            FileNotFoundError, ValueError, StorageError, ResourceWaitTimeout) as e:
+            FileNotFoundError, ValueError, StorageError, ResourceWaitTimeout, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config_io import ConfigError, apply_overrides, check, from_dict, load_json, save_json, to_dict
+from .config_io import (ConfigError, apply_overrides, check, check_finite, from_dict, load_json, overlay, save_json,
+                        to_dict)
 
 Stage = Literal["semantic", "coarse", "fine"]
 STAGES: tuple[str, ...] = ("semantic", "coarse", "fine")
+MAX_STEPS = 10 ** 9  # more optimizer steps than anyone runs (a 30 ms step: a year): a larger count is a typo
 TINY = "tiny"  # model_name value meaning "random weights of the same architecture at a small size, built offline"
 
 
@@ -36,6 +38,7 @@ class GlobalConfig:
     num_fine_quantizers: int = 5
 
     def __post_init__(self):
+        check_finite(self)
         for name in ("semantic", "coarse", "fine", "clap"):
             check(getattr(self, f"{name}_audio_length_seconds") > 0, f"{name}_audio_length_seconds", "must be > 0")
         check(self.num_coarse_quantizers >= 1, "num_coarse_quantizers", "must be >= 1")
@@ -61,11 +64,15 @@ class ClapRVQConfig:
     text_max_tokens: int = 77  # CLAP's text context (the tiny byte-level tokenizer uses one token per byte)
 
     def __post_init__(self):
+        check_finite(self)
         check(self.rq_num_quantizers >= 1, "rq_num_quantizers", "must be >= 1")
         check(self.codebook_size >= 2, "codebook_size", "must be >= 2")
         check(0.0 < self.rq_ema_decay < 1.0, "rq_ema_decay", "must be in (0, 1)")
         check(self.threshold_ema_dead_code >= 0, "threshold_ema_dead_code", "must be >= 0")
         check(self.hop_seconds > 0, "hop_seconds", "must be > 0")
+        check(self.dim >= 1, "dim", "must be >= 1")
+        check(self.sample_rate >= 1, "sample_rate", "must be >= 1 (Hz)")
+        check(self.text_max_tokens >= 1, "text_max_tokens", "must be >= 1")
 
 
 @dataclass
@@ -81,8 +88,12 @@ class HubertKmeansConfig:
     output_hz: int = 50
 
     def __post_init__(self):
+        check_finite(self)
         check(self.embed_layer >= 1, "embed_layer", "must be >= 1")
         check(self.codebook_size >= 2, "codebook_size", "must be >= 2")
+        check(self.seq_len_multiple_of >= 1, "seq_len_multiple_of", "must be >= 1 (samples)")
+        check(self.target_sample_hz >= 1 and self.output_hz >= 1, "output_hz",
+              "and target_sample_hz must be >= 1 (Hz)")
         check(self.target_sample_hz % self.output_hz == 0, "output_hz",
               "must divide target_sample_hz")
 
@@ -97,7 +108,10 @@ class EncodecConfig:
     model_name: str = "facebook/encodec_24khz"  # hub id, local directory, or "tiny"
 
     def __post_init__(self):
+        check_finite(self)
         check(self.bandwidth > 0, "bandwidth", "must be > 0")
+        check(self.codebook_size >= 2, "codebook_size", "must be >= 2")
+        check(self.output_hz >= 1, "output_hz", "must be >= 1 (Hz)")
 
 
 @dataclass
@@ -120,9 +134,15 @@ class TransformerConfig:
     dim_head: int = 64
 
     def __post_init__(self):
+        check_finite(self)
         check(self.dim >= 8, "dim", "must be >= 8")
         check(self.depth >= 1, "depth", "must be >= 1")
         check(self.heads >= 1, "heads", "must be >= 1")
+        check(self.dim_head >= 1, "dim_head", "must be >= 1")
+        check(self.heads * self.dim_head <= 8 * self.dim, "heads",
+              f"x dim_head = {self.heads * self.dim_head} is more than 8 x dim ({8 * self.dim}): an attention that "
+              f"wide is a typo (open-musiclm: 16 heads x 64 at dim 1024)")
+        check(self.max_absolute_position_embeddings >= 1, "max_absolute_position_embeddings", "must be >= 1")
         check(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
         check(0.0 <= self.ff_dropout < 1.0, "ff_dropout", "must be in [0, 1)")
 
@@ -137,6 +157,10 @@ class TokenSystemConfig:
     clap_audio_length_seconds: float = 10.0
     num_coarse_quantizers: int = 3
     num_fine_quantizers: int = 5
+
+    def __post_init__(self):
+        check_finite(self)
+        check(self.clap_audio_length_seconds > 0, "clap_audio_length_seconds", "must be > 0")
 
 
 @dataclass
@@ -211,14 +235,19 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
+        check_finite(self)
         check(self.lr > 0, "lr", "must be > 0")
         check(self.lr_warmup >= 0, "lr_warmup", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.grad_accum_every >= 1, "grad_accum_every", "must be >= 1")
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
-        check(len(self.betas) == 2, "betas", "must be two numbers")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+              "must be two numbers in [0, 1) (open-musiclm: [0.9, 0.99])")
+        check(self.wd >= 0, "wd", "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
-        check(self.num_train_steps >= 1, "num_train_steps", "must be >= 1")
+        check(1 <= self.num_train_steps <= MAX_STEPS, "num_train_steps", f"must be between 1 and {MAX_STEPS:,}")
+        check(self.lr_warmup <= MAX_STEPS, "lr_warmup", f"must be at most {MAX_STEPS:,}")
         check(self.save_results_every >= 1, "save_results_every", "must be >= 1")
         check(self.save_model_every >= 1, "save_model_every", "must be >= 1")
         check(self.keep_best >= 1, "keep_best", "must be >= 1")
@@ -258,9 +287,11 @@ class DataConfig:
     rows_per_shard: int = 128
 
     def __post_init__(self):
+        check_finite(self)
         check(self.clip_seconds >= 1, "clip_seconds", "must be a whole number of seconds >= 1")
         check(self.crops >= 1, "crops", "must be >= 1")
-        check(self.min_seconds > 0, "min_seconds", "must be > 0")
+        check(0 < self.min_seconds <= self.clip_seconds, "min_seconds",
+              f"must be > 0 and at most clip_seconds ({self.clip_seconds}): longer would make every track an error")
         check(1 <= self.pad_to_seconds <= self.clip_seconds, "pad_to_seconds",
               f"must be a whole number of seconds between 1 and clip_seconds ({self.clip_seconds})")
         check(0.0 <= self.valid_frac < 1.0, "valid_frac", "must be in [0, 1)")
@@ -324,10 +355,14 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 def _file_kind(path: str | Path) -> tuple[str, dict | None]:
     """What a config file holds: ``model`` (an open-musiclm model JSON), ``sweep`` (a sweep's best.json, whose
-    ``config`` section is a full Config) or ``config`` (anything else, read strictly as a Config)."""
+    ``config`` section is a full Config) or ``config`` (anything else: a Config, whole or in part)."""
     from . import storage
 
-    data = json.loads(storage.read_text(path)) if storage.exists(path) else None
+    try:
+        data = json.loads(storage.read_text(path)) if storage.exists(path) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON ({e}): give a JSON object of settings, e.g. "
+                          f'{{"train": {{"lr": 0.0003}}}}') from None
     if isinstance(data, dict) and "global_cfg" in data:
         return "model", data
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "checkpoint" in data:
@@ -344,9 +379,10 @@ def load_config(path: str | Path) -> Config:
 
 def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None = None,
                  overrides: list[str] | dict | None = None) -> Config:
-    """The Config of one stage's run: a preset (with that stage's training defaults), or a JSON file (a full
-    Config; a sweep's best.json, whose ``config`` section is one; or an open-musiclm model JSON on top of the
-    preset's training settings), then dotted overrides."""
+    """The Config of one stage's run: a preset (with that stage's training defaults), with a JSON file laid over
+    it (a Config, whole or in part: what it leaves out stays the preset's; a sweep's best.json, whose ``config``
+    section is a whole one; or an open-musiclm model JSON, the model on top of the preset's training settings),
+    then dotted overrides."""
     cfg = preset(preset_name, stage)
     if path is not None:
         kind, data = _file_kind(path)
@@ -354,8 +390,10 @@ def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None 
             cfg = dataclasses.replace(cfg, model=load_model_config(path))
         elif kind == "sweep":
             cfg = from_dict(Config, data["config"], "config")
+        elif data is None:
+            cfg = load_json(Config, path)  # names the missing or unreadable file
         else:
-            cfg = load_json(Config, path)
+            cfg = overlay(cfg, data, str(path))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=stage))
     return apply_overrides(cfg, overrides or [])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -124,12 +125,30 @@ def load_json(cls: type[T], path: str | Path) -> T:
         data = json.loads(storage.read_text(path))  # a file, or an object-store URI (a sweep's best.json)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     try:
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def overlay(obj: T, data: dict[str, Any], source: str) -> T:
+    """``obj`` (a dataclass) with the settings of the (nested) mapping ``data`` laid over it: a section or key that
+    ``data`` leaves out keeps ``obj``'s value (a config file without ``train`` keeps the preset's training, not the
+    library's 200,000 steps). Unknown keys and wrong types are refused as ``from_dict`` refuses them, prefixed
+    with ``source``."""
+    def merge(base: dict, new: Any) -> Any:
+        if not isinstance(new, dict) or not isinstance(base, dict):
+            return new
+        return {**base, **{k: merge(base[k], v) if k in base else v for k, v in new.items()}}
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+    try:
+        return from_dict(type(obj), merge(to_dict(obj), data))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def save_json(obj: Any, path: str | Path) -> None:
@@ -180,4 +199,16 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_json", "save_json", "apply_overrides", "check"]
+def check_finite(obj: Any) -> None:
+    """Every number setting of dataclass ``obj`` (and every number in a list setting) must be finite: JSON's
+    ``1e400`` is infinity, and an infinite or NaN setting passes every ``>`` or ``<`` check that follows. The first
+    thing each config's ``__post_init__`` does; the ranges come after it."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name}: {v!r} is not a finite number")
+
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_json", "save_json", "apply_overrides", "check",
+           "check_finite", "overlay"]

@@ -33,6 +33,7 @@ import torch
 from . import storage
 from .audio import as_written, resample, write_wav
 from .config import STAGES, check
+from .config_io import check_finite
 from .models.sampling import RowGenerators, sample
 from .train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
 
@@ -59,6 +60,7 @@ class GenerateSettings:
     decoding: str = "auto"  # compiled / static (cache allocated once) / dynamic (cache grows); auto: see DECODING
 
     def __post_init__(self):
+        check_finite(self)
         check(self.duration > 0, "duration", "must be > 0 seconds")
         check(self.num_samples >= 1, "num_samples", "must be >= 1")
         check(1 <= self.top <= self.num_samples, "top", f"must be between 1 and num_samples ({self.num_samples})")

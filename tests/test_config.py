@@ -89,6 +89,57 @@ def test_missing_and_malformed_files_are_clear(tmp_path):
         load_model_config(tmp_path / "broken.json")
 
 
+@pytest.mark.parametrize("override,pattern", [
+    ("train.lr=1e400", r"train\.lr: inf is not a finite number"),  # JSON's 1e400 is infinity
+    ("train.lr=Infinity", r"train\.lr: inf is not a finite number"),
+    ("train.lr=NaN", r"train\.lr: nan is not a finite number"),
+    ("train.max_grad_norm=-1", r"train\.max_grad_norm: must be >= 0"),
+    ("train.wd=-5", r"train\.wd: must be >= 0"),
+    ("train.betas=[5,-3]", r"train\.betas: must be two numbers in \[0, 1\)"),
+    ("model.semantic_cfg.dim_head=0", r"model\.semantic_cfg\.dim_head: must be >= 1"),
+    ("model.semantic_cfg.heads=1000", r"model\.semantic_cfg\.heads: x dim_head = 32000 is more than 8 x dim"),
+    ("train.num_train_steps=1e30", r"train\.num_train_steps: must be between 1 and 1,000,000,000"),
+    ("data.min_seconds=Infinity", r"data\.min_seconds: inf is not a finite number"),
+    ("data.min_seconds=40", r"data\.min_seconds: must be > 0 and at most clip_seconds"),
+    ("model.hubert_kmeans_cfg.output_hz=0", r"model\.hubert_kmeans_cfg\.output_hz"),
+])
+def test_every_number_setting_is_checked_for_its_range(override, pattern):
+    """Each of these was accepted and trained (lr=1e400: 200 steps of NaN loss, exit 0)."""
+    from musiclm.config import stage_config
+
+    with pytest.raises(ConfigError, match=pattern):
+        stage_config("semantic", "tiny", None, [override])
+
+
+def test_generation_settings_refuse_non_finite_numbers():
+    from musiclm.generate import GenerateSettings
+
+    with pytest.raises(ConfigError, match=r"duration: inf is not a finite number"):
+        GenerateSettings(duration=float("inf"))
+
+
+def test_a_partial_config_file_keeps_the_presets_other_settings(tmp_path):
+    """A --config without semantic_cfg trained the library's default model (width 1024, depth 6: a 334 MB
+    checkpoint) instead of the preset's, and one without train ran 200,000 steps: what a file leaves out is the
+    preset's. The run's first line says the model's shape."""
+    from musiclm.config import stage_config
+    from musiclm.train.run import describe_run
+
+    (tmp_path / "partial.json").write_text(json.dumps({"model": {"coarse_cfg": {"depth": 3}},
+                                                       "train": {"lr": 1e-3}}))
+    cfg = stage_config("semantic", "tiny", tmp_path / "partial.json")
+    tiny = preset("tiny", "semantic")
+    assert cfg.model.semantic_cfg == tiny.model.semantic_cfg and cfg.model.coarse_cfg.depth == 3
+    assert cfg.train.num_train_steps == tiny.train.num_train_steps == 200 and cfg.train.lr == 1e-3
+    assert describe_run(cfg).startswith("semantic stage: dim 64, depth 2, 2 heads, 1.8M parameters; 200 steps")
+    for text, pattern in (("", "not valid JSON"), ("[1]", "expected a JSON object"),
+                          ('{"train": {"lrr": 1}}', r"partial\.json: unknown config key 'train\.lrr'")):
+        (tmp_path / "partial.json").write_text(text)
+        with pytest.raises(ConfigError, match=pattern) as err:
+            stage_config("semantic", "tiny", tmp_path / "partial.json")
+        assert "partial.json" in str(err.value)
+
+
 def test_imports_flow_one_way():
     """jobs/ uses tune/ and musiclm/; tune/ uses musiclm/ only; musiclm/ uses neither (read from the source, every
     import statement, also those inside functions)."""

@@ -127,6 +127,40 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
         assert torch.equal(resumed.state_dict()[name], weight), name
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, token_dataset_dir, tmp_path, capsys):
+    """A loss that turns non-finite stops the run at once (exit 2, a message naming the step, the rate and what to
+    do) without validating or saving that step, so the latest checkpoint keeps the last good weights; the same
+    command at a lower lr goes on from it. (Before, lr=1e400 trained 200 NaN steps, exited 0 and saved NaNs.)"""
+    from jobs.common import run
+    from jobs.train import main
+
+    runs = tmp_path / "runs"
+
+    def command(steps: int, lr: str) -> list[str]:
+        return ["--stage", "coarse", "--data", str(token_dataset_dir), "--run-name", "nan", "--storage", str(runs),
+                "--num-workers", "1", "--set", f"train.num_train_steps={steps}", "train.batch_size=2",
+                "train.save_results_every=2", "train.save_model_every=2", "train.log_every=1", "train.valid_batches=1",
+                "train.lr_warmup=0", f"train.lr={lr}"]
+
+    main(command(2, "3e-3"))
+    run_dir = storage.join(str(runs), "nan")
+    good = ckpt_latest(run_dir)
+    with pytest.raises(SystemExit) as stop:  # resumed at step 2 with an absurd rate: its weights blow up at step 3
+        run(lambda: main(command(4, "1e30")))
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and "became non-finite at step 4 (lr 1e+30)" in message, message
+    assert "--set train.lr=1e+29" in message and good in message
+    assert ckpt_latest(run_dir) == good  # nothing of the diverged steps was saved
+    model, info = ckpt.load_stage(good, stage="coarse")
+    assert info.step == 2 and all(torch.isfinite(w).all() for w in model.state_dict().values())
+    summary = main(command(4, "3e-3")) or storage.read_json(storage.join(run_dir, "summary.json"))
+    assert summary["metrics"]["step"] == 4 and ckpt.read_stage(summary["latest_checkpoint"]).step == 4
+    lr = dict(_scalars(run_dir)["train/lr"])
+    assert lr[3] == pytest.approx(3e-3) and lr[4] == pytest.approx(3e-3)  # the rerun's rate, from step 2 on
+
+
 def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:
     import subprocess
     import sys

@@ -11,6 +11,7 @@ A restarted worker (or a re-run of the same command) resumes from the latest che
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -26,10 +27,12 @@ from ..models import build_stage, split_batch, stage_loss
 from ..models.transformer import model_flops_per_token
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
-from .metrics import (ConditioningSums, TensorBoard, ValidSums, at_chance, chance_message, mean_over_workers,
+from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers, at_chance, chance_message,
+                      mean_over_workers,
                       peak_flops)
 
 DS_DIR, DS_TAG = "deepspeed", "state"
+DIVERGED = "diverged.json"  # in the run folder: the step, rate and cause of a stop on a non-finite loss
 TRAIN_STATE = "train_state.json"
 
 
@@ -156,6 +159,25 @@ def validation_pass(forward, model, batches: list[dict], device,
     return sums, cond_sums, example
 
 
+def take_configured_lr(scheduler, lr: float, log) -> None:
+    """A resumed run trains at the command's ``train.lr``: the checkpoint's schedule keeps its position (warm-up,
+    cosine) and takes the new base rate. This is how a run stopped by a non-finite loss goes on, at a lower lr."""
+    old = scheduler.base_lrs[0]
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    log(f"train.lr {lr:g} (the checkpoint's was {old:g}); the schedule goes on from where it was")
+
+
+def diverged_message(stage: str, step: int, what: str, lr: float) -> str:
+    return (f"the {stage} stage's {what} became non-finite at step {step} (lr {lr:.3g}): the run stopped without "
+            f"saving that step, so its latest checkpoint holds the last good weights. Run the same command with a "
+            f"lower rate, e.g. --set train.lr={lr / 10:.3g}, to go on from it.")
+
+
 def quiet_report_log() -> None:
     """Ray Train V2 logs every ``ray.train.report`` call at INFO from every worker ("Reporting training result
     N: TrainingReport(... every metric ...)"), which buried the loop's own one line per log step. Its logger
@@ -218,6 +240,7 @@ def train_loop(loop_cfg: dict) -> None:
                     f"by this training loop, or it is incomplete. Start a new run name with --init-from on it "
                     f"(weights only), or remove that checkpoint folder to resume from the one before.")
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batches})")
+        take_configured_lr(scheduler, tc.lr, log)
     # every rank built the same initial weights from tc.seed; from here each draws its own dropout and forgetful
     # mask, and a resumed run draws new ones rather than the first steps' again
     torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
@@ -250,6 +273,20 @@ def train_loop(loop_cfg: dict) -> None:
             sampler.write(tb, example, state.step)
         return out
 
+    def stop_diverged(what: str) -> None:
+        """Every rank stops at the same step (the check is a collective): no save, one report the driver reads."""
+        lr = float(scheduler.get_last_lr()[0])
+        message = diverged_message(stage, state.step, what, lr)
+        if rank == 0:
+            worker_print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100)
+            tb.text("warnings/diverged", message, state.step)
+        if rank == 0:  # the driver reads it after the run: Ray's result holds the last checkpoint's metrics only
+            from .. import storage
+
+            storage.write_json(storage.join(loop_cfg["run_dir"], DIVERGED),
+                               {"step": state.step, "lr": lr, "what": what, "message": message})
+        tb.close()
+
     def save(metrics: dict) -> None:
         with ckpt.staging_dir() as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG)
@@ -266,6 +303,7 @@ def train_loop(loop_cfg: dict) -> None:
     last_valid, last_saved = {}, state.step
     window_start, window_positions, window_flops, window_losses = time.perf_counter(), 0, 0.0, []
     skip = state.batches
+    nonfinite = False  # a non-finite loss since the last optimizer step, on this rank
     while state.step < tc.num_train_steps:
         got_batches = False
         for batch in _batches(held, "train", state.epoch, rank, world, tc.batch_size, drop_last=True):
@@ -281,6 +319,7 @@ def train_loop(loop_cfg: dict) -> None:
             engine.backward(loss)
             engine.step()
             window_losses.append(float(loss.detach()))
+            nonfinite = nonfinite or not math.isfinite(window_losses[-1])
             positions = model.positions(cond, logits.shape[1] - 1)
             window_positions += logits.shape[0] * positions
             if positions not in flops_per_position:  # one window length per stage: computed once
@@ -289,9 +328,12 @@ def train_loop(loop_cfg: dict) -> None:
             if not boundary:
                 continue
             state.step += 1
+            grad_norm = engine.get_global_grad_norm()
+            nonfinite = nonfinite or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+            if any_over_workers(nonfinite, device):  # before anything of this step is validated or saved
+                return stop_diverged("training loss or gradient norm")
             if state.step % tc.log_every == 0 or state.step == tc.num_train_steps:
                 elapsed = time.perf_counter() - window_start
-                grad_norm = engine.get_global_grad_norm()
                 metrics = {
                     "train/loss": mean_over_workers(float(np.mean(window_losses)), device),
                     "train/lr": float(scheduler.get_last_lr()[0]),
@@ -313,6 +355,8 @@ def train_loop(loop_cfg: dict) -> None:
             done = state.step >= tc.num_train_steps
             if state.step % tc.save_results_every == 0 or done or state.step % tc.save_model_every == 0:
                 last_valid = validate()
+                if not math.isfinite(last_valid["valid/loss"]):  # the same reduced value on every rank
+                    return stop_diverged("validation loss")
                 report = {**(report or {"step": state.step, "epoch": state.epoch}), **last_valid,
                           "fresh_valid": 1}
             if state.step % tc.save_model_every == 0 or done:
@@ -336,4 +380,5 @@ def train_loop(loop_cfg: dict) -> None:
     tb.close()
 
 
-__all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG", "TRAIN_STATE"]
+__all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG",
+           "TRAIN_STATE", "DIVERGED"]

@@ -80,6 +80,11 @@ def mean_over_workers(value: float, device: torch.device | str) -> float:
     return float(t[0]) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
 
 
+def any_over_workers(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is true on any worker (a collective: every worker calls it)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), device)[0] > 0)
+
+
 # Dense bf16 peak of one device in TFLOP/s (datasheet figures without sparsity), matched by substring of the
 # name torch reports, first match wins (so "H100 PCIe" before "H100"). train.peak_tflops overrides.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),

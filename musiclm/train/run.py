@@ -20,9 +20,13 @@ from ..models import stage_sequences
 from . import checkpoint as ckpt
 from .data import stage_data
 from .engine import training_attention
-from .loop import read_train_state, train_loop
+from .loop import DIVERGED, read_train_state, train_loop
 
 SUMMARY = "summary.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """A run stopped because its loss (or gradient norm, or validation loss) became non-finite."""
 DATA_RESERVE = 1.0  # CPUs left to the data pipeline: ListFiles of read_parquet takes 1 CPU, reads and crops 1/4 each
 
 
@@ -64,6 +68,20 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return (stage_checkpoints(run_dir) or [None])[-1]
 
 
+def describe_run(cfg: Config) -> str:
+    """One line with the model's shape and the run's length: what a config file or a preset made of them."""
+    import torch
+
+    from ..models import build_stage, count_parameters
+
+    t, m = cfg.train, cfg.model.stage(cfg.train.stage)
+    with torch.device("meta"):
+        n = count_parameters(build_stage(t.stage, cfg.model))
+    return (f"{t.stage} stage: dim {m.dim}, depth {m.depth}, {m.heads} heads, {n / 1e6:.1f}M parameters; "
+            f"{t.num_train_steps:,} steps at lr {t.lr:g}, batch {t.batch_size} x {t.grad_accum_every} accumulated "
+            f"x {t.num_workers} workers")
+
+
 def check_request(req: TrainRequest, log=print) -> dict:
     """All guards that can fail before training; returns what the workers need."""
     from ..tokens.system import read_meta
@@ -91,7 +109,8 @@ def check_request(req: TrainRequest, log=print) -> dict:
                 f"DeepSpeed's shards only resume with the same layout: use the same settings, or start a new run "
                 f"name with --init-from {previous} (weights only).")
         log(f"resuming run {req.run_name} from {storage.name(previous)} (step {info.step})")
-    return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system,
+    log(describe_run(cfg))
+    return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system, "run_dir": req.run_dir,
             "init_from": storage.location(req.init_from) if req.init_from else None,
             "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
 
@@ -161,10 +180,15 @@ def checkpoint_location(run_dir: str, checkpoint) -> str | None:
     return storage.join(run_dir, storage.name(checkpoint.path)) if checkpoint is not None else None
 
 
+def _valid_loss(metrics: dict) -> float:
+    loss = metrics.get("valid/loss")
+    return loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+
+
 def write_summary(req: TrainRequest, result) -> dict:
     best = None
     if result.best_checkpoints:
-        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("valid/loss", math.inf))
+        best = min(result.best_checkpoints, key=lambda cm: _valid_loss(cm[1]))
     summary = {
         "stage": req.config.train.stage, "run": req.run_dir,
         "latest_checkpoint": checkpoint_location(req.run_dir, result.checkpoint),
@@ -191,9 +215,19 @@ def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
     req = dataclasses.replace(req, config=resolve_use_gpu(req.config, ray.cluster_resources(), log))
     loop_cfg = check_request(req, log)
     trainer = build_trainer(req, loop_cfg, cluster_cpus)
+    marker = storage.join(req.run_dir, DIVERGED)
+    if storage.exists(marker):  # an earlier attempt's: this one starts afresh
+        storage.delete(marker)
     result = trainer.fit()
-    return write_summary(req, result)
+    summary = write_summary(req, result)
+    if storage.exists(marker):
+        diverged = storage.read_json(marker)
+        summary["diverged"] = {k: diverged[k] for k in ("step", "lr", "what")}
+        storage.write_json(storage.join(req.run_dir, SUMMARY), summary)
+        latest = summary["latest_checkpoint"] or "none yet (it diverged before the first save): start it again"
+        raise TrainingDiverged(f"{diverged['message']} Latest checkpoint: {latest}.")
+    return summary
 
 
-__all__ = ["TrainRequest", "check_request", "build_trainer", "train", "write_summary", "worker_cpus", "resolve_use_gpu",
-           "latest_checkpoint"]
+__all__ = ["TrainRequest", "TrainingDiverged", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
+           "resolve_use_gpu", "latest_checkpoint"]
