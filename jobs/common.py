@@ -64,6 +64,22 @@ def trusted_files(trust: list[str], **files: str | None) -> dict[str, bool]:
     return out
 
 
+_OUTPUTS: dict[str, str] = {}  # the running job's output options (check_outputs), for errors that name no file
+
+
+def check_outputs(**locations: str | None) -> None:
+    """Refuse, before any work, output options (name -> location) that cannot be folders: a file given as --out
+    failed after the work was done (import-open-musiclm after converting everything, generate after every prompt).
+    The locations are kept to name in an error whose cause names no file (a write to a full disk)."""
+    from musiclm import storage
+
+    for name, loc in locations.items():
+        if loc:
+            option = f"--{name.replace('_', '-')}"
+            storage.check_folder(loc, option)
+            _OUTPUTS[option] = str(loc)
+
+
 def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:
     """Arguments shared by the jobs that fit one of the token system's quantizers."""
     parser.add_argument("--token-system", required=True, help="token-system directory (see init-token-system)")
@@ -164,8 +180,64 @@ def actor_plan(args: argparse.Namespace, resources: dict, what: str):
     return plan_actors(gpu_resources(args, resources, what), args.actors, args.gpus_per_actor)
 
 
+def _os_error(e: OSError) -> str:
+    """An OSError as one line that names the file and what to do (a full disk, a read-only folder, ...)."""
+    import errno
+
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    reason = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+            errno.EACCES: "make it writable, or choose another output location",
+            errno.EROFS: "choose an output location on a writable file system",
+            errno.EPERM: "make it writable, or choose another output location",
+            errno.ENOTDIR: "a file stands where a folder is needed: choose another location",
+            errno.EEXIST: "a file stands where a folder is needed: choose another location",
+            errno.EISDIR: "a folder stands where a file is needed: choose another location"}.get(e.errno)
+    hint = f"; {hint}" if hint else ""
+    if not where and _OUTPUTS:  # a failed write names no file: name where this job writes
+        where = " " + " and ".join(f"{option} {loc}" for option, loc in _OUTPUTS.items())
+    return (f"cannot use{where}: {reason}{hint}. What was written before is kept: run the same command again once "
+            f"this is fixed" if where else f"{e}{hint}")
+
+
+def _named_in_ray_error(e: Exception, named: tuple[type, ...]) -> str | None:
+    """The message of one of the project's named errors raised inside a Ray actor or task that Ray reports as its
+    own error (an actor whose constructor failed arrives as ``ActorDiedError`` with the cause only as text)."""
+    import re
+
+    try:
+        from ray.exceptions import RayError
+    except ImportError:
+        return None
+    if not isinstance(e, RayError):
+        return None
+    names = "|".join(cls.__name__ for cls in named)
+    found = re.findall(rf"^(?:[\w.]+\.)?({names}|{OS_ERRORS}): (.+)$", str(e), flags=re.MULTILINE)
+    if not found:
+        return None
+    kind, message = found[-1]
+    if re.fullmatch(OS_ERRORS, kind):  # an OSError in a worker: "[Errno 28] No space left on device: 'file'"
+        match = re.match(r"\[Errno (\d+)\] ([^:]+)(?:: '(.*)')?", message)
+        if match:
+            return _os_error(OSError(int(match.group(1)), match.group(2), match.group(3)))
+    return message.strip()
+
+
+OS_ERRORS = r"OSError|PermissionError|IsADirectoryError|NotADirectoryError|FileExistsError"
+
+
+def _os_error_in_text(e: Exception) -> str | None:
+    """A library's own error around a failed system call ("I/O error: File too large (os error 27)": safetensors'
+    writer under transformers' save_pretrained) as the OSError it stands for."""
+    import re
+
+    match = re.search(r"\(os error (\d+)\)", str(e))
+    return _os_error(OSError(int(match.group(1)), os.strerror(int(match.group(1))))) if match else None
+
+
 def run(main) -> None:
-    """Run a job's main, turning the project's user-facing errors into one clear line and exit status 2."""
+    """Run a job's main, turning the project's user-facing errors into one clear line and exit status 2: its named
+    errors (also when a Ray actor or task raised them), bad values, missing or unwritable files and full disks."""
     from musiclm.audio import AudioDecodeError
     from musiclm.raycompute import ResourceWaitTimeout
     from musiclm.storage import StorageError
@@ -176,14 +248,24 @@ def run(main) -> None:
     from musiclm.train.checkpoint import CheckpointError
     from musiclm.train.run import TrainingDiverged
 
+    named = (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError,
+             StorageError, ResourceWaitTimeout, TrainingDiverged)
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted: work already written is kept; run the same command again to continue", file=sys.stderr)
         sys.exit(130)
-    except (DatasetError, ConfigError, CheckpointError, TokenSystemError, EncoderLoadError, AudioDecodeError,
-            FileNotFoundError, ValueError, StorageError, ResourceWaitTimeout, TrainingDiverged) as e:
+    except (*named, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        message = _named_in_ray_error(e, named) or _os_error_in_text(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

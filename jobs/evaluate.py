@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (add_generate_args, add_prompt_set_args, add_ray_args, connect, generate_settings, gpu_resources,
-                         log, prompt_set, run)
+from jobs.common import (add_generate_args, add_prompt_set_args, add_ray_args, check_outputs, connect,
+                         generate_settings, gpu_resources, log, prompt_set, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     from musiclm import storage
     from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
 

@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import (add_generate_args, add_ray_args, connect, generate_settings, gpu_resources, log, read_prompts,
-                         run)
+from jobs.common import (add_generate_args, add_ray_args, check_outputs, connect, generate_settings, gpu_resources,
+                         log, read_prompts, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def model_set(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     if bool(args.prompt) == bool(args.prompts):
         raise ValueError("give either a PROMPT or --prompts FILE")
     settings = generate_settings(args)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_clap_checkpoint_args, add_trust_pickle_arg, log, run, trusted_files
+from jobs.common import add_clap_checkpoint_args, add_trust_pickle_arg, check_outputs, log, run, trusted_files
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     from musiclm.import_open_musiclm import import_open_musiclm
 
     stages = {s: getattr(args, s) for s in ("semantic", "coarse", "fine") if getattr(args, s)}

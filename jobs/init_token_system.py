@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_clap_checkpoint_args, add_trust_pickle_arg, log, run, trusted_files
+from jobs.common import add_clap_checkpoint_args, add_trust_pickle_arg, check_outputs, log, run, trusted_files
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     from musiclm.config import apply_overrides, load_model_config, model_preset
     from musiclm.tokens.system import TokenSystem
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_ray_args, connect, log, run
+from jobs.common import add_ray_args, check_outputs, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ DEMO_LIMITS = ("with the tiny preset CLAP and EnCodec have random weights: CLAP 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(workdir=args.workdir)
     import ray
 
     from musiclm.pipeline import Pipeline, PipelineSettings

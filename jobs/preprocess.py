@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import actor_plan, add_ray_args, connect, log, run
+from jobs.common import actor_plan, add_ray_args, check_outputs, connect, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     import dataclasses
 
     from musiclm import storage

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import log, run
+from jobs.common import check_outputs, log, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_outputs(out=args.out)
     from musiclm import synth
 
     tracks = synth.write_corpus(args.out, args.num_tracks, args.seconds, args.seed)

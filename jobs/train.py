@@ -2,7 +2,7 @@
 
 The model and training settings come from --preset (tiny, small, large), or --config (a full Config JSON, e.g.
 a sweep's best.json, or an open-musiclm model JSON), then --set KEY=VALUE overrides (e.g. train.lr=1e-4
-train.num_train_steps=20000 coarse_cfg.depth=12). Runs live in STORAGE/RUN_NAME; re-running the same command
+train.num_train_steps=20000 model.coarse_cfg.depth=12; open-musiclm's section names work without ``model.``). Runs live in STORAGE/RUN_NAME; re-running the same command
 resumes from the latest checkpoint. --init-from starts from a stage checkpoint's weights (fine-tuning)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import (add_eval_args, add_ray_args, add_stage_args, connect, eval_inputs, log, run, stage_args_config,
-                         training_gpu_resources)
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log, run,
+                         stage_args_config, training_gpu_resources)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,8 +45,10 @@ def evaluation_beside(args, req, resources: dict):
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.train.run import TrainRequest, resolve_use_gpu, train
+    from musiclm.train.run import TrainRequest, check_run_name, resolve_use_gpu, train
 
+    check_outputs(storage=args.storage)
+    check_run_name(args.run_name)  # before Ray starts or a folder is made
     cfg, init_from = stage_args_config(args)
     resources = connect(args)
     cfg = resolve_use_gpu(cfg, resources, log)

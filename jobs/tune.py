@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (add_eval_args, add_ray_args, add_stage_args, connect, eval_inputs, log, run, stage_args_config,
-                         training_gpu_resources)
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log, run,
+                         stage_args_config, training_gpu_resources)
 from tune.space import SHORTCUTS, read_space_file
 
 
@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     import ray
 
-    from musiclm.train.run import resolve_use_gpu
+    from musiclm.train.run import check_run_name, resolve_use_gpu
     from tune.sweep import Ranking, SweepRequest, sweep
+
+    check_outputs(storage=args.storage)
+    check_run_name(args.name, "--name")  # before Ray starts or a folder is made
 
     base, init_from = stage_args_config(args)
     entries = space_entries(args)

@@ -395,7 +395,22 @@ def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None 
         else:
             cfg = overlay(cfg, data, str(path))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=stage))
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(cfg, model_section_keys(overrides or []))
+
+
+MODEL_SECTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))  # open-musiclm's JSON sections
+
+
+def model_section_keys(overrides: list[str] | dict) -> list[str] | dict:
+    """Overrides that name a section of open-musiclm's model JSON without ``model.`` (``coarse_cfg.depth=12``,
+    ``hubert_kmeans_cfg.codebook_size=128``: the names its JSON uses) read as ``model.<section>...``."""
+    def full(key: str) -> str:
+        return f"model.{key}" if key.split(".", 1)[0] in MODEL_SECTIONS else key
+
+    if isinstance(overrides, dict):
+        return {full(k): v for k, v in overrides.items()}
+    return [full(item.split("=", 1)[0].strip()) + "=" + item.split("=", 1)[1] if "=" in item else item
+            for item in overrides]
 
 
 __all__ = [

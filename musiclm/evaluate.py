@@ -57,7 +57,11 @@ def _seconds(value) -> float | None:
 def read_prompt_set(path: str) -> list[Prompt]:
     """Prompts from a text file (one per line; blank lines and lines starting with # skipped), a JSON list of
     strings, or a CSV with a ``caption`` column (MusicCaps' layout: ytid, start_s, end_s, ..., caption, ...)."""
-    text = storage.read_text(path)
+    try:
+        text = storage.read_text(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8"
+                         ) from None
     if path.endswith(".csv"):
         rows = list(csv.DictReader(io.StringIO(text)))
         if not rows or "caption" not in rows[0]:
@@ -66,7 +70,10 @@ def read_prompt_set(path: str) -> list[Prompt]:
         prompts = [Prompt(r["caption"].strip(), (r.get("ytid") or "").strip() or None, _seconds(r.get("start_s")),
                           _seconds(r.get("end_s"))) for r in rows if (r.get("caption") or "").strip()]
     elif path.endswith(".json"):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompt file {path} is not valid JSON ({e}): give a JSON list of strings") from None
         if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
             raise ValueError(f"{path}: a JSON prompt set is a list of strings")
         prompts = [Prompt(p.strip()) for p in data]

@@ -148,9 +148,10 @@ class ModelSet:
 def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[str, StageInfo]:
     """Refuse, before loading any weights, a checkpoint given as the wrong stage, checkpoints of different
     token systems, or a set whose stages do not chain (semantic codebook, coarse codebooks)."""
-    from .tokens.system import read_meta
+    from .tokens.system import check_unmodified
 
-    fingerprint = read_meta(models.token_system)[0]["fingerprint"]
+    # an edited token_system.json is refused as such, not blamed on the checkpoints that no longer match it
+    fingerprint = check_unmodified(models.token_system)[0]["fingerprint"]
     infos = {}
     for stage in stages:
         path = models.paths().get(stage)
@@ -410,6 +411,7 @@ class MusicGenerator:
     def write(self, result: Candidates, settings: GenerateSettings, out: str | Path) -> dict:
         """The top K as ``sample_<rank>.wav`` and ``report.json`` (every candidate's score, best first)."""
         out = storage.location(out)  # a folder or an object-store URI; report.json last: it marks the folder done
+        storage.remove_temporaries(out)  # what a killed earlier write of this folder left half written
         ranked = []
         for rank, i in enumerate(result.ranking, 1):
             name = f"sample_{rank}.wav" if rank <= settings.top else None

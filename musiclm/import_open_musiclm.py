@@ -221,12 +221,22 @@ def load_kmeans_centers(path: str | Path, trust_pickle: bool = False) -> np.ndar
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"k-means file {path} does not exist")
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    if path.suffix in (".npy", ".safetensors"):
+        try:
+            if path.suffix == ".npy":
+                centers = np.load(path, allow_pickle=False)
+            else:
+                from safetensors.numpy import load_file
 
-        return load_file(str(path))["centers"]
+                centers = load_file(str(path))["centers"]
+        except Exception as e:  # an object (pickled) array, a truncated file, no "centers" tensor
+            raise OpenMusicLMImportError(f"k-means file {path} does not hold a numeric centers array "
+                                         f"({str(e).splitlines()[0][:200]}): give the centers as a float .npy "
+                                         f"(K x D) or a .safetensors with a 'centers' tensor") from None
+        if centers.ndim != 2 or not np.issubdtype(centers.dtype, np.floating):
+            raise OpenMusicLMImportError(f"k-means file {path} holds a {centers.dtype} array of shape "
+                                         f"{centers.shape}: the centers are a float array K x D")
+        return centers
     if not trust_pickle:
         raise OpenMusicLMImportError(
             f"{path} is a pickle (joblib): loading it runs code stored in the file. Pass --trust-pickle {path} if you "

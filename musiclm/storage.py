@@ -354,11 +354,37 @@ def parquet_bytes(table, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def check_folder(loc, what: str) -> None:
+    """Refuse, before any work, an output location that cannot be a folder: an existing file, or a path below one
+    (``what`` names the option). A missing folder is fine: it is made when first written."""
+    loc = location(loc)
+    if is_file(loc):
+        raise StorageError(f"{what} {loc} is a file: give a folder (a new one is created)")
+    if not is_remote(loc):
+        for parent in Path(loc).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StorageError(f"{what} {loc} lies below {parent}, which is a file: give another folder")
+                break
+
+
+def _unreadable_parquet(loc, e: Exception) -> StorageError:
+    return StorageError(f"Parquet file {loc} cannot be read ({str(e).splitlines()[0][:200]}): it is truncated or "
+                        f"corrupt. In a token dataset, delete it and run the same `musiclm preprocess` again: its "
+                        f"tracks are made anew")
+
+
 def read_parquet(loc, columns: list[str] | None = None):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = resolve(loc)
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable_parquet(loc, e) from None
 
 
 def filesystem_paths(locs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
@@ -370,14 +396,18 @@ def filesystem_paths(locs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def parquet_rows(loc) -> int:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = resolve(loc)
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowInvalid as e:
+            raise _unreadable_parquet(loc, e) from None
 
 
-__all__ = ["StorageError", "is_remote", "location", "join", "name", "parent", "resolve", "exists", "is_file",
+__all__ = ["StorageError", "check_folder", "is_remote", "location", "join", "name", "parent", "resolve", "exists", "is_file",
            "size", "read_bytes", "read_text", "read_json", "write_bytes", "write_text", "write_json",
            "make_dirs", "list_files", "list_dirs", "is_empty_dir", "delete", "remove_temporaries", "upload_dir",
            "download_dir", "local_copy", "process_tempdir", "sweep_process_tempdirs", "parquet_bytes", "read_parquet",

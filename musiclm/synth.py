@@ -15,12 +15,15 @@ Same seed, same files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from . import storage
 
 SAMPLE_RATE = 44100
 NOTE_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
@@ -199,41 +202,41 @@ def write_corpus(out: str | Path, num_tracks: int, seconds: float = 30.0, seed: 
     """Write ``num_tracks`` MP3s plus metadata under ``out``; returns the parameters of every track."""
     root = Path(out)
     tracks = [sample_params(first_id + i, seed, seconds) for i in range(num_tracks)]
-    for p in tracks:
-        path = track_path(root, p.track_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), render(p), SAMPLE_RATE, format="MP3", subtype="MPEG_LAYER_III")
+    for p in tracks:  # each file written whole or not at all, a failed write named (storage.write_bytes)
+        mp3 = io.BytesIO()
+        sf.write(mp3, render(p), SAMPLE_RATE, format="MP3", subtype="MPEG_LAYER_III")
+        storage.write_bytes(track_path(root, p.track_id), mp3.getvalue())
     _write_metadata(root, tracks)
     return tracks
 
 
 def _write_metadata(root: Path, tracks: list[TrackParams]) -> None:
     meta = root / "fma_metadata"
-    meta.mkdir(parents=True, exist_ok=True)
     columns = [("album", "title"), ("artist", "name"), ("set", "split"), ("set", "subset"),
                ("track", "duration"), ("track", "genre_top"), ("track", "genres"), ("track", "genres_all"),
                ("track", "tags"), ("track", "title"), ("track", "bit_rate"), ("track", "listens"), ("track", "favorites"),
                ("track", "synth_params")]
-    with open(meta / "tracks.csv", "w", newline="") as f:  # FMA's header: section row, field row, index row
-        w = csv.writer(f)
-        w.writerow([""] + [c[0] for c in columns])
-        w.writerow([""] + [c[1] for c in columns])
-        w.writerow(["track_id"] + [""] * len(columns))
-        for p in tracks:
-            gid, parent = GENRES[p.genre]
-            all_ids = [gid] + ([parent] if parent else [])
-            split = ("training", "validation", "test")[0 if p.track_id % 10 < 8 else 1 if p.track_id % 10 == 8 else 2]
-            w.writerow([p.track_id, f"Synthetic album {p.track_id % 7}", f"Synth artist {p.track_id % 5}", split,
-                        "small", f"{p.seconds:.0f}", p.genre, str([gid]), str(all_ids),
-                        str([p.mood, p.instrument, p.drums]), f"{p.mood.title()} {p.genre} #{p.track_id}", 128000,
-                        (p.track_id * 137) % 5000, (p.track_id * 7) % 40, json.dumps(asdict(p))])
-    with open(meta / "genres.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["genre_id", "#tracks", "parent", "title", "top_level"])
-        for name, (gid, parent) in GENRES.items():
-            count = sum(1 for p in tracks if p.genre == name)
-            w.writerow([gid, count, parent, name, parent or gid])
-    with open(root / "captions.jsonl", "w") as f:
-        for p in tracks:
-            rel = track_path(root, p.track_id).relative_to(root)
-            f.write(json.dumps({"id": f"{p.track_id:06d}", "path": str(rel), "caption": p.caption()}) + "\n")
+    f = io.StringIO()  # FMA's header: section row, field row, index row
+    w = csv.writer(f)
+    w.writerow([""] + [c[0] for c in columns])
+    w.writerow([""] + [c[1] for c in columns])
+    w.writerow(["track_id"] + [""] * len(columns))
+    for p in tracks:
+        gid, parent = GENRES[p.genre]
+        all_ids = [gid] + ([parent] if parent else [])
+        split = ("training", "validation", "test")[0 if p.track_id % 10 < 8 else 1 if p.track_id % 10 == 8 else 2]
+        w.writerow([p.track_id, f"Synthetic album {p.track_id % 7}", f"Synth artist {p.track_id % 5}", split,
+                    "small", f"{p.seconds:.0f}", p.genre, str([gid]), str(all_ids),
+                    str([p.mood, p.instrument, p.drums]), f"{p.mood.title()} {p.genre} #{p.track_id}", 128000,
+                    (p.track_id * 137) % 5000, (p.track_id * 7) % 40, json.dumps(asdict(p))])
+    storage.write_text(meta / "tracks.csv", f.getvalue())
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(["genre_id", "#tracks", "parent", "title", "top_level"])
+    for name, (gid, parent) in GENRES.items():
+        count = sum(1 for p in tracks if p.genre == name)
+        w.writerow([gid, count, parent, name, parent or gid])
+    storage.write_text(meta / "genres.csv", f.getvalue())
+    captions = [json.dumps({"id": f"{p.track_id:06d}", "path": str(track_path(root, p.track_id).relative_to(root)),
+                            "caption": p.caption()}) + "\n" for p in tracks]
+    storage.write_text(root / "captions.jsonl", "".join(captions))

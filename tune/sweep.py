@@ -74,6 +74,11 @@ class SweepRequest:
     max_failures: int = 2
     ranking: Ranking | None = None  # None: by valid/loss
 
+    def __post_init__(self):
+        from musiclm.train.run import check_run_name
+
+        check_run_name(self.name, "--name")
+
 
 def trial_budget(cfg, resources: dict) -> tuple[float, int]:
     """(CPUs per worker, concurrent trials) that fit the cluster. Each trial's data pipeline needs a whole free

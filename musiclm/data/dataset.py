@@ -72,11 +72,15 @@ def read_manifest(root: str | Path) -> dict | None:
         text = storage.read_text(path)
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not text (a binary file?); restore the dataset's manifest or use a new "
+                           f"output folder") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON ({e.msg}); restore it or use a new output folder") from None
-    if data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = data if isinstance(data, dict) else {}
         raise DatasetError(f"{path} is not a token-dataset manifest (format {data.get('format')!r})")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(f"{path} has schema version {data.get('schema_version')}; this version reads "

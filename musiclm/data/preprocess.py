@@ -61,12 +61,13 @@ class PreprocessJob:
 def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: DataConfig, *,
             retry_errors: bool = False, log=print) -> PreprocessJob:
     """Check the token system and the output folder, and work out which tracks still need tokenizing."""
-    from ..tokens.system import acoustic_sample_rate, read_meta, require_fitted_files
+    from ..tokens.system import acoustic_sample_rate, check_unmodified, require_fitted_files
 
     out, token_system = storage.location(out), storage.location(token_system)
-    # The driver reads the token system's description only; each tokenizer actor loads the models, checks the
-    # files still give this fingerprint, and refuses to run otherwise (Tokenizer.__init__).
-    meta, tcfg = read_meta(token_system)
+    # The driver checks what it can without the encoders' weights (settings, RVQ, k-means: an edited
+    # token_system.json is refused here, before the manifest is written); each tokenizer actor loads the models,
+    # checks the files still give this fingerprint, and refuses to run otherwise (Tokenizer.__init__).
+    meta, tcfg = check_unmodified(token_system)
     require_fitted_files(token_system)
     if cfg.pad_to_seconds < tcfg.clap_audio_length_seconds:
         raise ds_layout.DatasetError(
@@ -90,7 +91,13 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
         },
     }
     existing = ds_layout.read_manifest(out)
-    if existing is not None:
+    if existing is not None and existing.get("status") != "complete" and not any(
+            ds_layout.shard_files(out, part) for part in (*ds_layout.SPLITS, ds_layout.ERRORS)):
+        # nothing was made with the old settings: a first run that failed before its first row must not block
+        # this one (an edited token system, since restored, was refused by every tokenizer actor)
+        log(f"{out}: an earlier run wrote its manifest and no row; starting afresh with these settings")
+        existing = None
+    elif existing is not None:
         ds_layout.check_compatible(out, existing, manifest)
     elif not storage.is_empty_dir(out):
         raise ds_layout.DatasetError(f"output folder {out} is not empty and holds no {ds_layout.MANIFEST}: "

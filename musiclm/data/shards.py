@@ -36,6 +36,23 @@ def open_manifest(root: str | Path, fingerprint: str | None = None) -> dict:
     return manifest
 
 
+def check_shards(root: str | Path, manifest: dict) -> None:
+    """A complete dataset's shards must hold the rows its manifest counts, split by split (footers only: one small
+    read per shard): a deleted or half-copied shard would otherwise train on part of the data without a word."""
+    from .. import storage
+
+    if manifest.get("status") != "complete":
+        return
+    for split, expected in manifest.get("counts", {}).get("rows", {}).items():
+        files = split_files(root, split)
+        found = sum(storage.parquet_rows(f) for f in files)
+        if found != expected:
+            raise layout.DatasetError(
+                f"token dataset {root}: its manifest counts {expected} {split} rows, but its {len(files)} {split} "
+                f"shard(s) hold {found}: a shard was deleted, lost or not copied with the rest. Copy the dataset "
+                f"again, or run the same `musiclm preprocess` into it: the missing tracks are made anew.")
+
+
 def split_files(root: str | Path, split: str) -> list[str]:
     """The split's shards as locations (paths, or URIs in object storage)."""
     if split not in layout.SPLITS:

@@ -150,13 +150,7 @@ class TokenSystem:
                      encodec=encoders.load_encodec(source("encodec_cfg")), rvq=rvq, centers=centers, root=root,
                      device=device)
         if verify and system.fingerprint != meta.get("fingerprint"):
-            now, then = system.fingerprint_parts(), meta.get("fingerprint_parts", {})
-            changed = sorted(k for k in now if now[k] != then.get(k)) or ["fingerprint"]
-            raise TokenSystemError(
-                f"token system {root} was modified after it was written: {', '.join(changed)} differ. "
-                f"{CONFIG_FILE} says fingerprint {str(meta.get('fingerprint'))[:12]} but the files give "
-                f"{system.fingerprint[:12]}. Restore the original files, or re-fit (fit-rvq / fit-kmeans) and "
-                f"re-tokenize: data made with the old files will not match.")
+            _modified(root, meta, system.fingerprint_parts())
         return system
 
     # ------------------------------------------------------------------ state
@@ -188,7 +182,7 @@ class TokenSystem:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint_parts(), sort_keys=True).encode()).hexdigest()
+        return _fingerprint(self.fingerprint_parts())
 
     def save(self, root: str | Path | None = None) -> Path:
         root = Path(writable_root(root or self.root))
@@ -311,6 +305,39 @@ def read_meta(root: str | Path) -> tuple[dict, TokenSystemConfig]:
         raise TokenSystemError(f"{meta_path} is unreadable: {e}") from None
     if meta.get("format") != FORMAT_VERSION:
         raise TokenSystemError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT_VERSION}")
+    return meta, config
+
+
+def _fingerprint(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _modified(root, meta: dict, now: dict[str, str]) -> None:
+    """Raise: the files at ``root`` give the fingerprint parts ``now``, not what ``token_system.json`` records."""
+    then = meta.get("fingerprint_parts", {})
+    changed = sorted(k for k in now if now[k] != then.get(k)) or ["fingerprint"]
+    raise TokenSystemError(
+        f"token system {root} was modified after it was written: {', '.join(changed)} differ. "
+        f"{CONFIG_FILE} says fingerprint {str(meta.get('fingerprint'))[:12]} but the files give "
+        f"{_fingerprint({**then, **now})[:12]}. Restore the original files, or re-fit (fit-rvq / fit-kmeans) and "
+        f"re-tokenize: data made with the old files will not match.")
+
+
+def check_unmodified(root: str | Path) -> tuple[dict, TokenSystemConfig]:
+    """``read_meta``, and the parts of the fingerprint that need no encoder weights checked against the files: the
+    settings, the RVQ codebooks and the k-means centers, and the recorded fingerprint against its recorded parts
+    (seconds at most, where ``load`` hashes every encoder weight too). For a driver, before it writes anything."""
+    meta, config = read_meta(root)
+    parts = meta.get("fingerprint_parts", {})
+    now = {"settings": _settings_hash(config)}
+    for key, file, tensor in (("clap_rvq", RVQ_FILE, "codebooks"), ("semantic_kmeans", KMEANS_FILE, "centers")):
+        path = storage.join(root, file)
+        if storage.exists(path):
+            from safetensors.torch import load as load_bytes
+
+            now[key] = _tensor_hash(load_bytes(storage.read_bytes(path))[tensor])
+    if any(now[k] != parts.get(k) for k in now) or _fingerprint(parts) != meta.get("fingerprint"):
+        _modified(root, meta, now)
     return meta, config
 
 

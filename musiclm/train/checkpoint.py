@@ -133,8 +133,44 @@ def check_fits(info: StageInfo, stage: str | None = None, fingerprint: str | Non
                                   f"Use the config the checkpoint was trained with (its {STAGE_FILE} holds it).")
 
 
+def _unreadable(file: str, reason: str) -> CheckpointError:
+    return CheckpointError(f"{file} cannot be read ({reason}): the checkpoint is truncated or corrupt (an interrupted "
+                           f"copy or upload?). Copy it again, or use another checkpoint (an earlier checkpoint_* of "
+                           f"the run)")
+
+
+def check_weights(path: str | Path) -> None:
+    """A checkpoint's ``model.safetensors`` is whole: its header parses and its size is what the header lays out
+    (the header and 8 bytes read, not the weights). For a driver, before workers load it (each of them would fail,
+    and Ray Train retry them, with a traceback)."""
+    import struct
+
+    file = storage.join(path, MODEL_FILE)
+    fs, inner = storage.resolve(file)
+    try:
+        with fs.open_input_file(inner) as f:
+            size = f.size()
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a stage checkpoint: it has no {MODEL_FILE}") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise _unreadable(file, f"its header does not parse: {e}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(file, f"{size} bytes, fewer than its header needs")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise _unreadable(file, f"{size} bytes where its header lays out {8 + n + end}")
+
+
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_safetensors(storage.read_bytes(storage.join(path, MODEL_FILE)))
+    file = storage.join(path, MODEL_FILE)
+    try:
+        return load_safetensors(storage.read_bytes(file))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError ("incomplete metadata", ...) names no file
+        raise _unreadable(file, str(e).splitlines()[0][:200]) from None
 
 
 def load_into(model: TokenConditionedTransformer, state: dict[str, torch.Tensor], path) -> None:
@@ -158,4 +194,4 @@ def load_stage(path: str | Path, stage: str | None = None, fingerprint: str | No
 
 
 __all__ = ["CheckpointError", "StageInfo", "MODEL_FILE", "STAGE_FILE", "save_stage", "read_stage", "check_fits",
-           "load_stage", "load_state", "load_into", "shape_of", "sequence_layout", "staging_dir"]
+           "check_weights", "load_stage", "load_state", "load_into", "shape_of", "sequence_layout", "staging_dir"]

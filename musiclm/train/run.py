@@ -11,11 +11,12 @@ from there on resume.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from .. import storage
 from ..config import Config, ConfigError, to_dict
-from ..data.shards import open_manifest
+from ..data.shards import check_shards, open_manifest
 from ..models import stage_sequences
 from . import checkpoint as ckpt
 from .data import stage_data
@@ -30,6 +31,19 @@ class TrainingDiverged(RuntimeError):
 DATA_RESERVE = 1.0  # CPUs left to the data pipeline: ListFiles of read_parquet takes 1 CPU, reads and crops 1/4 each
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str, option: str = "--run-name") -> None:
+    """A run's name is a folder name and a key of Ray Train's metrics, which must be ASCII: letters, digits,
+    ``.``, ``_`` and ``-``. Checked before anything is made (a name with ``ü`` crashed inside Ray Train's metrics
+    and left an empty run folder)."""
+    if not RUN_NAME.fullmatch(name or ""):
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "").strip("-._")[:128] or "run-1"
+        raise ConfigError(f"{option} {name!r}: use ASCII letters, digits, '.', '_' and '-' only, starting with a "
+                          f"letter or digit (at most 128), e.g. {suggestion!r}")
+
+
 @dataclass
 class TrainRequest:
     config: Config
@@ -38,6 +52,9 @@ class TrainRequest:
     storage: str = "runs"
     init_from: str | None = None
     token_system: str | None = None  # to check the fingerprint and decode audio samples (default: the dataset's)
+
+    def __post_init__(self):
+        check_run_name(self.run_name)
 
     @property
     def run_dir(self) -> str:
@@ -94,9 +111,11 @@ def check_request(req: TrainRequest, log=print) -> dict:
     if token_system is None and manifest.get("token_system") and storage.exists(manifest["token_system"]):
         token_system = manifest["token_system"]
     check_token_layout(cfg, manifest, req.data)
+    check_shards(req.data, manifest)
     if req.init_from:
         ckpt.check_fits(ckpt.read_stage(req.init_from), stage, fingerprint, cfg.model,
                         what=f"training on {req.data}")
+        ckpt.check_weights(req.init_from)
     previous = latest_checkpoint(req.run_dir)
     if previous is not None:
         info = ckpt.read_stage(previous)
@@ -229,5 +248,5 @@ def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
     return summary
 
 
-__all__ = ["TrainRequest", "TrainingDiverged", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
+__all__ = ["TrainRequest", "TrainingDiverged", "check_run_name", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
            "resolve_use_gpu", "latest_checkpoint"]
