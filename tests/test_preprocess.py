@@ -241,9 +241,15 @@ def test_other_token_system_is_refused(corpus, tiny_system_dir, tmp_path):
 def test_a_dataset_begun_with_other_waveform_handling_is_not_resumed(corpus, tiny_system_dir, tmp_path):
     """Rows made before the tokenizers' waveforms were made as open-musiclm makes them carry no ``waveforms``
     setting: adding rows made the new way to such a dataset would mix two kinds of tokens."""
+    import pyarrow as pa
+
     job = prepare(open_source(corpus), tiny_system_dir, tmp_path / "ds", DataConfig(), log=lambda m: None)
     old = {**job.manifest, "settings": {k: v for k, v in job.manifest["settings"].items() if k != "waveforms"}}
     layout.write_manifest(job.out, {**old, "status": "in_progress"})
+    # with a row of its own (here an error row): a manifest without any row is of a run that made nothing and
+    # does not hold the next one back
+    layout.write_shard(job.out, layout.ERRORS, pa.table({"id": ["000001"], "track_id": ["000001"],
+                                                          "kind": ["too_short"]}))
     with pytest.raises(layout.DatasetError, match="settings.waveforms: dataset has None"):
         prepare(open_source(corpus), tiny_system_dir, job.out, DataConfig(), log=lambda m: None)
 
