@@ -62,6 +62,13 @@ def port_free(port: int) -> bool:
             return False
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
 def _ray(args: list[str]) -> None:
     proc = subprocess.run([ray_cli(), *args], env=ray_env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -124,7 +131,11 @@ Stop it:                           python cluster/local.py stop --port {args.por
 
 
 def _node_args(tmp: Path, cpus: int) -> list[str]:
-    return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(tmp), "--disable-usage-stats"]
+    # Each node's dashboard agent gets a free HTTP port: Ray's default, 52365, is the same for every Ray on the
+    # machine, and when another Ray (a job's ray.init(), a second cluster) holds it, the head's agent runs
+    # without HTTP and the job server answers every submission "No available agent ... try again later".
+    return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(tmp), "--disable-usage-stats",
+            "--dashboard-agent-listen-port", str(free_port())]
 
 
 def add_node(args: argparse.Namespace) -> dict:

@@ -1,10 +1,12 @@
 """Cluster configs against the published schemas, and a real local multi-node cluster taking a submitted job."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -162,6 +164,12 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
 
     ports = ["--port", "6399", "--dashboard-port", "8299"]
     earlier = set(local.temp_dir(6399).glob("session_*"))
+    # Another Ray on the machine holds the dashboard agent's default port (52365): the suite's in-process Ray
+    # did, and the head's agent then served no HTTP and every submission was told "try again later".
+    other_ray = socket.socket()
+    with contextlib.suppress(OSError):
+        other_ray.bind(("0.0.0.0", 52365))
+        other_ray.listen()
     started = _local("start", "--workers", "1", "--cpus-per-node", "1", *ports)
     try:
         assert "token authentication on" in started.stdout and "127.0.0.1:8299" in started.stdout
@@ -170,7 +178,8 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
         env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         out = tmp_path / "tokens"
         ray_cli = str(Path(sys.executable).parent / "ray")
-        for _ in range(60):  # Ray's job server answers "try again later" until the head's agent has registered
+        deadline = time.time() + 90
+        while time.time() < deadline:  # Ray's job server answers "try again later" until the head's agent registers
             submit = subprocess.run(
                 [ray_cli, "job", "submit", "--no-wait", "--submission-id", "tokens", "--address",
                  "http://127.0.0.1:8299", "--working-dir", str(REPO), "--", "python", "-m", "jobs.preprocess",
@@ -227,6 +236,7 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
         assert "the cluster has grown to" in rest and "plan: 1 actor(s), 1 GPU each" in rest
         assert "actor GPU ids: [[0]]" in rest, rest
     finally:
+        other_ray.close()
         stopped = _local("stop", *ports)
     assert "stopped" in stopped.stdout
     assert local.processes(6399) == []
