@@ -67,7 +67,7 @@ def main() -> None:
 
     from musiclm.config import model_preset
     from musiclm.models import build_stage, count_parameters, stage_loss
-    from musiclm.models.transformer import model_flops_per_token
+    from musiclm.models.transformer import model_flops
     from musiclm.train.engine import make_optimizer
     from musiclm.train.metrics import peak_flops
     from musiclm.config import TrainConfig
@@ -173,7 +173,7 @@ def main() -> None:
                             f"{'compiled' if compiled else 'eager'}", args.profile)
                 step = sum(times[args.warmup:]) / max(1, len(times) - args.warmup)
                 tokens_per_s = args.batch_size * seq / step
-                flops = model_flops_per_token(model, seq) * tokens_per_s
+                flops = model_flops(model, seq, target[0].numel() + 1) / seq * tokens_per_s  # + eos
                 print(json.dumps({
                     "stage": stage, "preset": args.preset, "device": name, "attention": attention,
                     **({"flex_bias_rows": rows} if rows is not None else {}),

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +13,18 @@ from musiclm.config import STAGES, model_preset
 from musiclm.models import build_stage, chance_loss, count_parameters, loss_and_metrics
 from musiclm.train import checkpoint as ckpt
 
-LARGE_PARAMS = {"semantic": 283e6, "coarse": 289e6, "fine": 297e6}  # open-musiclm's released checkpoints
+RELEASED_LAYOUT = Path(__file__).parent / "data" / "open_musiclm_files" / "layout.json"  # by open-musiclm's code
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_large_parameter_counts_match_open_musiclm(stage):
+def test_large_parameter_counts_are_open_musiclms_exactly(stage):
+    """The large stages have exactly the parameters of open-musiclm's released ones (283,092,896 / 289,391,520 /
+    297,788,320): every tensor of its state dicts less its LayerNorms' ``beta``, buffers of zeros that ours omit."""
+    layout = json.loads(RELEASED_LAYOUT.read_text())[stage]
+    theirs = sum(math.prod(v["shape"]) for k, v in layout.items() if not k.endswith(".beta"))
     with torch.device("meta"):
         model = build_stage(stage, model_preset("large"))
-    assert abs(count_parameters(model) / LARGE_PARAMS[stage] - 1) < 0.02
+    assert count_parameters(model) == theirs
 
 
 def _random_inputs(model, batch, steps, values=None, generator=None):
@@ -290,3 +296,37 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_me
     with torch.no_grad():  # evaluation and decoding never checkpoint
         model.eval()
         assert torch.equal(model(cond, target), model(cond, target))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_model_flops_is_an_independent_count_of_every_matmul_less_the_masked_half(stage):
+    """``model_flops`` (train/mfu, the README's cost table) against torch's FLOP counter over a real forward and
+    backward: the counter sees every matmul the stage runs, which by hand are 6 × the layers' weights per
+    position, 12·depth·heads·dim_head per pair of positions (q·k and attn·v over the full dense matrix), the logits
+    of the predicted rows rounded up to whole time steps, and the relative-position MLP (counted apart). The model
+    FLOPs are that count less the masked half of attention, the padding rows and the MLP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from musiclm.models import stage_loss
+    from musiclm.models.transformer import model_flops
+
+    torch.manual_seed(0)
+    model = build_stage(stage, model_preset("tiny")).train()
+    b = 2
+    cond, target = _random_inputs(model, b, 7)
+    q, n_target = model.target.num_quantizers, target[0].numel()
+    positions, predicted = model.positions(cond, n_target), n_target + 1  # the target's tokens and eos
+    with FlopCounterMode(display=False) as counter:
+        stage_loss(model(cond, target), target).backward()
+    with FlopCounterMode(display=False) as mlp:
+        model.rel_pos.table(positions, torch.device("cpu")).sum().backward()
+    m = model.cfg
+    dense = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    attention_pairs = 12 * m.depth * m.heads * m.dim_head * positions ** 2
+    rows = -(-predicted // q) * q
+    head = 6 * m.dim * (model.target.codebook_size + 1)
+    assert m.depth >= 2 and dense > 0
+    assert counter.get_total_flops() == b * (6 * dense * positions + attention_pairs + head * rows) \
+        + mlp.get_total_flops()
+    assert b * model_flops(model, positions, predicted) == \
+        counter.get_total_flops() - b * attention_pairs // 2 - b * head * (rows - predicted) - mlp.get_total_flops()

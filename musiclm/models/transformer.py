@@ -680,14 +680,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_flops_per_token(model: TokenConditionedTransformer, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 × matmul parameters plus attention over ``seq_len``."""
+def model_flops(model: TokenConditionedTransformer, positions: int, predicted: int) -> float:
+    """Training FLOPs (forward + backward) of one example of ``positions`` positions whose last ``predicted`` are
+    scored: 6 × the layers' matmul weights per position; the attention products under the causal mask (q·k and
+    attn·v, 4·dim_head FLOPs per head, layer and pair forward, over half of the positions² pairs); the logits of
+    the scored positions. It is what a count of every matmul finds (tests/test_models.py, torch's flop counter)
+    less what is not model work: the masked half of dense attention, the relative-position MLP, and the logits
+    computed for a time step's padding rows."""
     cfg = model.cfg
     dense = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
-    # q·k and attn·v: 4·n·dim_head FLOPs per head and layer forward, half of it under the causal mask
-    attn = cfg.depth * cfg.heads * cfg.dim_head * seq_len
-    return 6 * dense + 6 * attn + 6 * cfg.dim * (model.target.codebook_size + 1)
+    attention = 6 * cfg.depth * cfg.heads * cfg.dim_head * positions * positions  # 3 × (2 × 4·dim_head × S²/2)
+    head = 6 * cfg.dim * (model.target.codebook_size + 1) * predicted
+    return 6 * dense * positions + attention + head
 
 
 __all__ = ["TokenSequence", "TokenConditionedTransformer", "KVCache", "StaticKVCache", "LayerSlots", "FlexMask",
-           "ATTENTION", "count_parameters", "model_flops_per_token"]
+           "ATTENTION", "count_parameters", "model_flops"]

@@ -24,7 +24,7 @@ import torch
 from ..config import Config, from_dict
 from ..data.clips import stable_fraction
 from ..models import build_stage, split_batch, stage_loss
-from ..models.transformer import model_flops_per_token
+from ..models.transformer import model_flops
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
 from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers, at_chance, chance_message,
@@ -246,7 +246,7 @@ def train_loop(loop_cfg: dict) -> None:
     torch.manual_seed(int(stable_fraction(tc.seed, f"rank:{rank}:step:{state.step}") * 2 ** 62))
     vocabulary = model.target.codebook_size + 1
     peak = peak_flops(device, tc.peak_tflops)  # for train/mfu; None on CPUs and unknown GPUs
-    flops_per_position: dict[int, float] = {}
+    flops_per_example: dict[tuple[int, int], float] = {}
     # a restart from the checkpoint of step N: TensorBoard hides what the lost attempt logged after step N (step N's
     # own events were logged before its checkpoint was saved, and stay)
     tb = TensorBoard(loop_cfg["tensorboard_dir"] if rank == 0 else None,
@@ -322,9 +322,9 @@ def train_loop(loop_cfg: dict) -> None:
             nonfinite = nonfinite or not math.isfinite(window_losses[-1])
             positions = model.positions(cond, logits.shape[1] - 1)
             window_positions += logits.shape[0] * positions
-            if positions not in flops_per_position:  # one window length per stage: computed once
-                flops_per_position[positions] = model_flops_per_token(model, positions)
-            window_flops += logits.shape[0] * positions * flops_per_position[positions]
+            if (positions, logits.shape[1]) not in flops_per_example:  # one window length per stage: computed once
+                flops_per_example[positions, logits.shape[1]] = model_flops(model, positions, logits.shape[1])
+            window_flops += logits.shape[0] * flops_per_example[positions, logits.shape[1]]
             if not boundary:
                 continue
             state.step += 1
