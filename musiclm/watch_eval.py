@@ -110,14 +110,42 @@ def record(req: WatchRequest, state: dict, name: str, result: dict) -> None:
     """The result into evaluated.json, the run's TensorBoard and summary.json's "eval" (read, changed, written:
     training keeps that key when it writes its summary)."""
     from .train.metrics import TensorBoard
-    from .train.run import SUMMARY
 
     state["checkpoints"][name] = result
-    storage.write_json(storage.join(req.eval_dir, STATE), state)
+    storage.write_json(storage.join(req.eval_dir, STATE), state)  # first: a stop after it leaves log_missing's work
     if result.get("scalars"):
         board = TensorBoard(storage.join(req.run_dir, "tensorboard"))
         board.scalars(result["scalars"], result["step"])
         board.close()
+    _write_summary_eval(req, state)
+
+
+def log_missing(req: WatchRequest, log=print) -> None:
+    """Scalars evaluated.json holds that the run's TensorBoard lacks (a stop between ``record``'s writes: the
+    state is written first, the record of what was evaluated) are written at their steps, and summary.json's
+    "eval" rebuilt: a stop at any point leaves nothing missing after the rerun, and nothing twice."""
+    from .train.metrics import TensorBoard, tensorboard_steps
+
+    recorded = sorted((r for r in read_state(req)["checkpoints"].values() if r.get("scalars")),
+                      key=lambda r: r["step"])
+    if not recorded:
+        return
+    board_dir = storage.join(req.run_dir, "tensorboard")
+    logged = tensorboard_steps(board_dir) if storage.list_files(board_dir, "events.*") else {}
+    missing = [r for r in recorded if any(r["step"] not in logged.get(tag, []) for tag in r["scalars"])]
+    if missing:
+        board = TensorBoard(board_dir)
+        for r in missing:
+            board.scalars({k: v for k, v in r["scalars"].items() if r["step"] not in logged.get(k, [])}, r["step"])
+        board.close()
+        log(f"watch-eval: wrote the TensorBoard points of step(s) {', '.join(str(r['step']) for r in missing)}, "
+            f"recorded but not logged when an earlier run stopped")
+    _write_summary_eval(req, read_state(req))
+
+
+def _write_summary_eval(req: WatchRequest, state: dict) -> None:
+    from .train.run import SUMMARY
+
     summary_path = storage.join(req.run_dir, SUMMARY)
     summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     summary["eval"] = {str(r["step"]): r["scalars"] for r in sorted(state["checkpoints"].values(),
@@ -157,6 +185,7 @@ def watch(req: WatchRequest, *, cluster_cpus: float, cluster_gpus: float, cpus_p
           until_step: int | None = None, poll_s: float = 30.0, log=print) -> list[dict]:
     """Evaluate what the run has; with ``follow``, keep looking every ``poll_s`` seconds until ``until()`` is
     true (then one last look: the final checkpoint) or a checkpoint at ``until_step`` or later is evaluated."""
+    log_missing(req, log)
     results = []
     while True:
         finished = until is not None and until()  # asked before the look, so that the last look sees everything

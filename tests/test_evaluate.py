@@ -71,10 +71,23 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["prompt_index"], r["model_set"]) for r in rows] == [("0", "base"), ("1", "base"), ("0", "other"),
                                                                     ("1", "other")]
+    from musiclm.audio import decode_audio
+    from musiclm.generate import clap_scores
+    from musiclm.tokens.system import TokenSystem
+
+    system = TokenSystem.load(tiny_model_set / "token_system", "cpu")
     for r in rows:
-        assert r["error"] == "" and float(r["best_score"]) >= float(r["mean_score"])
-        assert float(r["best_score"]) >= float(r["random_score"])  # the pick is never worse than candidate 0
-        assert len(list((out / r["model_set"]).glob("*/sample_1.wav"))) == 2
+        assert r["error"] == "" and len(list((out / r["model_set"]).glob("*/sample_1.wav"))) == 2
+        # the table's scores are the prompt's report's: the best is the saved clip's, the random one candidate 0's
+        report = json.loads(next((out / r["model_set"]).glob(f"{int(r['prompt_index']):03d}-*/report.json")).read_text())
+        by_candidate = {c["candidate"]: c["score"] for c in report["candidates"]}
+        assert float(r["best_score"]) == pytest.approx(max(by_candidate.values()), abs=1e-4)
+        assert float(r["random_score"]) == pytest.approx(by_candidate[0], abs=1e-4)
+        assert float(r["mean_score"]) == pytest.approx(sum(by_candidate.values()) / 2, abs=1e-4)
+        saved = report["files"][0]
+        audio, rate = decode_audio(saved)
+        assert clap_scores(system, report["prompt"], audio[None], rate)[0] == pytest.approx(
+            float(r["best_score"]), abs=2e-3)  # the saved WAV (16-bit) scores what the table says
     assert (out / "base" / "000-slow-ambient-pads-warm-and-calm" / "sample_1.wav").exists()
     table = (out / "results.md").read_text()
     assert "base best" in table and "base random" in table and "other mean" in table and "fast techno beat" in table
@@ -92,3 +105,22 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     capsys.readouterr()
     evaluate(argv)  # everything is done: nothing is generated again
     assert capsys.readouterr().out.count("2 prompts, 2 already done") == 2
+
+
+def test_a_musiccaps_reference_longer_than_its_segment_is_cut_to_start_s_end_s(tmp_path):
+    """MusicCaps' reference files may be a whole video's audio: the [start_s, end_s] segment is what the caption
+    describes. A file no longer than the segment (plus a second) is taken whole."""
+    import numpy as np
+
+    from musiclm.audio import write_wav
+    from musiclm.evaluate import Prompt, _load_clip
+
+    rate = 8_000
+    t = np.arange(50 * rate) / rate
+    audio = np.where((t >= 30) & (t < 40), 0.5, 0.1) * np.sin(2 * np.pi * 440 * t)  # louder in [30, 40)
+    write_wav(tmp_path / "long.wav", audio.astype(np.float32), rate)
+    cut = _load_clip(str(tmp_path / "long.wav"), rate, Prompt("x", "long", 30.0, 40.0))
+    assert len(cut) == 10 * rate
+    assert np.abs(cut).max() == pytest.approx(0.5, abs=1e-3) and np.abs(cut[: rate]).max() > 0.45
+    write_wav(tmp_path / "short.wav", audio[: 10 * rate].astype(np.float32), rate)
+    assert len(_load_clip(str(tmp_path / "short.wav"), rate, Prompt("x", "short", 30.0, 40.0))) == 10 * rate

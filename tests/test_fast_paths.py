@@ -52,7 +52,7 @@ def test_static_cache_draws_the_growing_caches_tokens_in_float32(stage):
         sample(model, cond, 2, decoding="fast")
 
 
-@pytest.mark.parametrize("stage", ["semantic", "coarse"])
+@pytest.mark.parametrize("stage", ["semantic", "coarse"])  # the fine stage's windows: test_generate (batched)
 def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
     """Generation's sliding windows (``generate.sample_windows``: each window conditioned on the overlap with
     what exists, the last moved back to end at the requested length) fill the same tokens with the static cache as
@@ -78,6 +78,10 @@ def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
              for d, sampler in (("dynamic", partial(sample, decoding="dynamic")), ("static", static))}
     assert draws["static"].shape[:2] == (2, 35) and torch.equal(draws["static"], draws["dynamic"])
     assert len(caches) == 4 and all(c is caches[0] for c in caches)
+    model.compile_decoding()  # the compiled step over the same windows (its first window compiles)
+    compiled = sample_windows(model, windows, conditioning, temperature=1.0, top_fraction=0.1,
+                              generator=torch.Generator().manual_seed(2), sampler=partial(sample, decoding="static"))
+    assert torch.equal(compiled, draws["dynamic"])
 
 
 def test_windows_end_to_end_are_sampled_as_one_batch():

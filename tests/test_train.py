@@ -78,6 +78,13 @@ def _optimizer_steps(deepspeed_dir) -> dict:
     return {"global_steps": global_steps, "skipped_steps": skipped_steps, "adam_steps": adam}
 
 
+def _raise(error):
+    def stand_in(*args, **kwargs):
+        raise error
+
+    return stand_in
+
+
 def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()):
     from jobs.train import main
 
@@ -90,7 +97,7 @@ def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
-                                                    capsys, zero):
+                                                    capsys, monkeypatch, zero):
     """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks; ZeRO-3's runs go through
     faults (a lost worker, a killed driver, then a rerun with more steps), ZeRO-2's has evaluation beside it.
     The token dataset is read from a bucket and the runs are kept in one, as on a cluster without a shared file
@@ -157,10 +164,54 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
 
         events = storage.list_files(storage.join(run_dir, "tensorboard"))
         capsys.readouterr()
-        watch_eval(["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data,
-                    "--max-prompts", "2", "--num-samples", "1", "--duration", "1"])
+        watch_args = ["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data,
+                      "--max-prompts", "2", "--num-samples", "1", "--duration", "1"]
+        watch_eval(watch_args)
         assert "no new checkpoints" in capsys.readouterr().out
         assert storage.list_files(storage.join(run_dir, "tensorboard")) == events
+        # ZeRO-2 resumes: the same command with 30 steps (and no evaluation beside it) goes on from step 20
+        resumed = _train(data, runs, steps=30, zero=zero)
+        assert resumed["metrics"]["step"] == 30
+        assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
+        assert dict(_scalars(run_dir)["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)
+        # watch-eval stopped (Ctrl-C) in the new checkpoint's evaluation, its prompts generated and scored but
+        # nothing recorded yet; rerun and stopped again after recording it, before its TensorBoard points; rerun:
+        # that checkpoint is evaluated once more (its prompts not generated again), then not again, and every
+        # checkpoint has its scalars once
+        from musiclm import watch_eval as watching
+        from musiclm.train import metrics
+
+        evaluated = lambda: storage.read_json(storage.join(run_dir, "eval", "evaluated.json"))["checkpoints"]  # noqa: E731
+        monkeypatch.setattr(watching, "record", _raise(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            watch_eval(watch_args)
+        monkeypatch.undo()
+        assert len(evaluated()) == 2
+        written = storage.list_files(storage.join(run_dir, "eval", "step_000030"), "*.wav", recursive=True)
+        assert len(written) == 2  # one clip per prompt
+        before = [storage.read_bytes(f) for f in written]
+        capsys.readouterr()
+        run_board, scalars = storage.join(run_dir, "tensorboard"), metrics.TensorBoard.scalars
+
+        def stop_at_the_runs_board(board, *args, **kwargs):  # evaluate's own board (eval/step_*/) writes on
+            if board.remote == run_board:
+                raise KeyboardInterrupt
+            return scalars(board, *args, **kwargs)
+
+        monkeypatch.setattr(metrics.TensorBoard, "scalars", stop_at_the_runs_board)
+        with pytest.raises(KeyboardInterrupt):
+            watch_eval(watch_args)
+        monkeypatch.undo()
+        out = capsys.readouterr().out
+        assert "2 prompts, 2 already done" in out, out[-3000:]  # nothing generated again
+        assert [storage.read_bytes(f) for f in written] == before and len(evaluated()) == 3
+        assert 30 not in tensorboard_steps(storage.join(run_dir, "tensorboard"))["eval/clap_score"]
+        watch_eval(watch_args)
+        out = capsys.readouterr().out
+        assert "no new checkpoints" in out and "TensorBoard points of step(s) 30" in out, out[-2000:]
+        for tag in SCALARS:
+            assert tensorboard_steps(storage.join(run_dir, "tensorboard"))[tag] == [10, 20, 30], tag
+        assert sorted(storage.read_json(storage.join(run_dir, "summary.json"))["eval"], key=int) == ["10", "20", "30"]
         return
     # ZeRO-3: the same run again, its driver (a process of its own on the same Ray) killed (SIGKILL) at the first
     # committed checkpoint, then the same command run again with more steps (30): it continues from step 10 with
