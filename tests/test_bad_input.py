@@ -239,3 +239,12 @@ def test_a_full_disk_exits_2_naming_where_and_keeps_what_was_there(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: cannot") and str(out) in last and "File too large" in last, last
         assert (out / "keep.txt").read_text() == "earlier work\n"
+
+
+def test_a_folder_no_process_can_create_exits_2_naming_it(tmp_path, capsys):
+    """Unwritable as root too (CI runs as root; a chmod'ed folder does not stop root): an output folder under
+    /proc, which takes no new entries. The job stops at its first write with exit 2 naming the file."""
+    from jobs import synth
+
+    err = exit_2(capsys, synth.main, ["--out", "/proc/musiclm-test/audio", "--num-tracks", "1", "--seconds", "5"])
+    assert err.startswith("error: cannot write /proc/musiclm-test/audio/") and "No such file or directory" in err, err

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 from conftest import train_tiny_stage
@@ -98,6 +99,18 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
         for kind in ("fad_clap", "fad_semantic"):
             assert f[kind]["n_generated"] == 2 and f[kind]["fad"] >= 0 and math.isfinite(f[kind]["fad"])
             assert "biased" in f[kind]["warnings"][0]  # 2 clips for 512 / 64 dimensions, and it says so
+    # each set's FAD is that of its own saved clips against the prompts' reference clips (not "unused"),
+    # recomputed here from the files
+    from musiclm.quality import clap_embeddings, fad
+
+    def embeddings(paths):
+        return np.concatenate([clap_embeddings(system, *decode_audio(str(p), system.clap.sample_rate)).numpy()
+                               for p in paths])
+
+    ref = embeddings([reference / "abc123.wav", reference / "xyz789.wav"])
+    for name in ("base", "other"):
+        gen = embeddings(sorted((out / name).glob("*/sample_1.wav")))
+        assert fads["sets"][name]["fad_clap"]["fad"] == pytest.approx(fad(gen, ref)["fad"], rel=1e-4, abs=1e-9)
     assert "FAD against 2 reference clips" in table and "layer 7" in table
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

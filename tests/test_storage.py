@@ -63,9 +63,18 @@ def test_files_in_a_bucket_are_written_whole_and_listed(object_store, tmp_path):
 
 
 def test_unwritable_location_names_itself(tmp_path):
+    """Cases that hold for root too (CI runs as root, and permissions do not stop root): a file where a folder goes,
+    a folder where the file goes, and a folder no process can create (procfs takes no new entries). Nothing is left
+    half written."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(storage.StorageError, match="cannot write .*file/out.json"):
+    with pytest.raises(storage.StorageError, match="cannot write .*file/out.json: (File exists|Not a directory)"):
         storage.write_text(tmp_path / "file" / "out.json", "{}")
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(storage.StorageError, match="cannot write .*out.json: Is a directory"):
+        storage.write_text(tmp_path / "out.json", "{}")
+    with pytest.raises(storage.StorageError, match="cannot write /proc/musiclm-test/out.json: No such file"):
+        storage.write_text("/proc/musiclm-test/out.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.json"] and not any((tmp_path / "out.json").iterdir())
 
 
 def test_token_dataset_in_a_bucket_is_written_scanned_and_resumed(object_store, corpus, tiny_system_dir,
