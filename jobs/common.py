@@ -126,7 +126,16 @@ def stage_args_config(args: argparse.Namespace):
         init_from = storage.read_json(init_from).get("checkpoint")
         if not init_from:
             raise ValueError(f"{args.init_from} names no checkpoint")
-    return stage_config(args.stage, args.preset, args.config, overrides), init_from
+    cfg = stage_config(args.stage, args.preset, args.config, overrides)
+    if getattr(args, "data", None):  # the token layout the dataset was made with, unless the user gave one
+        from musiclm.config import given_settings
+        from musiclm.data.shards import open_manifest
+        from musiclm.train.run import adopt_token_layout
+
+        cfg, taken = adopt_token_layout(cfg, open_manifest(args.data), given_settings(args.config, overrides))
+        if taken:
+            log(f"token layout of {args.data}: {', '.join(f'{k}={v}' for k, v in taken.items())}")
+    return cfg, init_from
 
 
 def connect(args: argparse.Namespace) -> dict:
@@ -144,6 +153,9 @@ def connect(args: argparse.Namespace) -> dict:
             # needs: without it the workers' reservations of finished Tune trials are never released.
             ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    # Ray Data logs three INFO lines per dataset it runs (start, execution plan, finished: "Full logs are in
+    # /tmp/ray/..."), which buried the jobs' own lines; its warnings and errors still show
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     resources = ray.cluster_resources()
     log(f"Ray: {'cluster ' + address if address else 'local'}; resources CPU={resources.get('CPU', 0):g} "
         f"GPU={resources.get('GPU', 0):g}")

@@ -226,12 +226,12 @@ class TrainConfig:
     seed: int = 0
     peak_tflops: float = 0.0  # the device's peak dense bf16 TFLOP/s for train/mfu; 0: by GPU name (known GPUs)
     # how training attends: dense (SDPA with a float bias mask), flex (FlexAttention: bias as score_mod, causal
-    # block mask; needs a GPU for the backward), auto: dense until flex is measured on the GPU (README)
+    # block mask; needs a GPU for the backward), auto: dense until flex is measured on the GPU (docs/training.md)
     attention: Literal["auto", "dense", "flex"] = "auto"
     compile: bool = False  # torch.compile the stage (DeepSpeed's engine.compile): first steps compile (minutes)
     # Keep each block's input only and recompute its activations in the backward (same gradients). A large stage's
     # fine window (1,217 positions) keeps 6.4 GiB of activations per example on a CPU (dense attention: 16 heads x
-    # 1,217^2 per layer), 1.4 GiB with it (benchmarks/train_memory.py; README, "Training a stage").
+    # 1,217^2 per layer), 1.4 GiB with it (benchmarks/train_memory.py; docs/training.md).
     activation_checkpointing: bool = False
 
     def __post_init__(self):
@@ -401,6 +401,23 @@ def stage_config(stage: str, preset_name: str = "tiny", path: str | Path | None 
 MODEL_SECTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))  # open-musiclm's JSON sections
 
 
+def given_settings(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> set[str]:
+    """The dotted keys a user set: in a config file (an open-musiclm model JSON's under ``model.``; a sweep's
+    best.json's ``config``) and in the overrides (open-musiclm's section names read as ``model.<section>``)."""
+    def leaves(d: dict, prefix: str) -> set[str]:
+        return {k for key, v in d.items()
+                for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else {f"{prefix}{key}"})}
+
+    given = set()
+    if path is not None:
+        kind, data = _file_kind(path)
+        if isinstance(data, dict):
+            given |= leaves(data, "model.") if kind == "model" else leaves(data["config"] if kind == "sweep" else data, "")
+    items = model_section_keys(overrides or [])
+    given |= set(items) if isinstance(items, dict) else {i.split("=", 1)[0].strip() for i in items}
+    return given
+
+
 def model_section_keys(overrides: list[str] | dict) -> list[str] | dict:
     """Overrides that name a section of open-musiclm's model JSON without ``model.`` (``coarse_cfg.depth=12``,
     ``hubert_kmeans_cfg.codebook_size=128``: the names its JSON uses) read as ``model.<section>...``."""
@@ -417,5 +434,5 @@ __all__ = [
     "Config", "ConfigError", "DataConfig", "EncodecConfig", "GlobalConfig", "HubertKmeansConfig", "ClapRVQConfig",
     "ModelConfig", "TokenSystemConfig", "TrainConfig", "TransformerConfig", "STAGES", "PRESETS", "TINY",
     "apply_overrides", "from_dict", "to_dict", "load_json", "save_json", "load_config", "load_model_config",
-    "model_preset", "preset", "stage_config",
+    "model_preset", "preset", "stage_config", "given_settings",
 ]

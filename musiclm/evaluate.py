@@ -258,6 +258,21 @@ def _by(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     return prompts, names, {(r["prompt"], r["model_set"]): r for r in rows}
 
 
+SAME_SCORE = 5e-4  # CLAP scores closer than this are equal at the table's precision (4 decimals)
+
+
+def compare_sentence(a: str, b: str, n: int, pairs: list[tuple[float, float]]) -> str:
+    """How set ``a``'s best-of-``n`` scores compare with ``b``'s, prompt by prompt; a difference under
+    ``SAME_SCORE`` counts as neither higher nor lower (a random CLAP scores every clip alike)."""
+    higher = sum(x - y >= SAME_SCORE for x, y in pairs)
+    lower = sum(y - x >= SAME_SCORE for x, y in pairs)
+    same = len(pairs) - higher - lower
+    if same == len(pairs):
+        return f"{a} and {b} (best of {n}) score the same (within {SAME_SCORE:g}) on all {len(pairs)} prompts."
+    return (f"{a} scores higher than {b} (best of {n}) on {higher} of {len(pairs)} prompts, lower on {lower}"
+            + (f", the same (within {SAME_SCORE:g}) on {same}." if same else "."))
+
+
 def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
@@ -298,8 +313,7 @@ def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> 
         for b in names[j + 1:]:
             pairs = [(cell[p, a]["best_score"], cell[p, b]["best_score"]) for p in prompts]
             pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-            lines.append(f"\n{a} scores higher than {b} (best of {n}) on {sum(x > y for x, y in pairs)} of "
-                         f"{len(pairs)} prompts.")
+            lines.append("\n" + compare_sentence(a, b, n, pairs))
     if fads:
         lines += ["", f"FAD against {fads['reference_clips']} reference clips (lower is closer to the reference "
                       f"music); embeddings: CLAP {fads['embeddings']['clap']}; semantic {fads['embeddings']['semantic']}.",

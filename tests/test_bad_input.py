@@ -248,3 +248,30 @@ def test_a_folder_no_process_can_create_exits_2_naming_it(tmp_path, capsys):
 
     err = exit_2(capsys, synth.main, ["--out", "/proc/musiclm-test/audio", "--num-tracks", "1", "--seconds", "5"])
     assert err.startswith("error: cannot write /proc/musiclm-test/audio/") and "No such file or directory" in err, err
+
+
+def test_train_takes_the_datasets_token_layout_and_names_the_key_of_a_real_mismatch(tmp_path, token_dataset_dir,
+                                                                                    capsys):
+    """A dataset made by a token system whose k-means has 128 codes, trained with the preset (1024): the layout
+    comes from the dataset (before: refused, and the message did not say which setting). A layout the user gave
+    is kept, and a real mismatch names the exact --set that fixes it."""
+    from jobs.common import stage_args_config
+    from jobs.train import parser
+    from musiclm.config import ConfigError
+    from musiclm.data.shards import open_manifest
+    from musiclm.train.run import check_token_layout
+
+    data = tmp_path / "ds"
+    data.mkdir()
+    manifest = json.loads((token_dataset_dir / "manifest.json").read_text())
+    manifest["tokens"]["semantic"]["codebook_size"] = 128
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--stage", "coarse", "--data", str(data), "--run-name", "x"]
+    cfg, _ = stage_args_config(parser().parse_args(argv))
+    assert cfg.model.hubert_kmeans_cfg.codebook_size == 128 and "hubert_kmeans_cfg.codebook_size=128" in \
+        capsys.readouterr().out
+    check_token_layout(cfg, open_manifest(data), str(data))
+    cfg, _ = stage_args_config(parser().parse_args([*argv, "--set", "hubert_kmeans_cfg.codebook_size=1024"]))
+    assert cfg.model.hubert_kmeans_cfg.codebook_size == 1024
+    with pytest.raises(ConfigError, match=r"--set model\.hubert_kmeans_cfg\.codebook_size=128, or leave"):
+        check_token_layout(cfg, open_manifest(data), str(data))

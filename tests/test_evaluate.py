@@ -137,3 +137,15 @@ def test_a_musiccaps_reference_longer_than_its_segment_is_cut_to_start_s_end_s(t
     assert np.abs(cut).max() == pytest.approx(0.5, abs=1e-3) and np.abs(cut[: rate]).max() > 0.45
     write_wav(tmp_path / "short.wav", audio[: 10 * rate].astype(np.float32), rate)
     assert len(_load_clip(str(tmp_path / "short.wav"), rate, Prompt("x", "short", 30.0, 40.0))) == 10 * rate
+
+
+def test_the_comparison_sentence_counts_only_differences_beyond_the_tables_precision():
+    """The demo's random CLAP scores every clip 0.0710: the report said early scored higher than final on 3 of 3."""
+    from musiclm.evaluate import compare_sentence
+
+    equal = [(0.07102, 0.07100), (0.07101, 0.07104), (0.0710, 0.0710)]
+    assert compare_sentence("early", "final", 2, equal) == \
+        "early and final (best of 2) score the same (within 0.0005) on all 3 prompts."
+    mixed = [(0.30, 0.20), (0.10, 0.25), (0.2001, 0.2)]
+    assert compare_sentence("a", "b", 4, mixed) == \
+        "a scores higher than b (best of 4) on 1 of 3 prompts, lower on 1, the same (within 0.0005) on 1."

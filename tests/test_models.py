@@ -300,7 +300,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_me
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_model_flops_is_an_independent_count_of_every_matmul_less_the_masked_half(stage):
-    """``model_flops`` (train/mfu, the README's cost table) against torch's FLOP counter over a real forward and
+    """``model_flops`` (train/mfu, the cost table of docs/fma-at-scale.md) against torch's FLOP counter over a real forward and
     backward: the counter sees every matmul the stage runs, which by hand are 6 × the layers' weights per
     position, 12·depth·heads·dim_head per pair of positions (q·k and attn·v over the full dense matrix), the logits
     of the predicted rows rounded up to whole time steps, and the relative-position MLP (counted apart). The model

@@ -30,6 +30,18 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     assert "early best" in table and "final best" in table
     assert (work / "evaluate" / "scores.png").exists()
     assert "generated: " in first and "tensorboard --logdir" in first
+    # `musiclm train` by hand on the demo's dataset (its k-means is sized to the corpus: 128 codes for the demo's,
+    # 64 here; the preset has 1024) takes the dataset's token layout: no --set needed
+    from jobs.common import stage_args_config
+    from jobs.train import parser
+    from musiclm.data.shards import open_manifest
+    from musiclm.train.run import check_token_layout
+
+    tokens = work / "tokens"
+    cfg, _ = stage_args_config(parser().parse_args(["--stage", "coarse", "--data", str(tokens), "--run-name", "x"]))
+    check_token_layout(cfg, open_manifest(tokens), str(tokens))
+    assert cfg.model.hubert_kmeans_cfg.codebook_size == open_manifest(tokens)["tokens"]["semantic"]["codebook_size"] \
+        < 1024
 
     pipeline(argv)
     second = capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_a_release_era_kmeans_joblib_loads_and_assigns_as_scikit_learn_predicts(
 
 
 def test_check_clap_rvq_names_the_clap_an_rvq_was_fitted_on(tmp_path):
-    """The released RVQ does not say which CLAP it belongs to (README, "Which CLAP"). The fixture's RVQs were fitted
+    """The released RVQ does not say which CLAP it belongs to (docs/importing-open-musiclm.md, "Which CLAP"). The fixture's RVQs were fitted
     by open-musiclm's ClapQuantized on the HTSAT-tiny CLAP's embeddings: `musiclm check-clap-rvq` must tell that
     CLAP from the HTSAT-base one by how well the RVQ reconstructs each one's embeddings of the same music."""
     import soundfile as sf

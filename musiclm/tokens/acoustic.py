@@ -19,7 +19,9 @@ class AcousticCodec:
     @torch.no_grad()
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Codes (T, Q) for 1-D 24 kHz audio, or (B, T, Q) for a batch (B, N)."""
-        x = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+        a = np.asarray(audio, dtype=np.float32)
+        # a read-only array (Ray's object store hands those out) made torch warn once per tokenizer: copied
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())
         single = x.ndim == 1
         x = (x[None] if single else x)[:, None].to(self.device)
         out = self.model.encode(x, bandwidth=self.cfg.bandwidth)

@@ -3,7 +3,7 @@
 Real weights come from a local directory or a model-hub id, in transformers' format:
 ``ClapModel`` + ``ClapProcessor`` (e.g. ``laion/clap-htsat-unfused``), ``HubertModel`` (``m-a-p/MERT-v0``
 loads as one), ``EncodecModel`` (``facebook/encodec_24khz``). We use the transformers ports rather than the
-``laion-clap`` and ``encodec`` packages: those pull torchaudio/torchvision and pin numpy < 2 (README).
+``laion-clap`` and ``encodec`` packages: those pull torchaudio/torchvision and pin numpy < 2 (docs/configuration.md).
 
 ``tiny`` builds the same architectures at small sizes with seeded random weights, offline (the semantic one's
 chosen so that its frames follow the music: ``build_tiny_hubert``); the token system saves them with

@@ -27,9 +27,8 @@ from ..models import build_stage, split_batch, stage_loss
 from ..models.transformer import model_flops
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
-from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers, at_chance, chance_message,
-                      mean_over_workers,
-                      peak_flops)
+from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers, chance_message, mean_over_workers,
+                      peak_flops, stuck_at_chance)
 
 DS_DIR, DS_TAG = "deepspeed", "state"
 DIVERGED = "diverged.json"  # in the run folder: the step, rate and cause of a stop on a non-finite loss
@@ -179,20 +178,32 @@ def diverged_message(stage: str, step: int, what: str, lr: float) -> str:
 
 
 def quiet_report_log() -> None:
-    """Ray Train V2 logs every ``ray.train.report`` call at INFO from every worker ("Reporting training result
-    N: TrainingReport(... every metric ...)"), which buried the loop's own one line per log step. Its logger
-    is named after its file, so it is reached through the module; a Ray without it changes nothing."""
+    """Library lines a worker printed that say nothing a user can act on, each silenced precisely:
+    - Ray Train V2 logs every ``ray.train.report`` call at INFO from every worker ("Reporting training result N:
+      TrainingReport(... every metric ...)"), which buried the loop's own one line per log step;
+    - and "Checkpoint successfully created at: ..." from every worker at every save (the loop logs one line per
+      save, "step N: checkpoint saved");
+    - DeepSpeed gathers ZeRO partitions at a save with ``torch.distributed.all_gather_into_tensor``, which torch
+      deprecates with a FutureWarning per call (two per save): DeepSpeed's call, nothing a user can change.
+    Ray's loggers are named after their files, so they are reached through the modules; a Ray without them changes
+    nothing. Warnings and errors of these loggers still show."""
     import logging
+    import warnings
 
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, storage as train_storage
     except ImportError:
         return
-    if isinstance(getattr(context, "logger", None), logging.Logger):
-        context.logger.setLevel(logging.WARNING)
+    for module in (context, train_storage):
+        if isinstance(getattr(module, "logger", None), logging.Logger):
+            module.logger.setLevel(logging.WARNING)
 
 
 def train_loop(loop_cfg: dict) -> None:
+    if not torch.cuda.is_available():  # said, not probed: DeepSpeed's probe warned "Setting accelerator to CPU"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # from every worker of every CPU run
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -254,6 +265,8 @@ def train_loop(loop_cfg: dict) -> None:
     sampler = Sampler(stage, loop_cfg.get("token_system"), log) if rank == 0 else None
     held = loop_cfg.get("held_data", {})
 
+    valid_losses: list[float] = []  # this attempt's validation losses: the chance alarm judges their trend
+
     def validate() -> dict:
         engine.eval()
         batches, counted = held["valid"].lockstep_batches(rank, world, tc.batch_size)
@@ -265,7 +278,9 @@ def train_loop(loop_cfg: dict) -> None:
         log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}"
             + (f" conditioning gain {gain:+.4f}" if gain is not None else ""))
         tb.scalars(out, state.step)
-        if rank == 0 and state.step > tc.lr_warmup and at_chance(out["valid/loss"], vocabulary):
+        valid_losses.append(out["valid/loss"])
+        if rank == 0 and state.step > tc.lr_warmup and stuck_at_chance(valid_losses, vocabulary,
+                                                                        state.step >= tc.num_train_steps):
             message = chance_message(stage, state.step, out["valid/loss"], vocabulary)
             worker_print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100)
             tb.text("warnings/chance_level", message, state.step)

@@ -108,6 +108,17 @@ def at_chance(valid_loss: float, vocabulary: int) -> bool:
     return abs(valid_loss - chance) <= CHANCE_TOLERANCE * chance
 
 
+def stuck_at_chance(valid_losses: list[float], vocabulary: int, final: bool) -> bool:
+    """At chance and not on its way down: the latest validation loss is within ``CHANCE_TOLERANCE`` of ln(V), and
+    the run has ended or the loss fell less than a quarter of that tolerance since the validation before. A run
+    still warming up (its first validation near chance, falling) is not alarmed about."""
+    if not valid_losses or not at_chance(valid_losses[-1], vocabulary):
+        return False
+    if final:
+        return True
+    return len(valid_losses) > 1 and valid_losses[-2] - valid_losses[-1] < CHANCE_TOLERANCE / 4 * math.log(vocabulary)
+
+
 def chance_message(stage: str, step: int, valid_loss: float, vocabulary: int) -> str:
     return (f"WARNING: {stage} validation loss {valid_loss:.3f} at step {step} is within "
             f"{CHANCE_TOLERANCE:.0%} of ln({vocabulary}) = {math.log(vocabulary):.3f}: the model is at chance "

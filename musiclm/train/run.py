@@ -61,6 +61,36 @@ class TrainRequest:
         return storage.join(storage.location(self.storage), self.run_name)
 
 
+# where the model config keeps each token sequence's layout: (codebook size, number of codebooks; None: always 1)
+TOKEN_LAYOUT_KEYS = {"clap": ("model.clap_rvq_cfg.codebook_size", "model.clap_rvq_cfg.rq_num_quantizers"),
+                     "semantic": ("model.hubert_kmeans_cfg.codebook_size", None),
+                     "coarse": ("model.encodec_cfg.codebook_size", "model.global_cfg.num_coarse_quantizers"),
+                     "fine": ("model.encodec_cfg.codebook_size", "model.global_cfg.num_fine_quantizers")}
+
+
+def _layout_fixes(cfg: Config, manifest: dict, skip: set[str] = frozenset()) -> dict[str, int]:
+    """The settings that give the model the dataset's token layout (those in ``skip`` left out)."""
+    fixes = {}
+    for seq in stage_sequences(cfg.train.stage, cfg.model):
+        tok = manifest["tokens"][seq.name]
+        size_key, count_key = TOKEN_LAYOUT_KEYS[seq.name]
+        if tok["codebook_size"] != seq.codebook_size and size_key not in skip:
+            fixes[size_key] = tok["codebook_size"]
+        if tok["codebooks"] != seq.num_quantizers and count_key is not None and count_key not in skip:
+            fixes[count_key] = tok["codebooks"]
+    return fixes
+
+
+def adopt_token_layout(cfg: Config, manifest: dict, given: set[str] = frozenset()) -> tuple[Config, dict[str, int]]:
+    """The model's token layout (codebook sizes and counts) taken from the dataset its token system made, except
+    the settings the user gave (``given``: a real mismatch then fails in ``check_token_layout``). Returns the
+    config and what was taken."""
+    from ..config import apply_overrides
+
+    fixes = _layout_fixes(cfg, manifest, given)
+    return (apply_overrides(cfg, fixes) if fixes else cfg), fixes
+
+
 def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
     """The model's token sequences must have the dataset's codebook counts and sizes."""
     stage = cfg.train.stage
@@ -68,9 +98,11 @@ def check_token_layout(cfg: Config, manifest: dict, data: str) -> None:
         tok = manifest["tokens"][seq.name]
         theirs = (tok["codebooks"], tok["codebook_size"])
         if theirs != (seq.num_quantizers, seq.codebook_size):
+            fixes = " ".join(f"{k}={v}" for k, v in _layout_fixes(cfg, manifest).items())
             raise ConfigError(f"the {stage} model config expects {seq.name} tokens of {seq.num_quantizers} codebooks "
                               f"× {seq.codebook_size} codes, but token dataset {data} has {theirs[0]} × {theirs[1]}: "
-                              f"use the model config of the token system that made the dataset")
+                              + (f"--set {fixes}, or leave those settings out (train takes the dataset's token "
+                                 f"layout)" if fixes else "its token system's layout cannot be trained by this stage"))
 
 
 def stage_checkpoints(run_dir: str) -> list[str]:
