@@ -1,6 +1,6 @@
 """Decode the same MP3s two ways in one run: soundfile (libsndfile + mpg123) vs PyAV (FFmpeg).
 
-musiclm.audio tries soundfile first and falls back to PyAV; this measures why. Prints seconds of audio
+musiclm.audio.io tries soundfile first and falls back to PyAV; this measures why. Prints seconds of audio
 decoded per wall second for both (single process, same files, resampled to 24 kHz mono) and the ratio.
     python benchmarks/decode.py [--tracks 8 --seconds 30]
 """
@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from musiclm import synth
-from musiclm.audio import _decode_pyav, _decode_soundfile, resample
+from musiclm.audio import synth
+from musiclm.audio.io import _decode_pyav, _decode_soundfile, resample
 
 
 def run(decoder, files: list[bytes], rate: int) -> float:

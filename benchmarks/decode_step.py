@@ -1,7 +1,7 @@
 """One static-cache decoding step of a stage at its real window length, the attention in both forms, in one run:
 
 - ``expanded``: the one key/value head expanded to every query head, as training runs attention;
-- ``rows``: the heads as the query rows of the one key/value head (``transformer.SINGLE_QUERY_AS_ROWS``, the
+- ``rows``: the heads as the query rows of the one key/value head (``attention.SINGLE_QUERY_AS_ROWS``, the
   default): keys and values read once. Inside a compiled step inductor's CPU lowering copies an expanded key/value
   view into a dense (rows, heads, slots, dim_head) tensor for every layer and step.
 
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="times each form is compiled and timed, alternating")
     args = p.parse_args()
     from decode_compile import stage_model  # benchmarks/ is the script's folder, hence on sys.path
-    from musiclm.models import transformer
+    from musiclm.models import attention
 
     device = torch.device(args.device)
     model = stage_model(args.preset, args.stage, args.depth, device, args.dtype)
@@ -49,7 +49,7 @@ def main() -> None:
         token = torch.zeros(rows, dtype=torch.long, device=device)
         best: dict[str, float] = {}
         for form in ("expanded", "rows") * args.repeats:
-            transformer.SINGLE_QUERY_AS_ROWS = form == "rows"
+            attention.SINGLE_QUERY_AS_ROWS = form == "rows"
             torch._dynamo.reset()
             model._compiled_step = None
             if args.decoding == "compiled":
@@ -73,7 +73,7 @@ def main() -> None:
                           "device": str(device), "dtype": args.dtype,
                           **{f"{k}_ms_per_step": round(v, 2) for k, v in best.items()},
                           "rows_vs_expanded": f"{best['expanded'] / best['rows']:.2f}x faster"}), flush=True)
-    transformer.SINGLE_QUERY_AS_ROWS = True
+    attention.SINGLE_QUERY_AS_ROWS = True
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def main() -> None:
     if args.step:
         print(json.dumps(run_step(args.step, *args.paths)))
         return
-    from musiclm import synth
-    from musiclm.audio import list_audio_files
+    from musiclm.audio import synth
+    from musiclm.audio.io import list_audio_files
     from musiclm.config import DataConfig, model_preset
     from musiclm.data import dataset as layout
     from musiclm.data.preprocess import prepare

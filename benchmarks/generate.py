@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--decode-attention", default="rows",
                    help="attention form(s) of a decoding step, each timed (windows and whole generation): rows "
                         "(the heads as query rows of the one key/value head, the default) and/or expanded (keys and "
-                        "values expanded to every head, as training runs it; transformer.SINGLE_QUERY_AS_ROWS = False)")
+                        "values expanded to every head, as training runs it; attention.SINGLE_QUERY_AS_ROWS = False)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each window's timings, profile the same draw again with the last of --ways: the N "
                         "kernels with the most GPU time, and the kernel launches (on a CPU: operations)")
@@ -88,7 +88,7 @@ def main() -> None:
 
 def windows(args) -> None:
     from musiclm.config import model_preset
-    from musiclm.models import build_stage, transformer
+    from musiclm.models import attention, build_stage
     from musiclm.models.sampling import sample, sample_recompute
 
     device = torch.device(args.device)
@@ -104,7 +104,7 @@ def windows(args) -> None:
         n_tokens = steps * model.target.num_quantizers * args.batch
         timings, outputs, compile_s = {}, {}, {}
         for name, form in ways:
-            transformer.SINGLE_QUERY_AS_ROWS = form == "rows"
+            attention.SINGLE_QUERY_AS_ROWS = form == "rows"
             model._compiled_step = None  # the eager ways after another form's compiled one: eager again
             key = name if len(forms) == 1 else f"{name}_{form}"
             fn = sample_recompute if name == "recompute" else sample
@@ -122,7 +122,7 @@ def windows(args) -> None:
                               **kw)
             sync(device)
             timings[key] = time.perf_counter() - start
-        transformer.SINGLE_QUERY_AS_ROWS = forms[-1] == "rows"  # as the profile below runs it
+        attention.SINGLE_QUERY_AS_ROWS = forms[-1] == "rows"  # as the profile below runs it
         base = next(iter(timings))
         print(json.dumps({"stage": stage, "preset": args.preset, "device": str(device), "batch": args.batch,
                           "tokens": n_tokens, "prompt": model.positions(cond, 0),
@@ -142,7 +142,7 @@ def windows(args) -> None:
             n = steps * model.target.num_quantizers  # one decode step per token
             profile(draw, f"{stage} {name}: {n} tokens (launches / {n}: per decode step, the prompt's forward "
                           f"included)", args.profile)
-    transformer.SINGLE_QUERY_AS_ROWS = True
+    attention.SINGLE_QUERY_AS_ROWS = True
 
 
 def sync(device: torch.device) -> None:
@@ -153,8 +153,8 @@ def sync(device: torch.device) -> None:
 def random_model_set(root: Path, preset: str = "tiny") -> Path:
     """A tiny token system (fitted on two synthetic tracks) and untrained stages of ``preset``'s transformer sizes,
     as a model-set folder (the tiny token system has the real token rates and codebook sizes)."""
-    from musiclm import synth
-    from musiclm.audio import list_audio_files
+    from musiclm.audio import synth
+    from musiclm.audio.io import list_audio_files
     from musiclm.config import model_preset
     from musiclm.models import build_stage
     from musiclm.tokens.fit import fit_local
@@ -174,8 +174,8 @@ def random_model_set(root: Path, preset: str = "tiny") -> Path:
 
 
 def whole_generation(args) -> None:
-    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
-    from musiclm.models import transformer
+    from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator
+    from musiclm.models import attention
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.models) if args.models else random_model_set(Path(tmp), args.models_preset)
@@ -185,7 +185,7 @@ def whole_generation(args) -> None:
         forms = args.decode_attention.split(",")
         for form, mode, window_batch in [(f, m, b) for f in forms for m in args.decodings.split(",")
                                          for b in map(int, args.window_batches.split(","))]:
-            transformer.SINGLE_QUERY_AS_ROWS = form == "rows"
+            attention.SINGLE_QUERY_AS_ROWS = form == "rows"
             if mode == "compiled" and len(forms) > 1:
                 torch._dynamo.reset()  # the other form's compiled steps are not reused
             settings = GenerateSettings(duration=args.seconds, num_samples=args.num_samples, decoding=mode,
@@ -222,13 +222,13 @@ def whole_generation(args) -> None:
             for b in batches if len(forms) > 1 else []:
                 print(json.dumps({"decoding": mode, "window_batch": b, f"{forms[-1]} vs {forms[0]} (whole generation)":
                                   f"{times[mode, b, forms[0]] / times[mode, b, forms[-1]]:.2f}x faster"}))
-        transformer.SINGLE_QUERY_AS_ROWS = True
+        attention.SINGLE_QUERY_AS_ROWS = True
 
 
 def prompts_together(args) -> None:
     """``--prompts`` prompts one at a time (``generate``) vs together (``generate_many``): wall time, and whether
     every prompt got the same candidates both ways."""
-    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+    from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator
 
     prompts = [f"prompt {i}: a jazz trio" for i in range(args.prompts)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,8 +33,8 @@ LARGE = ["model.coarse_cfg.dim=1024", "model.coarse_cfg.depth=24", "model.coarse
 
 def make_dataset(work: Path, tracks: int) -> tuple[Path, Path]:
     """Synthetic tracks tokenized by a tiny token system fitted on them (in-process, no Ray)."""
-    from musiclm import synth
-    from musiclm.audio import list_audio_files
+    from musiclm.audio import synth
+    from musiclm.audio.io import list_audio_files
     from musiclm.config import DataConfig, model_preset
     from musiclm.data.preprocess import prepare, run_local
     from musiclm.data.sources import open_source

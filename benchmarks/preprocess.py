@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def single_process(paths: list[str], token_system: Path, cfg) -> float:
-    from musiclm.audio import decode_audio
+    from musiclm.audio.io import decode_audio
     from musiclm.data.clips import pad_clip
     from musiclm.tokens.system import TokenSystem
 
@@ -41,7 +41,7 @@ def pipeline(corpus: Path, token_system: Path, out: Path, cfg, actors, threads) 
 
     from musiclm.data.preprocess import prepare, run
     from musiclm.data.sources import open_source
-    from musiclm.raycompute import plan_actors
+    from musiclm.infra.raycompute import plan_actors
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
@@ -66,10 +66,10 @@ def main() -> None:
 
     import ray
 
-    from musiclm import synth
-    from musiclm.audio import list_audio_files
+    from musiclm.audio import synth
+    from musiclm.audio.io import list_audio_files
     from musiclm.config import DataConfig, model_preset
-    from musiclm.raycompute import plan_actors
+    from musiclm.infra.raycompute import plan_actors
     from musiclm.tokens.fit import fit_kmeans, fit_rvq
     from musiclm.tokens.system import TokenSystem
 

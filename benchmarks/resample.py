@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from musiclm.audio import resample, sinc_resample
+from musiclm.audio.io import resample, sinc_resample
 
 RATES = (48000, 16000, 24000)
 

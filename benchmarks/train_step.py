@@ -27,8 +27,8 @@ import torch
 
 
 def make_dataset(work: Path, tracks: int) -> Path:
-    from musiclm import synth
-    from musiclm.audio import list_audio_files
+    from musiclm.audio import synth
+    from musiclm.audio.io import list_audio_files
     from musiclm.config import DataConfig, model_preset
     from musiclm.data.preprocess import prepare, run_local
     from musiclm.data.sources import open_source

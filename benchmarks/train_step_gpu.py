@@ -12,7 +12,7 @@ this option was taken).
 Each ``--attentions`` path (dense float mask vs FlexAttention) is timed in the same run, with peak memory, and
 first checked against a float32 dense forward/backward on the same weights and batch: the loss difference and
 the largest relative gradient error over parameters (max |g - g_fp32| / max |g_fp32|) and which parameter.
-``--flex-bias-rows 1,128`` times FlexAttention with one bias table (``transformer.FLEX_BIAS_ROWS``'s default) and
+``--flex-bias-rows 1,128`` times FlexAttention with one bias table (``attention.FLEX_BIAS_ROWS``'s default) and
 with the table copied per query row modulo 128.
 ``--compile`` also times each path with the stage compiled (``train.compile``), its first steps (the compile)
 excluded; ``--profile N`` prints the N kernels with the most GPU time in one forward/backward.
@@ -59,18 +59,18 @@ def main() -> None:
                    help="after each timing, print the N kernels with the most GPU time in one forward/backward")
     p.add_argument("--flex-kernel-options", default=None,
                    help="JSON list of FlexAttention kernel_options tried in order, the first that builds is used "
-                        "(default: musiclm.models.transformer.FLEX_KERNEL_OPTIONS alone)")
+                        "(default: musiclm.models.attention.FLEX_KERNEL_OPTIONS alone)")
     p.add_argument("--flex-bias-rows", default=None,
                    help="comma-separated FLEX_BIAS_ROWS values, each flex path timed with each (e.g. 1,128: one bias "
                         "table vs the table copied per query row modulo 128); default: the module's")
     args = p.parse_args()
 
     from musiclm.config import model_preset
+    from musiclm.config import TrainConfig
     from musiclm.models import build_stage, count_parameters, stage_loss
     from musiclm.models.transformer import model_flops
     from musiclm.train.engine import make_optimizer
     from musiclm.train.metrics import peak_flops
-    from musiclm.config import TrainConfig
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -78,7 +78,7 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     attentions = (args.attentions or ("dense,flex" if on_gpu else "dense")).split(",")
     if args.flex_kernel_options is None:
-        from musiclm.models.transformer import FLEX_KERNEL_OPTIONS
+        from musiclm.models.attention import FLEX_KERNEL_OPTIONS
         args.flex_kernel_options = json.dumps([FLEX_KERNEL_OPTIONS])
 
     autocast = on_gpu and args.precision == "autocast"
@@ -113,10 +113,10 @@ def main() -> None:
         worst = max(errors, key=errors.get)
         return round(errors[worst], 4), worst
 
-    from musiclm.models import transformer
+    from musiclm.models import attention as attention_module
 
     bias_rows = ([int(r) for r in args.flex_bias_rows.split(",")] if args.flex_bias_rows
-                 else [transformer.FLEX_BIAS_ROWS])
+                 else [attention_module.FLEX_BIAS_ROWS])
     paths = [(a, r) for a in attentions for r in (bias_rows if a == "flex" else [None])]
     for stage in args.stages.split(","):
         torch.manual_seed(0)
@@ -130,11 +130,11 @@ def main() -> None:
             model.to(torch.bfloat16)  # load_state_dict(initial) now rounds the float32 weights into it
         for attention, rows in paths:
             if rows is not None:
-                transformer.FLEX_BIAS_ROWS = rows
+                attention_module.FLEX_BIAS_ROWS = rows
             if attention == "flex" and on_gpu:
                 for options in json.loads(args.flex_kernel_options):
-                    transformer.FLEX_KERNEL_OPTIONS.clear()
-                    transformer.FLEX_KERNEL_OPTIONS.update(options)
+                    attention_module.FLEX_KERNEL_OPTIONS.clear()
+                    attention_module.FLEX_KERNEL_OPTIONS.update(options)
                     try:
                         loss, grads = gradients(model, attention, cond, target)
                         break

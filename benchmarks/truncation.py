@@ -1,7 +1,7 @@
 """Truncation detection two ways on one corpus: the length libsndfile declares vs what it decodes (the rule
-before 2026-11-26) and the MP3's own frames (``musiclm.mp3``, used by ``musiclm.audio.decode_audio`` now).
+before 2026-11-26) and the MP3's own frames (``musiclm.audio.mp3``, used by ``musiclm.audio.io.decode_audio`` now).
 
-The corpus (``musiclm.mp3_corpus.full_variants``): FFmpeg/libmp3lame and libsndfile/LAME, CBR/VBR/ABR,
+The corpus (``musiclm.audio.mp3_corpus.full_variants``): FFmpeg/libmp3lame and libsndfile/LAME, CBR/VBR/ABR,
 8-48 kHz, mono/stereo, with and without a Xing/Info header, ID3v1/v2, music and digital silence, 3/30/60 s,
 and WAV/FLAC/OGG/random bytes named .mp3; every file also cut at 33/50/90/99 % of its bytes and at an MPEG frame
 boundary near the middle. Prints, for both rules: intact files rejected (goal 0) or decoding short, cut files
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from musiclm import mp3_corpus
-from musiclm.audio import AudioDecodeError, decode_audio
+from musiclm.audio import mp3_corpus
+from musiclm.audio.io import AudioDecodeError, decode_audio
 
 TOLERANCE = 2 * 1152  # the old rule's allowance, in samples
 

@@ -33,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    from musiclm.audio import list_audio_files
-    from musiclm.import_open_musiclm import clap_rvq_residuals
+    from musiclm.audio.io import list_audio_files
+    from musiclm.interop.open_musiclm import clap_rvq_residuals
 
     candidates = {}
     for item in args.candidate:

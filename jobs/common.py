@@ -31,7 +31,7 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_clap_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    from musiclm.tokens.laion_clap import TOKENIZER
+    from musiclm.interop.laion_clap import TOKENIZER
 
     parser.add_argument("--clap-checkpoint", metavar="FILE.pt",
                         help="laion_clap checkpoint (open-musiclm's 630k-audioset-best.pt), converted to transformers' "
@@ -71,7 +71,7 @@ def check_outputs(**locations: str | None) -> None:
     """Refuse, before any work, output options (name -> location) that cannot be folders: a file given as --out
     failed after the work was done (import-open-musiclm after converting everything, generate after every prompt).
     The locations are kept to name in an error whose cause names no file (a write to a full disk)."""
-    from musiclm import storage
+    from musiclm.infra import storage
 
     for name, loc in locations.items():
         if loc:
@@ -121,7 +121,7 @@ def stage_args_config(args: argparse.Namespace):
         overrides.append("train.use_gpu=false")
     init_from = args.init_from
     if init_from and init_from.endswith(".json"):  # a sweep's best.json names its checkpoint
-        from musiclm import storage
+        from musiclm.infra import storage
 
         init_from = storage.read_json(init_from).get("checkpoint")
         if not init_from:
@@ -171,9 +171,9 @@ def wait_seconds(args: argparse.Namespace) -> float:
 
 def gpu_resources(args: argparse.Namespace, resources: dict, what: str, bundles: list[dict] | None = None) -> dict:
     """The cluster's resources once the GPUs the user asked for are there (``bundles``, else one per
-    ``--actors`` of ``--gpus-per-actor``): asks the autoscaler and waits (``raycompute.wait_for``). Without a
+    ``--actors`` of ``--gpus-per-actor``): asks the autoscaler and waits (``infra.raycompute.wait_for``). Without a
     request for GPUs, says so when the job will run on CPUs."""
-    from musiclm.raycompute import cpu_fallback_note, wait_for
+    from musiclm.infra.raycompute import cpu_fallback_note, wait_for
 
     if bundles is None and getattr(args, "gpus_per_actor", None):
         bundles = [{"CPU": 1.0, "GPU": args.gpus_per_actor} for _ in range(getattr(args, "actors", None) or 1)]
@@ -187,7 +187,7 @@ def gpu_resources(args: argparse.Namespace, resources: dict, what: str, bundles:
 
 def actor_plan(args: argparse.Namespace, resources: dict, what: str):
     """The encoder-actor plan of a Ray Data job (preprocess, fits), after waiting for GPUs asked for."""
-    from musiclm.raycompute import plan_actors
+    from musiclm.infra.raycompute import plan_actors
 
     return plan_actors(gpu_resources(args, resources, what), args.actors, args.gpus_per_actor)
 
@@ -250,11 +250,11 @@ def _os_error_in_text(e: Exception) -> str | None:
 def run(main) -> None:
     """Run a job's main, turning the project's user-facing errors into one clear line and exit status 2: its named
     errors (also when a Ray actor or task raised them), bad values, missing or unwritable files and full disks."""
-    from musiclm.audio import AudioDecodeError
-    from musiclm.raycompute import ResourceWaitTimeout
-    from musiclm.storage import StorageError
+    from musiclm.audio.io import AudioDecodeError
     from musiclm.config_io import ConfigError
     from musiclm.data.dataset import DatasetError
+    from musiclm.infra.raycompute import ResourceWaitTimeout
+    from musiclm.infra.storage import StorageError
     from musiclm.tokens.encoders import EncoderLoadError
     from musiclm.tokens.system import TokenSystemError
     from musiclm.train.checkpoint import CheckpointError
@@ -282,8 +282,8 @@ def run(main) -> None:
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling settings shared by generate and evaluate (``musiclm.generate.GenerateSettings``)."""
-    from musiclm.generate import DECODING, WEIGHT_DTYPES, GenerateSettings
+    """Sampling settings shared by generate and evaluate (``musiclm.generation.generate.GenerateSettings``)."""
+    from musiclm.generation.generate import DECODING, WEIGHT_DTYPES, GenerateSettings
 
     d = GenerateSettings()
     g = parser.add_argument_group("sampling")
@@ -316,15 +316,15 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 def generate_settings(args: argparse.Namespace):
     import dataclasses
 
-    from musiclm.generate import GenerateSettings
+    from musiclm.generation.generate import GenerateSettings
 
     keys = [f.name for f in dataclasses.fields(GenerateSettings)]
     return GenerateSettings(**{k: getattr(args, k) for k in keys if hasattr(args, k)})
 
 
 def read_prompts(path: str) -> list[str]:
-    """The captions of a prompt set (``musiclm.evaluate.read_prompt_set``: text, JSON list or MusicCaps CSV)."""
-    from musiclm.evaluate import read_prompt_set
+    """The captions of a prompt set (``musiclm.evaluation.evaluate.read_prompt_set``: text, JSON list or MusicCaps CSV)."""
+    from musiclm.evaluation.evaluate import read_prompt_set
 
     return [p.caption for p in read_prompt_set(path)]
 
@@ -344,7 +344,7 @@ def add_prompt_set_args(parser: argparse.ArgumentParser) -> None:
 def prompt_set(args: argparse.Namespace):
     """(prompts, reference clips or None) from ``add_prompt_set_args``' arguments; a --reference-audio folder is
     matched to the prompts inside ``evaluate``."""
-    from musiclm.evaluate import dataset_prompts, prompt_clips, read_prompt_set
+    from musiclm.evaluation.evaluate import dataset_prompts, prompt_clips, read_prompt_set
 
     if args.reference_audio and args.reference_dataset:
         raise ValueError("give --reference-audio or --reference-dataset, not both")
@@ -402,10 +402,10 @@ def add_eval_args(parser: argparse.ArgumentParser, title: str) -> None:
 
 @dataclasses.dataclass
 class EvalInputs:
-    models: object  # musiclm.generate.ModelSet
+    models: object  # musiclm.generation.generate.ModelSet
     prompts: list
     references: list | None
-    settings: object  # musiclm.generate.GenerateSettings
+    settings: object  # musiclm.generation.generate.GenerateSettings
     cpus: float
     gpus: float
 
@@ -413,7 +413,7 @@ class EvalInputs:
 def eval_inputs(args: argparse.Namespace, resources: dict, reserved_cpus: float) -> EvalInputs:
     """What ``add_eval_args`` asked for: the model set, prompts (by default the first 8 captions of --data's
     valid split, with all its tracks as FAD reference), settings and the actor's resources."""
-    from musiclm.generate import GenerateSettings, ModelSet
+    from musiclm.generation.generate import GenerateSettings, ModelSet
 
     if not args.prompts and not args.reference_dataset and not args.reference_audio:
         args.reference_dataset = args.data

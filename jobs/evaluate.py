@@ -30,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     check_outputs(out=args.out)
-    from musiclm import storage
-    from musiclm.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
+    from musiclm.evaluation.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
+    from musiclm.infra import storage
 
     settings = generate_settings(args)
     sets = parse_model_sets(args.models, args.token_system)

@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_set(args: argparse.Namespace):
-    from musiclm import storage
-    from musiclm.generate import ModelSet, resolve_checkpoint
+    from musiclm.generation.generate import ModelSet, resolve_checkpoint
+    from musiclm.infra import storage
 
     if args.models:
         models = ModelSet.from_dir(args.models, args.token_system)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = generate_settings(args)
     models = model_set(args)
     if args.prompts:
-        from musiclm.generate_batch import generate_prompts
+        from musiclm.generation.batch import generate_prompts
 
         prompts = read_prompts(args.prompts)
         resources = gpu_resources(args, connect(args), "the generation actors")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         return
 
-    from musiclm.generate import MusicGenerator, progress_bar
+    from musiclm.generation.generate import MusicGenerator, progress_bar
 
     generator = MusicGenerator(models, args.device, settings.coarse_only, settings.weights_dtype)
     with progress_bar(generator, settings, enabled=sys.stderr.isatty()) as bar:

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     check_outputs(out=args.out)
-    from musiclm.import_open_musiclm import import_open_musiclm
+    from musiclm.interop.open_musiclm import import_open_musiclm
 
     stages = {s: getattr(args, s) for s in ("semantic", "coarse", "fine") if getattr(args, s)}
     if not stages:

@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     check_outputs(out=args.out)
     import dataclasses
 
-    from musiclm import storage
     from musiclm.config import DataConfig, apply_overrides, load_config
     from musiclm.data.preprocess import finish, prepare
     from musiclm.data.preprocess import run as run_preprocess
     from musiclm.data.sources import open_source
+    from musiclm.infra import storage
 
     cfg = load_config(args.config).data if args.config else DataConfig()
     cfg = apply_overrides(cfg, args.set)

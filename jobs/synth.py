@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     check_outputs(out=args.out)
-    from musiclm import synth
+    from musiclm.audio import synth
 
     tracks = synth.write_corpus(args.out, args.num_tracks, args.seconds, args.seed)
     genres = sorted({t.genre for t in tracks})

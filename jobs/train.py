@@ -27,11 +27,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def evaluation_beside(args, req, resources: dict):
-    """``watch_eval.Beside`` for --eval-models, or a context that does nothing."""
+    """``musiclm.evaluation.watch.Beside`` for --eval-models, or a context that does nothing."""
     import contextlib
 
+    from musiclm.evaluation.watch import Beside, WatchRequest
     from musiclm.train.run import DATA_RESERVE, worker_cpus
-    from musiclm.watch_eval import Beside, WatchRequest
 
     if not args.eval_models:
         return contextlib.nullcontext()
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     resources = training_gpu_resources(args, resources, cfg, f"{cfg.train.num_workers} training workers")
     import ray
 
-    from musiclm import storage
+    from musiclm.infra import storage
     from musiclm.train.run import SUMMARY
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable

@@ -1,4 +1,4 @@
-"""musiclm watch-eval: score a training run's checkpoints as music, beside the training (musiclm/watch_eval.py).
+"""musiclm watch-eval: score a training run's checkpoints as music, beside the training (musiclm/evaluation/watch.py).
 
     musiclm watch-eval --run runs/coarse --models models/released --reference-dataset tokens/fma \
         --max-prompts 32 --num-samples 2 --duration 10 --follow
@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from musiclm.generate import ModelSet
-    from musiclm.watch_eval import WatchRequest, watch
+    from musiclm.evaluation.watch import WatchRequest, watch
+    from musiclm.generation.generate import ModelSet
 
     prompts, references = prompt_set(args)
     req = WatchRequest(args.run, ModelSet.from_dir(args.models, args.token_system), prompts,

@@ -356,7 +356,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
 def _file_kind(path: str | Path) -> tuple[str, dict | None]:
     """What a config file holds: ``model`` (an open-musiclm model JSON), ``sweep`` (a sweep's best.json, whose
     ``config`` section is a full Config) or ``config`` (anything else: a Config, whole or in part)."""
-    from . import storage
+    from .infra import storage
 
     try:
         data = json.loads(storage.read_text(path)) if storage.exists(path) else None

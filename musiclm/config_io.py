@@ -119,7 +119,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def load_json(cls: type[T], path: str | Path) -> T:
-    from . import storage
+    from .infra import storage
 
     try:
         data = json.loads(storage.read_text(path))  # a file, or an object-store URI (a sweep's best.json)

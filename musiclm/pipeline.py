@@ -117,7 +117,7 @@ class Pipeline:
         return captions.exists() and sum(1 for _ in captions.open()) == self.s.num_tracks
 
     def _synth(self) -> None:
-        from . import synth
+        from .audio import synth
 
         synth.write_corpus(self.corpus, self.s.num_tracks, self.s.seconds, self.s.seed)
 
@@ -139,7 +139,7 @@ class Pipeline:
         return meta.exists() and json.loads(meta.read_text())["fitted"][part]
 
     def _plan(self):
-        from .raycompute import plan_actors
+        from .infra.raycompute import plan_actors
 
         return plan_actors(self.resources, self.actors, self.gpus_per_actor)
 
@@ -219,7 +219,7 @@ class Pipeline:
     def _model_set_targets(self) -> dict[Path, Path]:
         """models/final: each stage's best checkpoint; models/early: each stage's first one; both with the
         token system."""
-        from .generate import resolve_checkpoint
+        from .generation.generate import resolve_checkpoint
         from .train.run import stage_checkpoints
 
         targets = {}
@@ -243,25 +243,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation and evaluation
     def _generate_settings(self, duration: float):
-        from .generate import GenerateSettings
+        from .generation.generate import GenerateSettings
 
         return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed)
 
     def _checkpoint_ids(self, model_set: str) -> dict:
         """What reports made by ``models/<model_set>`` must name to be current."""
-        from .generate import ModelSet, check_model_set, checkpoint_ids
+        from .generation.generate import ModelSet, check_model_set, checkpoint_ids
 
         return checkpoint_ids(check_model_set(ModelSet.from_dir(self.models / model_set)))
 
     def _generated(self) -> bool:
-        from .generate_batch import finished_report
+        from .generation.batch import finished_report
 
         return (self.models / "final").exists() and finished_report(
             self.work / "generate", self.s.prompt, self._generate_settings(self.s.duration),
             self._checkpoint_ids("final")) is not None
 
     def _generate(self) -> None:
-        from .generate import ModelSet, MusicGenerator
+        from .generation.generate import ModelSet, MusicGenerator
 
         settings = self._generate_settings(self.s.duration)
         generator = MusicGenerator(ModelSet.from_dir(self.models / "final"), "cuda" if self.s.use_gpu else "cpu")
@@ -270,7 +270,7 @@ class Pipeline:
                  f"{report['timings']['real_time_factor']:.2f}")
 
     def _evaluated(self) -> bool:
-        from .generate_batch import finished_report, prompt_folder
+        from .generation.batch import finished_report, prompt_folder
 
         out = self.work / "evaluate"
         if not (out / "results.csv").exists() or not (out / "scores.png").exists():
@@ -284,8 +284,8 @@ class Pipeline:
         return True
 
     def _evaluate(self) -> None:
-        from .evaluate import evaluate
-        from .generate import ModelSet
+        from .evaluation.evaluate import evaluate
+        from .generation.generate import ModelSet
 
         sets = {name: ModelSet.from_dir(self.models / name) for name in ("early", "final")}
         evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration), self.work / "evaluate",

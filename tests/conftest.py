@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from musiclm import synth
-from musiclm.audio import list_audio_files
+from musiclm.audio import synth
+from musiclm.audio.io import list_audio_files
 from musiclm.config import model_preset
 from musiclm.tokens.fit import fit_local
 from musiclm.tokens.system import TokenSystem

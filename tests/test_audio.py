@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musiclm.audio import (AudioDecodeError, crop_or_pad, decode_audio, list_audio_files, load_audio,
-                           window_starts, write_wav)
+from musiclm.audio.io import (AudioDecodeError, crop_or_pad, decode_audio, list_audio_files, load_audio, window_starts,
+                              write_wav)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_write_wav_round_trip(tmp_path):
 
 def test_as_written_is_exactly_what_the_wav_file_holds(tmp_path):
     """Generation scores the audio as written: loud samples too must survive the 16-bit round trip."""
-    from musiclm.audio import as_written
+    from musiclm.audio.io import as_written
 
     x = np.random.default_rng(0).uniform(-1.2, 1.2, 24000).astype(np.float32)  # includes clipping
     scored = as_written(x)
@@ -89,10 +89,10 @@ def test_as_written_is_exactly_what_the_wav_file_holds(tmp_path):
 
 
 def test_intact_mp3s_of_every_kind_decode_and_cut_ones_are_caught_or_shorter(tmp_path):
-    """A small corpus from musiclm.mp3_corpus (FFmpeg and libsndfile encoders, CBR/VBR, 8-44.1 kHz, with and
+    """A small corpus from musiclm.audio.mp3_corpus (FFmpeg and libsndfile encoders, CBR/VBR, 8-44.1 kHz, with and
     without a Xing header, ID3 tags, digital silence, a WAV named .mp3), each intact and cut at 33/50/90/99 % of
     its bytes and at a frame boundary. benchmarks/truncation.py runs the full corpus."""
-    from musiclm import mp3_corpus
+    from musiclm.audio import mp3_corpus
 
     files = mp3_corpus.write(tmp_path, mp3_corpus.small_variants(seconds=4.0))
     kept_cut = []
@@ -117,7 +117,7 @@ def test_the_length_libsndfile_estimates_for_an_mp3_without_xing_header_is_not_t
     an intact file must not be rejected for that."""
     import soundfile as sf
 
-    from musiclm import mp3, mp3_corpus
+    from musiclm.audio import mp3, mp3_corpus
 
     v = mp3_corpus.Variant("silence-22k-mono-noxing", "ffmpeg", 22050, 1, kbps=64, xing=False, id3v1=True,
                            content="silence", seconds=30.0)

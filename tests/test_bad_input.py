@@ -103,7 +103,7 @@ def test_a_dataset_missing_a_shard_or_with_a_truncated_one_is_refused_by_name(tm
     shard: "Parquet magic bytes not found", no file named."""
     from musiclm.config import stage_config
     from musiclm.data.dataset import DatasetError
-    from musiclm.storage import StorageError
+    from musiclm.infra.storage import StorageError
     from musiclm.train.run import TrainRequest, check_request
 
     data = tmp_path / "data"
@@ -167,8 +167,8 @@ def test_unreadable_inputs_are_named(tmp_path, capsys, tiny_model_set):
     from jobs import generate
     from musiclm.config import stage_config
     from musiclm.data.dataset import DatasetError, read_manifest
-    from musiclm.evaluate import read_prompt_set
-    from musiclm.import_open_musiclm import OpenMusicLMImportError, load_kmeans_centers
+    from musiclm.evaluation.evaluate import read_prompt_set
+    from musiclm.interop.open_musiclm import OpenMusicLMImportError, load_kmeans_centers
 
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "manifest.json").write_bytes(bytes(range(256)))

@@ -116,7 +116,7 @@ def test_rayjob_entrypoints_are_valid_job_command_lines(path):
 GPU_DRIVER = """
 import argparse, ray
 from jobs.common import actor_plan
-from musiclm.raycompute import ResourceWaitTimeout, wait_for
+from musiclm.infra.raycompute import ResourceWaitTimeout, wait_for
 
 ray.init()
 try:

@@ -112,7 +112,7 @@ def test_every_number_setting_is_checked_for_its_range(override, pattern):
 
 
 def test_generation_settings_refuse_non_finite_numbers():
-    from musiclm.generate import GenerateSettings
+    from musiclm.generation.generate import GenerateSettings
 
     with pytest.raises(ConfigError, match=r"duration: inf is not a finite number"):
         GenerateSettings(duration=float("inf"))

@@ -16,7 +16,7 @@ MUSICCAPS_HEADER = "ytid,start_s,end_s,audioset_positive_labels,aspect_list,capt
 
 
 def test_prompt_sets_from_text_json_and_a_musiccaps_csv(tmp_path):
-    from musiclm.evaluate import Prompt, read_prompt_set
+    from musiclm.evaluation.evaluate import Prompt, read_prompt_set
 
     (tmp_path / "p.txt").write_text("# comment\nslow ambient pads\n\n fast techno beat \n")
     (tmp_path / "p.json").write_text('["slow ambient pads", "fast techno beat"]')
@@ -54,8 +54,8 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
                                                                           second_model_set, tmp_path, capsys):
     from jobs.evaluate import main as evaluate
 
-    from musiclm import synth
-    from musiclm.audio import write_wav
+    from musiclm.audio import synth
+    from musiclm.audio.io import write_wav
 
     prompts = tmp_path / "musiccaps.csv"  # MusicCaps' layout, its reference clips named by ytid
     prompts.write_text(MUSICCAPS_HEADER + "\n"
@@ -72,8 +72,8 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["prompt_index"], r["model_set"]) for r in rows] == [("0", "base"), ("1", "base"), ("0", "other"),
                                                                     ("1", "other")]
-    from musiclm.audio import decode_audio
-    from musiclm.generate import clap_scores
+    from musiclm.audio.io import decode_audio
+    from musiclm.generation.generate import clap_scores
     from musiclm.tokens.system import TokenSystem
 
     system = TokenSystem.load(tiny_model_set / "token_system", "cpu")
@@ -101,7 +101,7 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
             assert "biased" in f[kind]["warnings"][0]  # 2 clips for 512 / 64 dimensions, and it says so
     # each set's FAD is that of its own saved clips against the prompts' reference clips (not "unused"),
     # recomputed here from the files
-    from musiclm.quality import clap_embeddings, fad
+    from musiclm.evaluation.quality import clap_embeddings, fad
 
     def embeddings(paths):
         return np.concatenate([clap_embeddings(system, *decode_audio(str(p), system.clap.sample_rate)).numpy()
@@ -125,8 +125,8 @@ def test_a_musiccaps_reference_longer_than_its_segment_is_cut_to_start_s_end_s(t
     describes. A file no longer than the segment (plus a second) is taken whole."""
     import numpy as np
 
-    from musiclm.audio import write_wav
-    from musiclm.evaluate import Prompt, _load_clip
+    from musiclm.audio.io import write_wav
+    from musiclm.evaluation.evaluate import Prompt, _load_clip
 
     rate = 8_000
     t = np.arange(50 * rate) / rate
@@ -141,7 +141,7 @@ def test_a_musiccaps_reference_longer_than_its_segment_is_cut_to_start_s_end_s(t
 
 def test_the_comparison_sentence_counts_only_differences_beyond_the_tables_precision():
     """The demo's random CLAP scores every clip 0.0710: the report said early scored higher than final on 3 of 3."""
-    from musiclm.evaluate import compare_sentence
+    from musiclm.evaluation.evaluate import compare_sentence
 
     equal = [(0.07102, 0.07100), (0.07101, 0.07104), (0.0710, 0.0710)]
     assert compare_sentence("early", "final", 2, equal) == \

@@ -59,7 +59,7 @@ def test_sliding_windows_draw_the_same_tokens_with_every_decoder(stage):
     with the growing one, and one static cache (one set of tensors for a compiled step) serves every window."""
     from functools import partial
 
-    from musiclm.generate import sample_windows, slide
+    from musiclm.generation.generate import sample_windows, slide
 
     model = _stage(stage)
     cond, _ = _inputs(model, batch=2, steps=40)
@@ -89,7 +89,7 @@ def test_windows_end_to_end_are_sampled_as_one_batch():
     ``window_batch`` at once, they draw what they draw one after the other, row for row (argmax, float64: the
     conditioning of each row is its own window's); the last window, moved back over the one before it, is
     sampled alone after them with that overlap as its prefix. Overlapping windows are never batched."""
-    from musiclm.generate import sample_windows, slide, window_groups
+    from musiclm.generation.generate import sample_windows, slide, window_groups
 
     model = _stage("fine", dtype=torch.float64)
     cond, _ = _inputs(model, batch=2, steps=40)
@@ -168,9 +168,9 @@ def test_flex_attention_gives_the_dense_masks_logits_and_gradients(stage, bias_r
     by benchmarks/gpu_check.sh)."""
     import torch.nn.attention.flex_attention as fa
 
-    from musiclm.models import transformer
+    from musiclm.models import attention
 
-    monkeypatch.setattr(transformer, "FLEX_BIAS_ROWS", bias_rows)
+    monkeypatch.setattr(attention, "FLEX_BIAS_ROWS", bias_rows)
     model = _stage(stage, dtype=torch.float64)
     cond, target = _inputs(model, batch=2, steps=12)
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_compiled_stage_gives_the_eager_logits_and_gradients():
 def test_causal_depthwise_conv_is_the_conv1d_forward_and_backward():
     """The feed-forward's shifted multiply-adds compute nn.Conv1d's function (the module open-musiclm's checkpoints
     hold the weight of) on the transposed tensor: outputs and both gradients in float64, and gradcheck."""
-    from musiclm.models.transformer import CONV_KERNEL, causal_depthwise_conv
+    from musiclm.models.layers import CONV_KERNEL, causal_depthwise_conv
 
     torch.manual_seed(0)
     b, n, c = 2, 7, 5

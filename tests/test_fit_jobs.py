@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from jobs import fit_kmeans, fit_rvq, init_token_system
-from musiclm.audio import list_audio_files, load_audio
+from musiclm.audio.io import list_audio_files, load_audio
 from musiclm.tokens.system import TokenSystem, TokenSystemError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]

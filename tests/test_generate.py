@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from jobs import generate as generate_job
-from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator, slide
+from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator, slide
 from musiclm.train.checkpoint import CheckpointError
 
 
@@ -72,7 +72,7 @@ def test_same_seed_same_audio_other_seed_other_audio(tiny_model_set):
 def test_bfloat16_weights_generate_and_auto_is_float32_on_a_cpu(tiny_model_set, monkeypatch):
     """--weights-dtype: bfloat16 stage weights (the default on a GPU that has them) generate full, finite clips;
     on a CPU "auto" keeps float32, drawing exactly the tokens of an explicit float32 run."""
-    from musiclm.generate import inference_dtype
+    from musiclm.generation.generate import inference_dtype
 
     models = ModelSet.from_dir(tiny_model_set)
     settings = GenerateSettings(duration=1.0, num_samples=2, seed=3)
@@ -154,7 +154,7 @@ def test_a_finished_report_is_current_whatever_the_decoder(tmp_path):
     (a report written before the setting existed too); another seed does not."""
     import dataclasses
 
-    from musiclm.generate_batch import finished_report
+    from musiclm.generation.batch import finished_report
 
     settings = GenerateSettings(decoding="static")
     saved = dataclasses.asdict(settings)
@@ -191,7 +191,7 @@ def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_
     written."""
     import dataclasses
 
-    from musiclm.generate_batch import PromptWorker
+    from musiclm.generation.batch import PromptWorker
 
     real = MusicGenerator.generate_many
 

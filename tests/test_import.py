@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from musiclm.config_io import from_dict
-from musiclm.import_open_musiclm import (OpenMusicLMImportError, convert_rvq, convert_transformer,
-                                         load_kmeans_centers)
+from musiclm.interop.open_musiclm import OpenMusicLMImportError, convert_rvq, convert_transformer, load_kmeans_centers
 from musiclm.models import build_stage
 
 DIM, DEPTH, HEADS, DIM_HEAD = 64, 2, 2, 64  # open-musiclm's Attention uses dim_head 64
@@ -132,7 +131,7 @@ def test_converted_checkpoints_reproduce_open_musiclms_own_logits(stage):
     from safetensors.torch import load_file
 
     from musiclm.config import load_model_config
-    from musiclm.import_open_musiclm import load_torch_state
+    from musiclm.interop.open_musiclm import load_torch_state
 
     cfg = load_model_config(FIXTURE / "config.json")
     model = build_stage(stage, cfg).eval()
@@ -237,7 +236,7 @@ def _released_like_files(tmp_path) -> tuple[list[str], object]:
 def test_import_then_generate_and_the_pickle_needs_consent(tmp_path):
     from jobs.common import run
     from jobs.import_open_musiclm import main as import_main
-    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+    from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator
 
     argv, km = _released_like_files(tmp_path)
     with pytest.raises(SystemExit) as stop:

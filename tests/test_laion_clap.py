@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
-from musiclm.tokens.laion_clap import (LaionClapError, check_conversion, clap_config, convert_laion_clap,
-                                      read_laion_state)
+from musiclm.interop.laion_clap import (LaionClapError, check_conversion, clap_config, convert_laion_clap,
+                                        read_laion_state)
 
 FIXTURE = Path(__file__).parent / "data" / "laion_clap"
 VARIANTS = ("htsat_tiny", "htsat_base")  # 630k-audioset-best.pt's architecture; LAION's music CLAPs'

@@ -46,9 +46,9 @@ def test_kv_cache_decoding_equals_full_forward(stage, rows, monkeypatch):
     float32, on logits of magnitude ~1), starting both from an empty target and from a prefix; a step's attention
     with the heads as query rows of the one key/value head (the default) and with keys and values expanded to
     every head, as the forward runs it."""
-    from musiclm.models import transformer
+    from musiclm.models import attention
 
-    monkeypatch.setattr(transformer, "SINGLE_QUERY_AS_ROWS", rows)
+    monkeypatch.setattr(attention, "SINGLE_QUERY_AS_ROWS", rows)
     torch.manual_seed(0)
     model = build_stage(stage, model_preset("tiny")).eval()
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_toeplitz_bias_equals_indexing_the_table_by_distance_forward_and_backwar
     """The bias built from windows of one vector (``unfold``) is the table indexed by clamped distances, for a
     training window (start 0) and for cached decoding steps (start > 0); the gradients into the table agree up to
     summation order (the reference's backward is a scatter-add, the new one a sum over windows)."""
-    from musiclm.models.transformer import toeplitz_bias
+    from musiclm.models.attention import toeplitz_bias
 
     torch.manual_seed(0)
     table = torch.randn(4, start + n + 3, dtype=torch.float64, requires_grad=True)  # a cache's table is longer
@@ -217,7 +217,7 @@ def test_toeplitz_bias_equals_indexing_the_table_by_distance_forward_and_backwar
 def test_attention_mask_is_cast_once_to_the_autocast_dtype():
     """Under autocast the float mask handed to every layer is already in autocast's dtype (bf16), so attention
     does not cast the whole (batch, heads, n, n) mask again in each layer; without autocast it stays float32."""
-    from musiclm.models.transformer import compute_dtype
+    from musiclm.models.attention import compute_dtype
 
     torch.manual_seed(0)
     model = build_stage("coarse", model_preset("tiny")).eval()

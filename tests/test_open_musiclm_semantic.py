@@ -68,7 +68,7 @@ def test_each_tokenizer_reads_the_waveform_open_musiclm_gives_it(rows, expected)
         wave, ours = expected[f"wave.{case}"], rows[case]["audio_semantic"]
         assert ours.shape == wave.shape, case
         assert np.abs(ours - wave).max() < 1e-5, (case, float(np.abs(ours - wave).max()))  # measured: 7.2e-7
-    from musiclm.audio import decode_audio
+    from musiclm.audio.io import decode_audio
     from musiclm.data.clips import pad_clip
     from musiclm.tokens.system import tokenizer_inputs
 
@@ -110,7 +110,7 @@ def test_the_semantic_features_match_before_the_k_means(fixture_system, expected
 def test_soxr_and_per_clip_normalization_would_not_be_open_musiclms(fixture_system, expected):
     """What the tokenizer did before: the same audio resampled with soxr and normalized per 16 kHz clip gives
     another ~1 % of ids. The fixture tells the two apart."""
-    from musiclm.audio import decode_audio, resample
+    from musiclm.audio.io import decode_audio, resample
     from musiclm.data.clips import pad_clip
     from musiclm.tokens.system import TokenSystem
 

@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from musiclm import storage
-from musiclm.audio import list_audio_files
+from musiclm.audio.io import list_audio_files
 from musiclm.config import DataConfig
 from musiclm.data import dataset as layout
 from musiclm.data.preprocess import prepare, run
 from musiclm.data.sources import open_source
-from musiclm.raycompute import plan_actors
+from musiclm.infra import storage
+from musiclm.infra.raycompute import plan_actors
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -220,7 +220,7 @@ def test_gpus_asked_of_a_local_ray_without_them_are_refused_at_once(local_ray, c
     """Asked for GPUs, a job plans for them instead of falling back to CPUs; a local Ray never grows, so it does
     not wait (on a cluster it asks the autoscaler and waits: tests/test_cluster.py)."""
     from jobs.preprocess import main
-    from musiclm.raycompute import ResourceWaitTimeout
+    from musiclm.infra.raycompute import ResourceWaitTimeout
 
     assert plan_actors({"CPU": 8.0}, gpus_per_actor=1.0).gpus_per_actor == 1.0  # none up yet: still a GPU plan
     assert plan_actors({"CPU": 8.0, "GPU": 4.0}).actors == 4

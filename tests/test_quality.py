@@ -1,12 +1,12 @@
-"""FAD and CLAP score (musiclm/quality.py) against closed forms, scipy and transformers' ClapModel itself."""
+"""FAD and CLAP score (musiclm/evaluation/quality.py) against closed forms, scipy and transformers' ClapModel itself."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from musiclm.quality import Gaussian, clap_embeddings, clap_score, embedding_names, fad, frechet_distance, \
-    semantic_embeddings
+from musiclm.evaluation.quality import (Gaussian, clap_embeddings, clap_score, embedding_names, fad, frechet_distance,
+                                        semantic_embeddings)
 
 
 def test_fad_of_a_set_against_itself_is_zero():

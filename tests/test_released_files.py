@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from musiclm.import_open_musiclm import convert_rvq, convert_transformer, load_kmeans_centers, load_torch_state
+from musiclm.interop.open_musiclm import convert_rvq, convert_transformer, load_kmeans_centers, load_torch_state
 
 DATA = Path(__file__).parent / "data"
 FILES = DATA / "open_musiclm_files"

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from musiclm.audio import list_audio_files
+from musiclm.audio.io import list_audio_files
 from musiclm.data.sources import open_source
 
 COLUMNS = [("album", "title"), ("artist", "name"), ("set", "split"), ("set", "subset"), ("track", "duration"),

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from musiclm import storage
 from musiclm.config import DataConfig
 from musiclm.data import dataset as layout
 from musiclm.data.preprocess import prepare, run_local
 from musiclm.data.sources import open_source
+from musiclm.infra import storage
 
 
 def upload(local, uri: str) -> str:
@@ -107,7 +107,7 @@ def test_token_dataset_in_a_bucket_is_written_scanned_and_resumed(object_store, 
 
 
 def test_model_set_in_a_bucket_generates_into_a_bucket(object_store, tiny_model_set, tiny_system_dir, tmp_path):
-    from musiclm.generate import GenerateSettings, ModelSet, MusicGenerator
+    from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator
     from musiclm.tokens.system import local_root, read_meta
 
     bucket = object_store.bucket()

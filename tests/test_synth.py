@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from musiclm import synth
-from musiclm.audio import load_audio
+from musiclm.audio import synth
+from musiclm.audio.io import load_audio
 
 
 def test_same_seed_same_files_other_seed_other_music(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from musiclm.audio import list_audio_files, load_audio, resample
+from musiclm.audio.io import list_audio_files, load_audio, resample
 from musiclm.config import model_preset
 from musiclm.tokens import encoders
 from musiclm.tokens.system import KMEANS_FILE, RVQ_FILE, TokenSystem, TokenSystemError

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from musiclm import storage
 from musiclm.config import ConfigError, model_preset, stage_config
 from musiclm.data.dataset import DatasetError
+from musiclm.infra import storage
 from musiclm.models import build_stage
 from musiclm.train import checkpoint as ckpt
 from musiclm.train.metrics import read_scalars, tensorboard_steps
@@ -153,7 +153,7 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
 
     if zero == 2:
         # every checkpoint got eval/ scalars at its step while the run trained, and the summary keeps them
-        from musiclm.watch_eval import SCALARS
+        from musiclm.evaluation.watch import SCALARS
 
         for tag in SCALARS:
             assert [step for step, _ in scalars[tag]] == [10, 20], tag
@@ -178,7 +178,7 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
         # nothing recorded yet; rerun and stopped again after recording it, before its TensorBoard points; rerun:
         # that checkpoint is evaluated once more (its prompts not generated again), then not again, and every
         # checkpoint has its scalars once
-        from musiclm import watch_eval as watching
+        from musiclm.evaluation import watch as watching
         from musiclm.train import metrics
 
         evaluated = lambda: storage.read_json(storage.join(run_dir, "eval", "evaluated.json"))["checkpoints"]  # noqa: E731
@@ -226,7 +226,7 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     assert tensorboard_steps(storage.join(again_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
     after = dict(_scalars(again_dir)["train/lr"])
     assert after[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
-    from musiclm.watch_eval import ready_checkpoints
+    from musiclm.evaluation.watch import ready_checkpoints
 
     at_20 = [c for c in ready_checkpoints(again_dir) if ckpt.read_stage(c).step == 20]
     assert len(at_20) == 1, ready_checkpoints(again_dir)
@@ -275,7 +275,7 @@ def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str
     import time
     from pathlib import Path
 
-    from musiclm.watch_eval import ready_checkpoints
+    from musiclm.evaluation.watch import ready_checkpoints
 
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv, "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
@@ -305,7 +305,7 @@ class _WorkerKiller:
 
         import psutil
 
-        from musiclm.watch_eval import ready_checkpoints
+        from musiclm.evaluation.watch import ready_checkpoints
 
         deadline = time.time() + 300
         while time.time() < deadline:

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from musiclm import storage
 from musiclm.config import ConfigError
+from musiclm.infra import storage
 from tune.space import build_space
 
 SETTINGS = ["train.num_train_steps=12", "train.batch_size=2", "train.save_results_every=4",

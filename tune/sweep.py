@@ -7,7 +7,7 @@ results.md, and best.json (usable as `musiclm train --config best.json --init-fr
 same sweep again resumes it.
 
 Trials are ranked by their best valid/loss, or, with a ``Ranking``, by a music score of each trial's best
-checkpoint (``musiclm.watch_eval``: eval/clap_score, eval/fad_clap, ...) computed after the sweep, since lower
+checkpoint (``musiclm.evaluation.watch``: eval/clap_score, eval/fad_clap, ...) computed after the sweep, since lower
 token loss need not mean music closer to the prompt (REFERENCE.md). Each trial's evaluation is kept in its
 folder (trials/<id>/eval/), so a rerun does not generate again."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-from musiclm import storage
 from musiclm.config import Config
+from musiclm.infra import storage
 
 from .space import build_space
 
@@ -30,19 +30,19 @@ BEST, RESULTS = "best.json", "results"
 
 @dataclass
 class Ranking:
-    """Rank trials by ``metric`` (one of ``watch_eval.SCALARS``) of their best checkpoint, generated with the
+    """Rank trials by ``metric`` (one of ``evaluation.watch.SCALARS``) of their best checkpoint, generated with the
     other stages of ``models`` for ``prompts``; FAD metrics need ``references``."""
 
     metric: str
-    models: object  # musiclm.generate.ModelSet
+    models: object  # musiclm.generation.generate.ModelSet
     prompts: list
-    settings: object  # musiclm.generate.GenerateSettings
+    settings: object  # musiclm.generation.generate.GenerateSettings
     references: list | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
 
     def __post_init__(self):
-        from musiclm.watch_eval import SCALARS
+        from musiclm.evaluation.watch import SCALARS
 
         if self.metric not in SCALARS:
             raise ValueError(f"--rank-by {self.metric}: give valid/loss or one of {', '.join(SCALARS)}")
@@ -134,7 +134,7 @@ def trial_rows(grid, keys: list[str], total_steps: int, sweep_dir: str) -> list[
 def rank_by_evaluation(rows: list[dict], ranking: Ranking, resources: dict, log=print) -> None:
     """Score each trial's best checkpoint (kept in trials/<id>/eval/: a rerun reuses it), add the metric to
     its row and sort by it, best first (trials without a score last)."""
-    from musiclm.watch_eval import WatchRequest, evaluate_checkpoint, read_state, record
+    from musiclm.evaluation.watch import WatchRequest, evaluate_checkpoint, read_state, record
 
     for row in rows:
         row[ranking.metric] = math.nan

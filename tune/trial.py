@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from musiclm import storage
 from musiclm.config import Config, apply_overrides, from_dict
+from musiclm.infra import storage
 from musiclm.train.loop import worker_print
 from musiclm.train.run import TrainRequest, build_trainer, check_request
 

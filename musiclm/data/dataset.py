@@ -12,7 +12,7 @@ so a shard on disk is always whole; its name is a hash of its row ids, so writin
 replaces it with the same rows. Resuming reads the ids already on disk and skips those tracks.
 
 OUT may be a local folder or an object-store URI (``s3://bucket/datasets/fma``): every read and write goes
-through ``musiclm.storage``, which keeps the same guarantee there (a shard is uploaded whole in one request, so
+through ``musiclm.infra.storage``, which keeps the same guarantee there (a shard is uploaded whole in one request, so
 it exists whole or not at all; no temporary objects).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .. import storage
+from ..infra import storage
 
 FORMAT = "musiclm-token-dataset"
 SCHEMA_VERSION = 1

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
-from ..audio import AudioDecodeError, crop_or_pad, decode_audio
+from ..audio.io import AudioDecodeError, crop_or_pad, decode_audio
 from ..config import DataConfig
-from ..raycompute import ActorPlan
+from ..infra import storage
+from ..infra.raycompute import ActorPlan
 from . import dataset as ds_layout
 from .clips import clip_spans, pad_clip, row_id, split_of
 from .sources import Source, Track

@@ -39,7 +39,7 @@ def open_manifest(root: str | Path, fingerprint: str | None = None) -> dict:
 def check_shards(root: str | Path, manifest: dict) -> None:
     """A complete dataset's shards must hold the rows its manifest counts, split by split (footers only: one small
     read per shard): a deleted or half-copied shard would otherwise train on part of the data without a word."""
-    from .. import storage
+    from ..infra import storage
 
     if manifest.get("status") != "complete":
         return
@@ -64,7 +64,7 @@ def read_shards(files: list[str], **kwargs):
     """``ray.data.read_parquet`` of shards on a local or object-store filesystem."""
     import ray
 
-    from .. import storage
+    from ..infra import storage
 
     fs, paths = storage.filesystem_paths(files)
     return ray.data.read_parquet(paths, filesystem=fs, **kwargs)

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..audio import scan_audio_files
+from ..audio.io import scan_audio_files
 from . import fma
 
 KINDS = ("auto", "fma", "folder", "synth")

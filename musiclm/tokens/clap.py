@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..audio import crop_or_pad, int16_round_trip, window_starts
+from ..audio.io import crop_or_pad, int16_round_trip, window_starts
 from ..config import ClapRVQConfig
 from .rvq import ResidualVQ
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import synth
-from ..audio import resample
+from ..audio import synth
+from ..audio.io import resample
 from .kmeans import nearest
 from .rvq import ResidualVQ
 

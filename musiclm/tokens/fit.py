@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audio import AudioDecodeError, decode_audio, list_audio_files
-from ..raycompute import ActorPlan
+from ..audio.io import AudioDecodeError, decode_audio, list_audio_files
+from ..infra.raycompute import ActorPlan
 from .kmeans import fit_minibatch_kmeans
 from .system import TokenSystem, TokenSystemError, new_rvq, read_meta, tokenizer_input, writable_root
 

@@ -4,7 +4,7 @@ As open-musiclm (its ``SoundDatasetForPreprocessing.process_audio`` and ``HfHube
 1. the track, mono, at its own sample rate and padded as ``data.clips.pad_clip`` pads, is normalized to zero
    mean and unit variance (unbiased variance + 1e-7) over all of it;
 2. the clip to tokenize is cut from that and resampled to 16 kHz with torchaudio's sinc filter
-   (``audio.sinc_resample``), then cut to a multiple of 320 samples;
+   (``audio.io.sinc_resample``), then cut to a multiple of 320 samples;
 3. the encoder's hidden layer 7 (all-ones attention mask), each feature frame normalized to zero mean and unit
    variance (``normalize_embeds``), and the nearest k-means center.
 ``prepare_waveform`` does 1-2, ``SemanticTokenizer`` 3. ``tests/test_open_musiclm_semantic.py`` checks the ids
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..audio import sinc_resample
+from ..audio.io import sinc_resample
 from ..config import HubertKmeansConfig
 from .kmeans import nearest
 

@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from .. import storage
-from ..audio import int16_round_trip, sinc_resample
+from ..audio.io import int16_round_trip, sinc_resample
 from ..config import TINY, TokenSystemConfig, from_dict, to_dict
-from . import encoders, laion_clap
+from ..infra import storage
+from ..interop import laion_clap
+from . import encoders
 from .acoustic import AcousticCodec
 from .clap import ClapFeaturizer, ClapTokenizer
 from .rvq import ResidualVQ
@@ -258,7 +259,7 @@ def tokenizer_inputs(clip: np.ndarray, rate: int, rates: dict, semantic_stats: t
                      ) -> dict[str, np.ndarray]:
     """The waveform each tokenizer reads, made from a mono ``clip`` at ``rate`` as open-musiclm's preprocessing
     makes them (``SoundDatasetForPreprocessing.process_audio``): each resampled to ``rates[name]`` with its sinc
-    filter (``audio.sinc_resample``); CLAP's and EnCodec's quantized to int16 (CLAP's featurizer quantizes once
+    filter (``audio.io.sinc_resample``); CLAP's and EnCodec's quantized to int16 (CLAP's featurizer quantizes once
     more, as laion_clap does); the semantic encoder's normalized first by ``semantic_stats``, the statistics of
     the whole track the clip was cut from (``semantic.waveform_stats``; the clip's own when None)."""
     return {name: tokenizer_input(name, clip, rate, rates[name], semantic_stats) for name in ("clap", "semantic", "acoustic")}

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from .. import storage
 from ..config import ModelConfig, from_dict, to_dict
+from ..infra import storage
 from ..models import build_stage, stage_sequences
 from ..models.transformer import TokenConditionedTransformer
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import storage
 from ..config import Config
 from ..data import dataset as layout
 from ..data.clips import stable_fraction
 from ..data.shards import STAGE_INPUTS, CropSpec, crop_row, open_manifest, read_shards, split_files
+from ..infra import storage
 
 DATA_CPUS = 0.25
 

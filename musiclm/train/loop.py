@@ -57,7 +57,7 @@ class TrainState:
 
 def read_train_state(path: str | Path) -> TrainState | None:
     """The data position saved with a checkpoint (a folder or an object-store URI); None when it has none."""
-    from .. import storage
+    from ..infra import storage
 
     try:
         return TrainState(**storage.read_json(storage.join(path, TRAIN_STATE)))
@@ -296,7 +296,7 @@ def train_loop(loop_cfg: dict) -> None:
             worker_print("\n" + "!" * 100 + "\n" + message + "\n" + "!" * 100)
             tb.text("warnings/diverged", message, state.step)
         if rank == 0:  # the driver reads it after the run: Ray's result holds the last checkpoint's metrics only
-            from .. import storage
+            from ..infra import storage
 
             storage.write_json(storage.join(loop_cfg["run_dir"], DIVERGED),
                                {"step": state.step, "lr": lr, "what": what, "message": message})

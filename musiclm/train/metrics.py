@@ -139,7 +139,7 @@ class TensorBoard:
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            from .. import storage
+            from ..infra import storage
 
             if storage.is_remote(log_dir):  # a worker that Tune stops never closes this: the next one removes it
                 self.remote, self.local = log_dir, storage.process_tempdir(TENSORBOARD_PREFIX)
@@ -177,7 +177,7 @@ class TensorBoard:
 
     def _upload(self) -> None:
         if self.remote:
-            from .. import storage
+            from ..infra import storage
 
             storage.upload_dir(self.local.name, self.remote)
             self._uploaded = time.monotonic()
@@ -190,7 +190,7 @@ def tensorboard_steps(log_dir) -> dict[str, list[int]]:
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from .. import storage
+    from ..infra import storage
 
     with tempfile.TemporaryDirectory() as tmp:
         local = tmp if storage.is_remote(log_dir) else str(log_dir)
@@ -207,7 +207,7 @@ def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from .. import storage
+    from ..infra import storage
 
     out: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

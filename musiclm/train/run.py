@@ -5,7 +5,7 @@ A run lives at ``STORAGE/RUN_NAME``: Ray Train's checkpoints (``checkpoint_*``: 
 ``model.safetensors``, ``stage.json``, ``train_state.json``) and ``tensorboard/``. Running the same command
 again resumes from the latest checkpoint; ``summary.json`` names the best and the latest checkpoints.
 STORAGE is a folder every node can reach, or an object-store URI (``s3://bucket/runs``): Ray Train uploads each
-checkpoint there through the same ``pyarrow`` filesystem (``musiclm.storage``), and the driver reads it back
+checkpoint there through the same ``pyarrow`` filesystem (``musiclm.infra.storage``), and the driver reads it back
 from there on resume.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from .. import storage
 from ..config import Config, ConfigError, to_dict
 from ..data.shards import check_shards, open_manifest
+from ..infra import storage
 from ..models import stage_sequences
 from . import checkpoint as ckpt
 from .data import stage_data

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokens.laion_clap import TOKENIZER as CLAP_TOKENIZER
+from .laion_clap import TOKENIZER as CLAP_TOKENIZER
 
-from .config import STAGES, ModelConfig, load_model_config
-from .models import build_stage
-from .train.checkpoint import CheckpointError, load_stage, save_stage
+from ..config import STAGES, ModelConfig, load_model_config
+from ..models import build_stage
+from ..train.checkpoint import CheckpointError, load_stage, save_stage
 
 KEY_MAP_FFN = {"norm.weight": "0.gamma", "proj_in.weight": "1.weight", "conv.weight": "2.ds_conv.weight",
                "norm_inner.weight": "4.gamma", "proj_out.weight": "6.weight"}
@@ -167,7 +167,7 @@ def convert_rvq(state: dict[str, torch.Tensor], num_quantizers: int, codebook_si
 
 def read_rvq(path: str | Path):
     """An open-musiclm RVQ file (``clap.rvq.*.pt``) as our ``ResidualVQ``, its sizes read from the file."""
-    from .tokens.rvq import ResidualVQ
+    from ..tokens.rvq import ResidualVQ
 
     state = load_torch_state(path, "--rvq")
     books = [v for k, v in state.items() if re.fullmatch(r"layers\.\d+\._codebook\.embed", k)]
@@ -186,11 +186,11 @@ def clap_rvq_residuals(rvq_path: str | Path, candidates: dict[str, str], audio_f
     the first 10 s window of each file. An RVQ reconstructs the embeddings of the CLAP it was fitted on far better
     than another CLAP's (its codes sit where that CLAP's embeddings lie). None: the CLAP's embedding width is not
     the RVQ's. ``trusted``: the candidates whose ``.pt`` may be read as a full pickle."""
-    from .audio import load_audio
-    from .config import ClapRVQConfig
-    from .tokens import encoders
-    from .tokens.clap import ClapFeaturizer, embed_audio_features
-    from .tokens.laion_clap import laion_clap_audio
+    from ..audio.io import load_audio
+    from ..config import ClapRVQConfig
+    from ..tokens import encoders
+    from ..tokens.clap import ClapFeaturizer, embed_audio_features
+    from .laion_clap import laion_clap_audio
 
     rvq = read_rvq(rvq_path)
     clips = [load_audio(f, 48000, max_seconds=10.0) for f in audio_files]
@@ -274,7 +274,7 @@ def import_open_musiclm(config: str | Path, checkpoints: dict[str, str | Path], 
     token system and the stamped stage checkpoints, and check that each loads. Trust is per file: the k-means
     joblib is read as a pickle only with ``trust_kmeans_pickle``, the CLAP checkpoint only with
     ``trust_clap_pickle`` (else weights-only)."""
-    from .tokens.system import TokenSystem, new_rvq
+    from ..tokens.system import TokenSystem, new_rvq
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

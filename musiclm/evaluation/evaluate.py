@@ -1,6 +1,6 @@
 """Compare model sets on a prompt set by CLAP text–audio similarity (REFERENCE.md: pretrained vs fine-tuned on
 7 prompts). Every set generates N candidates per prompt with the same settings and seed
-(all sets in one actor pool, ``generate_batch.generate_sets``; finished prompts are not generated again); each
+(all sets in one actor pool, ``generation.batch.generate_sets``; finished prompts are not generated again); each
 prompt gets its best-of-N and mean score per set.
 
     OUT/<set>/<index>-<prompt>/      the best WAV(s) and report.json of each prompt
@@ -32,10 +32,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import storage
+from ..infra import storage
 
-from .generate import GenerateSettings, ModelSet
-from .generate_batch import generate_sets
+from ..generation.batch import generate_sets
+from ..generation.generate import GenerateSettings, ModelSet
 
 RESULTS = "results"
 PLOT = "scores.png"
@@ -90,7 +90,7 @@ def dataset_prompts(root: str) -> list[Prompt]:
     """Prompts and reference clips from a token dataset's valid split: one per track (its first clip, in track
     order), the caption as prompt and the clip's span of the source audio as reference. The source files must
     still be readable where the dataset says they are."""
-    from .data.shards import open_manifest, split_files
+    from ..data.shards import open_manifest, split_files
 
     open_manifest(root)
     columns = ["track_id", "path", "caption", "start_seconds", "audio_seconds"]
@@ -123,7 +123,7 @@ def parse_model_sets(spec: str, token_system: str | None = None) -> dict[str, Mo
 
 
 def check_same_scorer(sets: dict[str, ModelSet]) -> None:
-    from .tokens.system import read_meta
+    from ..tokens.system import read_meta
 
     claps = {name: read_meta(ms.token_system)[0]["fingerprint_parts"]["clap_weights"] for name, ms in sets.items()}
     if len(set(claps.values())) > 1:
@@ -164,7 +164,7 @@ def evaluate(prompts: list[str | Prompt], sets: dict[str, ModelSet], settings: G
 
 def reference_clips(folder: str, prompts: list[Prompt], log=print) -> list[tuple[str, Prompt | None]]:
     """The reference clips: each prompt's ytid-named file when the prompts have ytids, else every clip."""
-    from .audio import list_audio_files
+    from ..audio.io import list_audio_files
 
     files = list_audio_files(folder)
     if not any(p.ytid for p in prompts):
@@ -190,7 +190,7 @@ def prompt_clips(prompts: list[Prompt]) -> list[tuple[str, Prompt]]:
 
 
 def _load_clip(path: str, rate: int, prompt: Prompt | None):
-    from .audio import decode_audio
+    from ..audio.io import decode_audio
 
     audio = decode_audio(storage.read_bytes(path), rate, path=path)[0]  # a file or an object in a bucket
     if prompt and prompt.start_s is not None and prompt.end_s is not None and \
@@ -205,8 +205,8 @@ def fad_against_reference(rows: list[dict], sets: dict[str, ModelSet], reference
     semantic encoder's (the first set's token system embeds everything, so the numbers compare); fad.json."""
     import numpy as np
 
+    from ..tokens.system import TokenSystem
     from .quality import clap_embeddings, embedding_names, fad, semantic_embeddings
-    from .tokens.system import TokenSystem
 
     system = TokenSystem.load(next(iter(sets.values())).token_system)
     rate = system.clap.sample_rate
@@ -362,7 +362,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
 def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = None) -> None:
     import soundfile as sf
 
-    from .train.metrics import TensorBoard
+    from ..train.metrics import TensorBoard
 
     board = TensorBoard(str(log_dir))
     for r in rows:

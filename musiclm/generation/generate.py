@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import storage
-from .audio import as_written, resample, write_wav
-from .config import STAGES, check
-from .config_io import check_finite
-from .models.sampling import RowGenerators, sample
-from .train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
+from ..audio.io import as_written, resample, write_wav
+from ..config import STAGES, check
+from ..config_io import check_finite
+from ..infra import storage
+from ..models.sampling import RowGenerators, sample
+from ..train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
 
 
 @dataclass
@@ -148,7 +148,7 @@ class ModelSet:
 def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[str, StageInfo]:
     """Refuse, before loading any weights, a checkpoint given as the wrong stage, checkpoints of different
     token systems, or a set whose stages do not chain (semantic codebook, coarse codebooks)."""
-    from .tokens.system import check_unmodified
+    from ..tokens.system import check_unmodified
 
     # an edited token_system.json is refused as such, not blamed on the checkpoints that no longer match it
     fingerprint = check_unmodified(models.token_system)[0]["fingerprint"]
@@ -290,7 +290,7 @@ class MusicGenerator:
                  weights_dtype: str = "auto", compile_mode: str | None = None):
         """``compile_mode``: the torch.compile mode of the ``compiled`` decoding step (None: ``compile_decoding``'s
         choice, CUDA graphs on a GPU)."""
-        from .tokens.system import TokenSystem
+        from ..tokens.system import TokenSystem
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         stages = STAGES[:2] if coarse_only else STAGES

@@ -14,7 +14,7 @@ and the token system), the set generates for a fixed prompt set with ``evaluate`
 
 A checkpoint evaluated once is never evaluated again (a rerun does nothing new); a checkpoint Ray Train deleted
 before its turn (``keep_best``) is recorded as skipped. Generation of a checkpoint stopped part way resumes
-prompt by prompt (``generate_batch`` skips finished prompts). Nothing here waits on or pauses training: the run
+prompt by prompt (``generation.batch`` skips finished prompts). Nothing here waits on or pauses training: the run
 only ever gains checkpoints, and the scalars go to their own event file.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from . import storage
+from ..generation.generate import GenerateSettings, ModelSet
+from ..infra import storage
+from ..train import checkpoint as ckpt
 from .evaluate import Prompt, evaluate, mean_of_known
-from .generate import GenerateSettings, ModelSet
-from .train import checkpoint as ckpt
 
 EVAL_DIR = "eval"
 STATE = "evaluated.json"
@@ -54,7 +54,7 @@ def ready_checkpoints(run_dir: str) -> list[str]:
     in its snapshot; a checkpoint being uploaded, or uploaded by workers whose report the controller has not
     taken yet, is not). A run without a snapshot has none committed yet, unless it has ended (a summary: a
     run of another Ray version, or checkpoints copied in by hand), when every stage checkpoint counts."""
-    from .train.run import SUMMARY, stage_checkpoints
+    from ..train.run import SUMMARY, stage_checkpoints
 
     found = stage_checkpoints(run_dir)
     snapshot = storage.join(run_dir, SNAPSHOT)
@@ -109,7 +109,7 @@ def evaluate_checkpoint(req: WatchRequest, checkpoint: str, *, cluster_cpus: flo
 def record(req: WatchRequest, state: dict, name: str, result: dict) -> None:
     """The result into evaluated.json, the run's TensorBoard and summary.json's "eval" (read, changed, written:
     training keeps that key when it writes its summary)."""
-    from .train.metrics import TensorBoard
+    from ..train.metrics import TensorBoard
 
     state["checkpoints"][name] = result
     storage.write_json(storage.join(req.eval_dir, STATE), state)  # first: a stop after it leaves log_missing's work
@@ -124,7 +124,7 @@ def log_missing(req: WatchRequest, log=print) -> None:
     """Scalars evaluated.json holds that the run's TensorBoard lacks (a stop between ``record``'s writes: the
     state is written first, the record of what was evaluated) are written at their steps, and summary.json's
     "eval" rebuilt: a stop at any point leaves nothing missing after the rerun, and nothing twice."""
-    from .train.metrics import TensorBoard, tensorboard_steps
+    from ..train.metrics import TensorBoard, tensorboard_steps
 
     recorded = sorted((r for r in read_state(req)["checkpoints"].values() if r.get("scalars")),
                       key=lambda r: r["step"])
@@ -144,7 +144,7 @@ def log_missing(req: WatchRequest, log=print) -> None:
 
 
 def _write_summary_eval(req: WatchRequest, state: dict) -> None:
-    from .train.run import SUMMARY
+    from ..train.run import SUMMARY
 
     summary_path = storage.join(req.run_dir, SUMMARY)
     summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}

@@ -243,7 +243,7 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> str:
     """Write float audio as 16-bit PCM WAV to a file or an object-store URI, atomically; returns where."""
-    from . import storage
+    from ..infra import storage
 
     storage.write_bytes(path, wav_bytes(audio, sample_rate))
     return storage.location(path)

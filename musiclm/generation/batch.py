@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage
+from ..infra import storage
 from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set, checkpoint_ids
 
 INDEX = "prompts.json"

@@ -71,8 +71,8 @@ def fad(generated, reference) -> dict:
 
 def clap_score(system, prompts: list[str], audio: list[np.ndarray], rate: int) -> list[float]:
     """CLAP score of each (prompt, audio) pair, the same similarity that ranks generated candidates
-    (``generate.clap_scores``: mean of the unit-norm 10 s window embeddings; one window up to 10 s)."""
-    from .generate import clap_scores
+    (``generation.generate.clap_scores``: mean of the unit-norm 10 s window embeddings; one window up to 10 s)."""
+    from ..generation.generate import clap_scores
 
     if len(prompts) != len(audio):
         raise ValueError(f"{len(prompts)} prompts for {len(audio)} clips")
@@ -81,7 +81,7 @@ def clap_score(system, prompts: list[str], audio: list[np.ndarray], rate: int) -
 
 def clap_embeddings(system, audio: np.ndarray, rate: int) -> torch.Tensor:
     """CLAP audio embeddings (windows, dim) of a mono clip: one per 10 s window, as tokenizing makes them."""
-    from .tokens.system import tokenizer_input
+    from ..tokens.system import tokenizer_input
 
     x = tokenizer_input("clap", np.asarray(audio, dtype=np.float32), rate, system.clap.sample_rate)
     return system.clap.audio_embeddings(x)
@@ -92,7 +92,7 @@ def semantic_embeddings(system, audio: np.ndarray, rate: int,
     """Semantic-encoder embeddings (windows, dim) of a mono clip: the token system's layer features (as its
     k-means reads them), mean-pooled over each ``window_seconds`` (a shorter last window is kept when at least
     half a window long, or when it is the only one)."""
-    from .tokens.system import tokenizer_input
+    from ..tokens.system import tokenizer_input
 
     feats = system.semantic.features(tokenizer_input("semantic", np.asarray(audio, dtype=np.float32), rate,
                                                      system.semantic.sample_rate))
@@ -104,7 +104,7 @@ def semantic_embeddings(system, audio: np.ndarray, rate: int,
 
 def embedding_names(system) -> dict[str, str]:
     """What the embeddings are, for reports: model ids/paths and the token system's fingerprint of their weights."""
-    from .tokens.system import read_meta
+    from ..tokens.system import read_meta
 
     meta = read_meta(system.root)[0]
     cfg, parts = system.config, meta.get("fingerprint_parts", {})

@@ -217,7 +217,7 @@ def laion_clap_audio(path: str | Path, trust_pickle: bool = False):
     ``ClapFeatureExtractor`` with laion_clap's audio settings: what embedding audio needs (no tokenizer)."""
     from transformers import ClapFeatureExtractor, ClapModel
 
-    from .encoders import _quiet_transformers
+    from ..tokens.encoders import _quiet_transformers
 
     _quiet_transformers()
     state = read_laion_state(path, trust_pickle)
@@ -236,7 +236,7 @@ def convert_laion_clap(path: str | Path, tokenizer: str = TOKENIZER, trust_pickl
     loaded from ``path``."""
     from transformers import ClapProcessor, RobertaTokenizer
 
-    from .encoders import EncoderLoadError
+    from ..tokens.encoders import EncoderLoadError
 
     model, features = laion_clap_audio(path, trust_pickle)
     try:

@@ -1,0 +1,114 @@
+"""The layers of the stage decoder (open-musiclm's function, tensor for tensor): a LayerNorm without bias, the
+continuous relative position bias, and the feed-forward with its causal depthwise convolution. Attention lives in
+``attention.py``, the decoding caches in ``caches.py``, the model that stacks them in ``transformer.py``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .caches import KVCache, LayerSlots
+
+CONV_KERNEL = 3
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned gain and no bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight)
+
+
+class RelativePositionBias(nn.Module):
+    """Continuous relative position bias: an MLP (three SiLU layers of width ``dim``) maps the distance
+    ``i - j`` between query and key to one bias per head."""
+
+    def __init__(self, dim: int, heads: int, layers: int = 3):
+        super().__init__()
+        sizes = [1] + [dim] * layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = nn.Linear(dim, heads)
+
+    def table(self, n: int, device) -> Tensor:
+        """Bias for distances 0..n-1: (heads, n), in the weights' dtype. Computed in float32 whatever that dtype:
+        bf16 holds whole numbers exactly only up to 256 (of distances up to 1,216 only 537 survive: 1100-1103
+        all become 1104), and the MLP's small outputs would round again on the way. Autocast is off in here: it
+        would run these linears in bf16 whatever their inputs (measured on an H100 before this was so: the bf16
+        gradients of this MLP's weights were 77 % off the float32 ones)."""
+        with torch.autocast(torch.device(device).type, enabled=False):
+            x = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+            for layer in self.hidden:
+                x = F.silu(F.linear(x, layer.weight.float(), layer.bias.float()))
+            return F.linear(x, self.out.weight.float(), self.out.bias.float()).t().to(self.out.weight.dtype)
+
+
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """out[:, t] = sum_j w[:, j] * padded[:, t + j] over (batch, time, channels), forward and backward as shifted
+    multiply-adds on the tensor as it lies (no transposes, no slice-gradient buffers)."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, w: Tensor) -> Tensor:
+        k = w.shape[1]
+        n = padded.shape[1] - k + 1
+        ctx.save_for_backward(padded, w)
+        out = padded[:, :n] * w[:, 0]
+        for j in range(1, k):
+            out.addcmul_(padded[:, j:j + n], w[:, j])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        padded, w = ctx.saved_tensors
+        k, n = w.shape[1], grad.shape[1]
+        g = F.pad(grad, (0, 0, k - 1, k - 1))  # grad_padded[:, s] = sum_j w[:, j] * grad[:, s - j]
+        grad_padded = g[:, k - 1:] * w[:, 0]
+        for j in range(1, k):
+            grad_padded.addcmul_(g[:, k - 1 - j:k - 1 - j + padded.shape[1]], w[:, j])
+        acc = torch.promote_types(grad.dtype, torch.float32)  # bf16 products summed in float32
+        grad_w = torch.stack([(grad * padded[:, j:j + n]).sum((0, 1), dtype=acc) for j in range(k)], 1)
+        return grad_padded, grad_w.to(w.dtype)
+
+
+def causal_depthwise_conv(padded: Tensor, weight: Tensor) -> Tensor:
+    """``nn.Conv1d(c, c, k, groups=c, bias=False)`` (``weight`` (c, 1, k)) over time of ``padded`` (b, k - 1 + n, c),
+    the (time, channel) layout the feed-forward holds: ``n`` outputs. The same function as the module applied to
+    the transposed tensor; on an H100 that way (two transposed copies and cuDNN's depthwise kernels, ~220 GB/s) was
+    a quarter of a large stage's training step. Computes in ``padded``'s dtype (bf16 under autocast, as the
+    convolution did)."""
+    return _CausalDepthwiseConv.apply(padded, weight[:, 0].to(padded.dtype))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward; with ``conv`` a causal depthwise convolution over time before the gate (an
+    ``nn.Conv1d`` holds its weight, as in open-musiclm's checkpoints; ``causal_depthwise_conv`` applies it)."""
+
+    def __init__(self, dim: int, dropout: float, conv: bool = True, mult: int = 4):
+        super().__init__()
+        inner = int(dim * 2 * mult / 3) if conv else dim * mult
+        self.norm = LayerNorm(dim)
+        self.proj_in = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv = nn.Conv1d(2 * inner, 2 * inner, CONV_KERNEL, groups=2 * inner, bias=False) if conv else None
+        self.norm_inner = LayerNorm(inner)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: Tensor, cache: "KVCache | LayerSlots | None" = None, layer: int = 0) -> Tensor:
+        h = self.proj_in(self.norm(x))
+        if self.conv is not None:
+            if cache is None:
+                padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
+            else:
+                padded = cache.conv_input(layer, h)
+            h = causal_depthwise_conv(padded, self.conv.weight)
+        a, gate = h.chunk(2, dim=-1)
+        return self.proj_out(self.dropout(self.norm_inner(F.gelu(gate) * a)))
+
+
+__all__ = ["CONV_KERNEL", "LayerNorm", "RelativePositionBias", "causal_depthwise_conv", "FeedForward"]
