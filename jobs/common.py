@@ -297,6 +297,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
                        help=f"{stage} sliding-window step, as a fraction of its window")
     g.add_argument("--top-fraction", type=float, default=d.top_fraction,
                    help="sample among this fraction of the most likely tokens")
+    g.add_argument("--guidance-scale", type=parse_guidance, default=None, metavar="G | STAGE=G,...",
+                   help="classifier-free guidance: every stage's (3), or per stage (semantic=3,coarse=3); 1 = none "
+                        "(the default). Needs stages trained with conditioning dropout (train.cond_drop_prob)")
     g.add_argument("--coarse-only", action="store_true", help="decode the coarse tokens alone (skip the fine stage)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates sampled together (0: all)")
     g.add_argument("--window-batch", type=int, default=d.window_batch,
@@ -313,13 +316,31 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--token-system", help="token system (default: the model set's token_system/)")
 
 
+def parse_guidance(text: str) -> dict[str, float]:
+    """``--guidance-scale``: one number for every stage, or ``stage=number`` pairs (the others stay at 1)."""
+    stages = ("semantic", "coarse", "fine")
+    try:
+        if "=" not in text:
+            return {s: float(text) for s in stages}
+        pairs = dict(part.split("=", 1) for part in text.split(","))
+        unknown = set(pairs) - set(stages)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown stage {sorted(unknown)[0]!r} (semantic, coarse, fine)")
+        return {s: float(v) for s, v in pairs.items()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number (3) or stage=number pairs (semantic=3,coarse=2)")
+
+
 def generate_settings(args: argparse.Namespace):
     import dataclasses
 
     from musiclm.generation.generate import GenerateSettings
 
     keys = [f.name for f in dataclasses.fields(GenerateSettings)]
-    return GenerateSettings(**{k: getattr(args, k) for k in keys if hasattr(args, k)})
+    given = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    for stage, g in (getattr(args, "guidance_scale", None) or {}).items():
+        given[f"{stage}_guidance"] = g
+    return GenerateSettings(**given)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -35,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic-clusters", type=int, default=d.semantic_clusters,
                    help="semantic k-means clusters (0: the preset's for --source; for the synthetic corpus a power of "
                         "two with at least 64 of its frames per cluster)")
+    p.add_argument("--cond-drop-prob", type=float, default=d.cond_drop_prob,
+                   help="conditioning dropout of every stage's training (train.cond_drop_prob; 0.2 lets guidance work)")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance,
+                   help="classifier-free guidance of every stage in generation and evaluation (1: none; needs "
+                        "--cond-drop-prob)")
     add_ray_args(p)
     return p
 
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                                 lr=args.lr, use_gpu=args.use_gpu,
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
                                 eval_duration=args.eval_duration, seed=args.seed,
-                                semantic_clusters=args.semantic_clusters)
+                                semantic_clusters=args.semantic_clusters, cond_drop_prob=args.cond_drop_prob,
+                                guidance=args.guidance_scale)
     resources = connect(args)
     ray.data.DataContext.get_current().enable_progress_bars = False  # keep the demo's log readable
     summary = Pipeline(settings, resources, args.actors, args.gpus_per_actor, log=log).run()

@@ -215,6 +215,10 @@ class TrainConfig:
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them at the start (logged)
     cpus_per_worker: float = 0.0  # 0: 1 with GPUs; on CPUs 3/4 of the cluster's CPUs shared by the workers
     mask_prob: float = 0.15  # open-musiclm's forgetful causal mask: fraction of keys hidden in training
+    # Conditioning dropout: the fraction of training examples whose CLAP tokens are replaced by the null condition
+    # (hidden from attention, the CLAP start vector alone in their place), so that the stage also learns the
+    # unconditional distribution classifier-free guidance needs (MusicGen: 0.2-0.3). 0: open-musiclm's training.
+    cond_drop_prob: float = 0.0
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * lr_min_ratio
     log_every: int = 10  # steps between train/* reports
     max_failures: int = 3  # worker failures Ray Train recovers from (restarting from the last checkpoint)
@@ -254,6 +258,7 @@ class TrainConfig:
         check(self.valid_batches >= 1, "valid_batches", "must be >= 1")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(0.0 <= self.mask_prob < 1.0, "mask_prob", "must be in [0, 1)")
+        check(0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob", "must be in [0, 1) (0: no conditioning dropout)")
         check(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", "must be in [0, 1]")
         check(self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0 (0 = automatic)")
         check(self.max_failures >= 0, "max_failures", "must be >= 0")

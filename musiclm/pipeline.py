@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import STAGES
+from .config import STAGES, ConfigError
 
 DEMO_PROMPT = "an upbeat electronic track with a steady beat"
 DEMO_PROMPTS = ["a calm piano melody", "fast drums and bass", "a warm synthesizer pad"]
@@ -48,6 +48,13 @@ class PipelineSettings:
     # k-means clusters of the semantic tokens; 0: the preset's (1024) for a --source corpus, and for the synthetic
     # one a power of two giving each cluster at least FRAMES_PER_CLUSTER of its frames (128 for the demo's 16 x 12 s)
     semantic_clusters: int = 0
+    cond_drop_prob: float = 0.0  # conditioning dropout of every stage's training (train.cond_drop_prob)
+    guidance: float = 1.0  # classifier-free guidance of every stage when generating and evaluating (1: none)
+
+    def __post_init__(self):
+        if self.guidance != 1 and self.cond_drop_prob <= 0:
+            raise ConfigError(f"guidance {self.guidance:g} needs stages that learned the null condition: train them "
+                              f"with conditioning dropout (--cond-drop-prob 0.2), or generate without guidance")
 
     def clusters(self, kmeans) -> int:
         """The semantic k-means size, given the preset's ``HubertKmeansConfig``."""
@@ -185,6 +192,7 @@ class Pipeline:
             f"train.save_results_every={every}", "train.valid_batches=1", f"train.seed={self.s.seed}",
             f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5",
             f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
+            f"train.cond_drop_prob={self.s.cond_drop_prob}",
             f"model.hubert_kmeans_cfg.codebook_size={self._model_config().hubert_kmeans_cfg.codebook_size}"])
 
     def _trained(self, stage: str) -> bool:
@@ -245,7 +253,9 @@ class Pipeline:
     def _generate_settings(self, duration: float):
         from .generation.generate import GenerateSettings
 
-        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed)
+        g = self.s.guidance
+        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed,
+                                semantic_guidance=g, coarse_guidance=g, fine_guidance=g)
 
     def _checkpoint_ids(self, model_set: str) -> dict:
         """What reports made by ``models/<model_set>`` must name to be current."""

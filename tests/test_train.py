@@ -240,7 +240,9 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
 def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, token_dataset_dir, tmp_path, capsys):
     """A loss that turns non-finite stops the run at once (exit 2, a message naming the step, the rate and what to
     do) without validating or saving that step, so the latest checkpoint keeps the last good weights; the same
-    command at a lower lr goes on from it. (Before, lr=1e400 trained 200 NaN steps, exited 0 and saved NaNs.)"""
+    command at a lower lr goes on from it. (Before, lr=1e400 trained 200 NaN steps, exited 0 and saved NaNs.)
+    The run drops the condition of half its examples (train.cond_drop_prob): stage.json counts the steps that
+    taught the null condition through the resume, and validation reports the loss with the null condition."""
     from jobs.common import run
     from jobs.train import main
 
@@ -250,7 +252,7 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
         return ["--stage", "coarse", "--data", str(token_dataset_dir), "--run-name", "nan", "--storage", str(runs),
                 "--num-workers", "1", "--set", f"train.num_train_steps={steps}", "train.batch_size=2",
                 "train.save_results_every=2", "train.save_model_every=2", "train.log_every=1", "train.valid_batches=1",
-                "train.lr_warmup=0", f"train.lr={lr}"]
+                "train.lr_warmup=0", f"train.lr={lr}", "train.cond_drop_prob=0.5"]
 
     main(command(2, "3e-3"))
     run_dir = storage.join(str(runs), "nan")
@@ -265,8 +267,12 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
     assert info.step == 2 and all(torch.isfinite(w).all() for w in model.state_dict().values())
     summary = main(command(4, "3e-3")) or storage.read_json(storage.join(run_dir, "summary.json"))
     assert summary["metrics"]["step"] == 4 and ckpt.read_stage(summary["latest_checkpoint"]).step == 4
-    lr = dict(_scalars(run_dir)["train/lr"])
+    scalars = _scalars(run_dir)
+    lr = dict(scalars["train/lr"])
     assert lr[3] == pytest.approx(3e-3) and lr[4] == pytest.approx(3e-3)  # the rerun's rate, from step 2 on
+    assert info.null_condition_steps == 2 and ckpt.read_stage(summary["latest_checkpoint"]).null_condition_steps == 4
+    null, own = dict(scalars["valid/loss_null_condition"]), dict(scalars["valid/loss"])
+    assert sorted(null) == [2, 4] and dict(scalars["valid/null_condition_gain"])[4] == pytest.approx(null[4] - own[4])
 
 
 def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:
@@ -385,6 +391,10 @@ def test_mismatched_fingerprint_and_model_config_are_refused(token_dataset_dir, 
         check_request(TrainRequest(wide, str(token_dataset_dir), "r", str(tmp_path)))
     assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
                                       init_from=str(tmp_path / "ours")))["fingerprint"] == fingerprint
+    # a run from a checkpoint that learned the null condition carries its count on (stage.json's null_condition_steps)
+    ckpt.save_stage(tmp_path / "dropout", model.state_dict(), "coarse", cfg.model, 5, fingerprint, null_condition_steps=3)
+    assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
+                                      init_from=str(tmp_path / "dropout")))["init_null_steps"] == 3
     # FlexAttention on CPU workers: refused by the driver before any worker starts (the workers' first step
     # failed 45 s later on 2 CPUs)
     from musiclm.train.run import build_trainer

@@ -46,8 +46,10 @@ def finished_report(folder: str | Path, prompt: str, settings: GenerateSettings,
 
 
 def _what_is_drawn(settings: dict | None) -> dict | None:
-    """The settings that decide a generation: all but how tokens are decoded (every decoder draws the same)."""
-    return None if settings is None else {k: v for k, v in settings.items() if k != "decoding"}
+    """The settings that decide a generation: all but how tokens are decoded (every decoder draws the same); a
+    guidance of 1 draws what reports written before guidance existed drew."""
+    return None if settings is None else {k: v for k, v in settings.items()
+                                          if k != "decoding" and not (k.endswith("_guidance") and v == 1)}
 
 
 def cpu_threads(cpus: int) -> int:
@@ -136,7 +138,7 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
     import ray
 
     # Refuse a mismatched set before any Ray work.
-    checkpoints = {name: checkpoint_ids(check_model_set(models, settings.stages()))
+    checkpoints = {name: checkpoint_ids(check_model_set(models, settings.stages(), settings))
                    for name, (models, _) in sets.items()}
     rows, todo = {}, []
     for name, (_, out) in sets.items():

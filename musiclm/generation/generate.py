@@ -58,6 +58,11 @@ class GenerateSettings:
     window_batch: int = 8  # windows that do not overlap (the fine stage's) sampled together; 1: one after another
     weights_dtype: str = "auto"  # stage weights for sampling: auto (bfloat16 on a GPU that has it, else float32)
     decoding: str = "auto"  # compiled / static (cache allocated once) / dynamic (cache grows); auto: see DECODING
+    # classifier-free guidance per stage (models/sampling.py): 1 = none (exactly the unguided tokens), > 1 follows the
+    # text more; needs a stage that learned the null condition (train.cond_drop_prob)
+    semantic_guidance: float = 1.0
+    coarse_guidance: float = 1.0
+    fine_guidance: float = 1.0
 
     def __post_init__(self):
         check_finite(self)
@@ -67,6 +72,7 @@ class GenerateSettings:
         for stage in STAGES:
             check(getattr(self, f"{stage}_temperature") >= 0, f"{stage}_temperature", "must be >= 0 (0 = argmax)")
             check(0 < getattr(self, f"{stage}_step") <= 1, f"{stage}_step", "must be in (0, 1]")
+            check(getattr(self, f"{stage}_guidance") >= 0, f"{stage}_guidance", "must be >= 0 (1 = no guidance)")
         check(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
         check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = all candidates at once)")
         check(self.window_batch >= 1, "window_batch", "must be >= 1 (1 = windows one after the other)")
@@ -75,6 +81,23 @@ class GenerateSettings:
 
     def stages(self) -> tuple[str, ...]:
         return STAGES[:2] if self.coarse_only else STAGES
+
+    def guidance(self, stage: str) -> float:
+        return getattr(self, f"{stage}_guidance")
+
+
+def check_guidance(infos: dict[str, StageInfo], settings: GenerateSettings) -> None:
+    """Refuse guidance with a stage that never learned the null condition: its unconditional rows would be a prompt
+    it never saw, and the guided tokens noise."""
+    for stage, info in infos.items():
+        g = settings.guidance(stage)
+        if g != 1 and info.null_condition_steps == 0:
+            raise CheckpointError(
+                f"guidance {g:g} for the {stage} stage: its checkpoint {info.path} never learned the null condition "
+                f"that guidance needs (null_condition_steps 0 in its stage.json: trained with train.cond_drop_prob "
+                f"0, as open-musiclm's released stages were). Fine-tune it with conditioning dropout (`musiclm train "
+                f"--stage {stage} --init-from {info.path} --set train.cond_drop_prob=0.2 ...`), or sample the "
+                f"{stage} stage without guidance (--guidance-scale {stage}=1)")
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -145,9 +168,11 @@ class ModelSet:
         return {s: p for s, p in zip(STAGES, (self.semantic, self.coarse, self.fine)) if p is not None}
 
 
-def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[str, StageInfo]:
+def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES,
+                    settings: GenerateSettings | None = None) -> dict[str, StageInfo]:
     """Refuse, before loading any weights, a checkpoint given as the wrong stage, checkpoints of different
-    token systems, or a set whose stages do not chain (semantic codebook, coarse codebooks)."""
+    token systems, a set whose stages do not chain (semantic codebook, coarse codebooks), or (with ``settings``)
+    guidance with a stage that cannot take it."""
     from ..tokens.system import check_unmodified
 
     # an edited token_system.json is refused as such, not blamed on the checkpoints that no longer match it
@@ -168,6 +193,8 @@ def check_model_set(models: ModelSet, stages: tuple[str, ...] = STAGES) -> dict[
                 raise CheckpointError(f"the {stage} checkpoint ({info.path}) has {name} tokens {layout} but the "
                                       f"{other} checkpoint ({infos[other].path}) has {other_layout}: the stages "
                                       f"do not chain")
+    if settings is not None:
+        check_guidance(infos, settings)
     return infos
 
 
@@ -242,11 +269,12 @@ def window_groups(windows: list[tuple[int, int]], limit: int) -> list[list[tuple
 
 
 def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, temperature: float, top_fraction: float,
-                   generator: torch.Generator, sampler=sample, on_window=None, window_batch: int = 1) -> torch.Tensor:
+                   generator: torch.Generator, sampler=sample, on_window=None, window_batch: int = 1,
+                   guidance: float = 1.0) -> torch.Tensor:
     """Fill ``windows`` left to right: each window is conditioned on ``conditioning(start, end)`` and on the
     tokens already made inside it, and adds the rest; windows that need none of each other's tokens
     (``window_groups``) are sampled as one batch, up to ``window_batch`` at once. Returns (b, total) or
-    (b, total, q)."""
+    (b, total, q). ``guidance``: the sampler's classifier-free guidance (1: none)."""
     out = None
     for group in window_groups(windows, window_batch):
         start, end = group[0]
@@ -254,13 +282,13 @@ def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, tempe
         prefix = out[:, start:] if out is not None and done > start else None
         if len(group) == 1:
             new = sampler(model, conditioning(start, end), end - done, prefix=prefix, temperature=temperature,
-                          top_fraction=top_fraction, generator=generator)
+                          top_fraction=top_fraction, generator=generator, guidance=guidance)
         else:  # rows window-major: (windows × b, steps[, q]) -> (b, windows × steps[, q])
             rows = [torch.cat(c) for c in zip(*(conditioning(s, e) for s, e in group))]
             noise = generator.tile(len(group), rows[0].shape[0] // len(group)) \
                 if isinstance(generator, RowGenerators) else generator
             new = sampler(model, rows, end - start, temperature=temperature, top_fraction=top_fraction,
-                          generator=noise).unflatten(0, (len(group), -1)).transpose(0, 1).flatten(1, 2)
+                          generator=noise, guidance=guidance).unflatten(0, (len(group), -1)).transpose(0, 1).flatten(1, 2)
         out = new if out is None else torch.cat((out, new), 1)
         if on_window:
             on_window(group[-1][1] - done)
@@ -342,7 +370,7 @@ class MusicGenerator:
             out = sample_windows(self.models[stage], plan[stage], conditioning, generator=generator, sampler=sampler,
                                  temperature=getattr(settings, f"{stage}_temperature"),
                                  top_fraction=settings.top_fraction, on_window=progress.update if progress else None,
-                                 window_batch=settings.window_batch)
+                                 window_batch=settings.window_batch, guidance=settings.guidance(stage))
             timings[stage] = time.perf_counter() - start
             return out
 
@@ -368,6 +396,7 @@ class MusicGenerator:
         Each prompt's noise comes from its own generator seeded with ``settings.seed``, drawn as that prompt alone
         draws it (``RowGenerators``), so a prompt gets the candidates it gets alone (tested), whatever shares its
         batch. With a ``batch_size`` below ``num_samples`` the prompts run one after the other."""
+        check_guidance(self.infos, settings)
         t0 = time.perf_counter()
         n, prompts = settings.num_samples, list(prompts)
         batch = settings.batch_size or n
@@ -453,5 +482,5 @@ def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled:
                 desc="generating", dynamic_ncols=True)
 
 
-__all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_model_set", "checkpoint_ids",
-           "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]
+__all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_guidance",
+           "check_model_set", "checkpoint_ids", "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]

@@ -39,6 +39,7 @@ STATIC_CACHES = 4  # decoding caches kept per stage, one per (batch, window leng
 # compiled ``_static_step`` (all stages and model sets share its code); past dynamo's default of 8 (a stage set
 # tried at three candidate counts) the next shape fails outright under fullgraph.
 DECODE_RECOMPILE_LIMIT = 64
+CONDITION = "clap"  # the text condition: the sequence that conditioning dropout and guidance replace by the null one
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,17 @@ class TokenConditionedTransformer(nn.Module):
     def target(self) -> TokenSequence:
         return self.sequences[-1]
 
+    @property
+    def condition(self) -> int | None:
+        """Which conditioning sequence is the text condition (the CLAP tokens) that the null condition replaces
+        (conditioning dropout in training, the unconditional rows of guidance): its token embeddings zeroed and
+        hidden from attention, its learned start vector alone in their place. Hiding alone would not do: the
+        feed-forward's causal convolution carries the last two of them into the positions after. No new weights,
+        so a stage imported from open-musiclm learns the null condition by fine-tuning with dropout. None for a
+        stage without a text condition."""
+        names = [s.name for s in self.sequences[:-1]]
+        return names.index(CONDITION) if CONDITION in names else None
+
     @staticmethod
     def positions(conditioning: list[Tensor], n_target: int) -> int:
         """Positions one example occupies: each conditioning sequence (batch-first) with its start and eos
@@ -134,8 +146,10 @@ class TokenConditionedTransformer(nn.Module):
             ids = ids + q * s.codebook_size
         return self.embeddings[i](ids)
 
-    def embed_prompt(self, conditioning: list[Tensor], target: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Embeddings (b, n, dim) of the conditioning sequences and the target prefix, and the key mask."""
+    def embed_prompt(self, conditioning: list[Tensor], target: Tensor | None,
+                     null: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Embeddings (b, n, dim) of the conditioning sequences and the target prefix, and the key mask. ``null``
+        (b,) bool: the rows whose text condition is the null one (``condition``)."""
         if len(conditioning) != len(self.sequences) - 1:
             raise ValueError(f"expected {len(self.sequences) - 1} conditioning sequences "
                              f"({', '.join(s.name for s in self.sequences[:-1])}), got {len(conditioning)}")
@@ -145,9 +159,14 @@ class TokenConditionedTransformer(nn.Module):
         for i, ids in enumerate(conditioning):
             ids = ids.reshape(b, -1).to(device)
             ids = torch.cat((ids, ids.new_zeros(b, 1)), dim=1)  # the eos slot: row 0, hidden from attention
-            parts += [self.start_tokens[i].expand(b, 1, -1), self._embed(i, ids)]
+            embedded = self._embed(i, ids)
             m = torch.ones(b, ids.shape[1] + 1, dtype=torch.bool, device=device)
             m[:, -1] = False
+            if null is not None and i == self.condition:  # zeros, not only hidden: the convolution reads them
+                keep = ~null.to(device)
+                embedded = embedded * keep[:, None, None].to(embedded.dtype)
+                m[:, 1:] &= keep[:, None]
+            parts += [self.start_tokens[i].expand(b, 1, -1), embedded]
             mask.append(m)
         parts.append(self.start_tokens[-1].expand(b, 1, -1))
         n_target = 0
@@ -209,10 +228,12 @@ class TokenConditionedTransformer(nn.Module):
         grouped = F.pad(hidden, (0, 0, lead, (-(lead + n)) % nq)).view(b, -1, nq, d)
         return torch.einsum("bgqd,qcd->bgqc", grouped, w).reshape(b, -1, w.shape[1])[:, lead: lead + n]
 
-    def forward(self, conditioning: list[Tensor], target: Tensor, key_drop: float = 0.0) -> Tensor:
+    def forward(self, conditioning: list[Tensor], target: Tensor, key_drop: float = 0.0,
+                null: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (b, n + 1, codebook_size + 1) for the ``n`` flattened target tokens and the
-        eos after them. ``key_drop`` hides a random fraction of keys (open-musiclm's forgetful causal mask)."""
-        x, key_mask = self.embed_prompt(conditioning, target)
+        eos after them. ``key_drop`` hides a random fraction of keys (open-musiclm's forgetful causal mask);
+        ``null`` (b,) bool: rows conditioned on the null condition instead of their CLAP tokens."""
+        x, key_mask = self.embed_prompt(conditioning, target, null)
         if key_drop > 0:
             keep = torch.rand(key_mask.shape, device=key_mask.device) >= key_drop
             keep[:, 0] = True  # every query keeps at least the first start token
@@ -224,11 +245,12 @@ class TokenConditionedTransformer(nn.Module):
     # ------------------------------------------------------------------ incremental decoding
 
     @torch.no_grad()
-    def start(self, conditioning: list[Tensor], target: Tensor | None = None,
-              max_len: int | None = None) -> tuple[Tensor, KVCache]:
+    def start(self, conditioning: list[Tensor], target: Tensor | None = None, max_len: int | None = None,
+              null: Tensor | None = None) -> tuple[Tensor, KVCache]:
         """Consume the prompt; return the logits (b, codebook_size + 1) of the next target token and the cache.
-        ``max_len`` bounds the total positions (prompt plus tokens to come) for the position-bias table."""
-        x, key_mask = self.embed_prompt(conditioning, target)
+        ``max_len`` bounds the total positions (prompt plus tokens to come) for the position-bias table; ``null``
+        as in ``forward``."""
+        x, key_mask = self.embed_prompt(conditioning, target, null)
         cache = KVCache(conv=[None] * len(self.layers))
         cache.targets = 0 if target is None else target.reshape(x.shape[0], -1).shape[1]
         total = max(max_len or 0, x.shape[1])

@@ -1,7 +1,8 @@
 """Stage checkpoints for use: ``model.safetensors`` plus ``stage.json`` (DESIGN.md).
 
-``stage.json`` holds the stage, the step, the token system's fingerprint and the whole model config (so the
-token layout and windows travel with the weights). Loading checks that the file is of the stage asked for,
+``stage.json`` holds the stage, the step, the token system's fingerprint, the whole model config (so the
+token layout and windows travel with the weights) and how many steps it learned the null condition
+(``null_condition_steps``: guidance needs it). Loading checks that the file is of the stage asked for,
 of the same token system, and of the same model shape, and names both sides when it is not. A Ray Train
 checkpoint directory of this project holds these two files next to the DeepSpeed shards, so it can be given
 wherever a stage checkpoint is expected. Checkpoints are read from a folder or an object-store URI (a run kept
@@ -43,10 +44,13 @@ class StageInfo:
     fingerprint: str
     model: ModelConfig
     metrics: dict
+    # optimizer steps this stage was trained with conditioning dropout (train.cond_drop_prob), through --init-from:
+    # 0 means it never saw the null condition, and guidance with it is refused
+    null_condition_steps: int = 0
 
 
 def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, model_cfg: ModelConfig, step: int,
-               fingerprint: str, metrics: dict | None = None) -> Path | str:
+               fingerprint: str, metrics: dict | None = None, null_condition_steps: int = 0) -> Path | str:
     """Write a stage checkpoint (``model.safetensors`` + ``stage.json``) to a folder or an object-store URI;
     each file is written whole or not at all (``storage.write_bytes``). Returns ``out``."""
     from safetensors.torch import save
@@ -57,7 +61,7 @@ def save_stage(out: str | Path, state: dict[str, torch.Tensor], stage: str, mode
     storage.write_bytes(storage.join(loc, MODEL_FILE),
                         save(tensors, metadata={"stage": stage, "step": str(step), "fingerprint": fingerprint}))
     info = {"format": FORMAT_VERSION, "stage": stage, "step": step, "fingerprint": fingerprint,
-            "model": to_dict(model_cfg), "metrics": metrics or {}}
+            "model": to_dict(model_cfg), "metrics": metrics or {}, "null_condition_steps": null_condition_steps}
     storage.write_text(storage.join(loc, STAGE_FILE), json.dumps(info, indent=2, sort_keys=True))
     return loc if storage.is_remote(loc) else Path(loc)
 
@@ -96,7 +100,8 @@ def read_stage(path: str | Path) -> StageInfo:
                               f"({FORMAT_VERSION}): update musiclm")
     try:
         model = from_dict(ModelConfig, data["model"], "model")
-        return StageInfo(Path(path) if not storage.is_remote(path) else path, data["stage"], int(data["step"]), data["fingerprint"], model, data.get("metrics", {}))
+        return StageInfo(Path(path) if not storage.is_remote(path) else path, data["stage"], int(data["step"]),
+                         data["fingerprint"], model, data.get("metrics", {}), int(data.get("null_condition_steps", 0)))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{meta} is unreadable: {e}") from None
 

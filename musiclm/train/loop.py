@@ -53,6 +53,7 @@ class TrainState:
     world_size: int = 1
     zero_stage: int = 2
     valid_loss: float | None = None
+    null_steps: int = 0  # optimizer steps trained with conditioning dropout, --init-from's included (stage.json)
 
 
 def read_train_state(path: str | Path) -> TrainState | None:
@@ -124,7 +125,8 @@ def validation_pass(forward, model, batches: list[dict], device,
                     counted: list[bool] | None = None) -> tuple[ValidSums, ConditioningSums, dict | None]:
     """Loss and accuracy sums of this worker's validation batches (``forward``: the engine, or the model), and
     the same loss with every example's CLAP tokens swapped for those of the example half this worker's subset
-    away (crops of one track sit together, so that is another track): ``ConditioningSums``. Also the first
+    away (crops of one track sit together, so that is another track) and with the null condition in their place
+    (what conditioning dropout teaches and guidance subtracts): ``ConditioningSums``. Also the first
     example with its predicted tokens, for the TensorBoard sample. Reduce both sums over the workers. Batches
     whose ``counted`` is false (``HeldRows.lockstep_batches``' filler) run the same forwards and add nothing."""
     counted = [True] * len(batches) if counted is None else counted
@@ -146,11 +148,14 @@ def validation_pass(forward, model, batches: list[dict], device,
         # a forward for every batch, also with nothing to swap (one example) or nothing to count (filler): under
         # ZeRO-3 a forward gathers parameters from every worker, so all must run as many
         shuffled_loss = stage_loss(forward(swapped, tgt), tgt)
+        null_loss = stage_loss(forward(cond, tgt, 0.0, torch.ones(b, dtype=torch.bool, device=tgt.device)), tgt)
         if not count:
             continue
         sums.add(loss, logits, tgt)
+        labels = logits.shape[0] * logits.shape[1]
+        cond_sums.add_null(loss, null_loss, labels)
         if n > 1:
-            cond_sums.add(loss, shuffled_loss, logits.shape[0] * logits.shape[1])
+            cond_sums.add(loss, shuffled_loss, labels)
         first += b
         if example is None:
             example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
@@ -240,7 +245,7 @@ def train_loop(loop_cfg: dict) -> None:
         engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
     log(f"attention: {model.attention}{', compiled' if tc.compile else ''}"
         f"{', activation checkpointing' if tc.activation_checkpointing else ''}")
-    state = TrainState(world_size=world, zero_stage=tc.zero_stage)
+    state = TrainState(world_size=world, zero_stage=tc.zero_stage, null_steps=loop_cfg.get("init_null_steps", 0))
     if resume is not None:
         with resume.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
@@ -274,9 +279,10 @@ def train_loop(loop_cfg: dict) -> None:
         engine.train()
         out = {**sums.reduce(device), **cond_sums.reduce(device)}
         state.valid_loss = out["valid/loss"]
-        gain = out.get("valid/conditioning_gain")
+        gain, null_gain = out.get("valid/conditioning_gain"), out.get("valid/null_condition_gain")
         log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}"
-            + (f" conditioning gain {gain:+.4f}" if gain is not None else ""))
+            + (f" conditioning gain {gain:+.4f}" if gain is not None else "")
+            + (f", over the null condition {null_gain:+.4f}" if null_gain is not None and state.null_steps else ""))
         tb.scalars(out, state.step)
         valid_losses.append(out["valid/loss"])
         if rank == 0 and state.step > tc.lr_warmup and stuck_at_chance(valid_losses, vocabulary,
@@ -309,7 +315,8 @@ def train_loop(loop_cfg: dict) -> None:
             with deepspeed.zero.GatheredParameters(params, enabled=tc.zero_stage == 3):
                 weights = export_weights(engine, keep=rank == 0)  # every rank: the gathers are collectives
                 if rank == 0:
-                    ckpt.save_stage(tmp, weights, stage, cfg.model, state.step, loop_cfg["fingerprint"], metrics)
+                    ckpt.save_stage(tmp, weights, stage, cfg.model, state.step, loop_cfg["fingerprint"], metrics,
+                                    null_condition_steps=state.null_steps)
                     Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(state)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         log(f"step {state.step}: checkpoint saved")
@@ -328,7 +335,8 @@ def train_loop(loop_cfg: dict) -> None:
                 continue
             state.batches += 1
             cond, tgt = split_batch(model, batch, device)
-            logits = engine(cond, tgt, tc.mask_prob)
+            null = torch.rand(tgt.shape[0], device=device) < tc.cond_drop_prob if tc.cond_drop_prob > 0 else None
+            logits = engine(cond, tgt, tc.mask_prob, null)
             loss = stage_loss(logits, tgt)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
@@ -343,6 +351,7 @@ def train_loop(loop_cfg: dict) -> None:
             if not boundary:
                 continue
             state.step += 1
+            state.null_steps += tc.cond_drop_prob > 0
             grad_norm = engine.get_global_grad_norm()
             nonfinite = nonfinite or (grad_norm is not None and not math.isfinite(float(grad_norm)))
             if any_over_workers(nonfinite, device):  # before anything of this step is validated or saved

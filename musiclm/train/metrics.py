@@ -42,25 +42,37 @@ class ValidSums:
 
 
 class ConditioningSums:
-    """Validation loss with each example's own CLAP tokens and with another example's (rolled by one within the
-    batch), over batches of at least two examples. Their difference, ``valid/conditioning_gain``, shows whether
-    a stage uses the text condition at all: about 0 when it ignores it. (Two crops of one track in a batch share
-    their CLAP tokens nearly, so the gain is a lower bound.)"""
+    """Validation loss with each example's own CLAP tokens, with another example's (rolled by one within the
+    batch, over batches of at least two examples) and with the null condition in their place (every batch).
+    ``valid/conditioning_gain`` (shuffled - own) shows whether a stage uses the text condition at all: about 0
+    when it ignores it. (Two crops of one track in a batch share their CLAP tokens nearly, so it is a lower
+    bound.) ``valid/null_condition_gain`` (null - own) is what the text buys over the null condition, the
+    difference classifier-free guidance amplifies; it means something once the stage learned the null condition
+    (``train.cond_drop_prob``): before, the null condition is a prompt the stage never saw."""
 
     def __init__(self):
-        self.t = torch.zeros(3, dtype=torch.float64)  # own loss·n, shuffled loss·n, n
+        self.t = torch.zeros(6, dtype=torch.float64)  # own loss·n, shuffled loss·n, n; own loss·m, null loss·m, m
 
     def add(self, own_loss: torch.Tensor, shuffled_loss: torch.Tensor, n_labels: int) -> None:
-        self.t += torch.tensor([float(own_loss) * n_labels, float(shuffled_loss) * n_labels, n_labels],
-                               dtype=torch.float64)
+        self.t[:3] += torch.tensor([float(own_loss) * n_labels, float(shuffled_loss) * n_labels, n_labels],
+                                   dtype=torch.float64)
+
+    def add_null(self, own_loss: torch.Tensor, null_loss: torch.Tensor, n_labels: int) -> None:
+        self.t[3:] += torch.tensor([float(own_loss) * n_labels, float(null_loss) * n_labels, n_labels],
+                                   dtype=torch.float64)
 
     def reduce(self, device: torch.device | str) -> dict[str, float]:
-        """The sums over all workers (a collective: every worker calls it); empty when no batch had two examples."""
+        """The sums over all workers (a collective: every worker calls it). The shuffled loss is left out when no
+        batch had two examples."""
         t = all_reduce_sum(self.t, device)
-        if t[2] == 0:
-            return {}
-        own, shuffled = float(t[0] / t[2]), float(t[1] / t[2])
-        return {"valid/loss_cond_shuffled": shuffled, "valid/conditioning_gain": shuffled - own}
+        out = {}
+        if t[2] > 0:
+            own, shuffled = float(t[0] / t[2]), float(t[1] / t[2])
+            out.update({"valid/loss_cond_shuffled": shuffled, "valid/conditioning_gain": shuffled - own})
+        if t[5] > 0:
+            own, null = float(t[3] / t[5]), float(t[4] / t[5])
+            out.update({"valid/loss_null_condition": null, "valid/null_condition_gain": null - own})
+        return out
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

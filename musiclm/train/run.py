@@ -128,7 +128,9 @@ def describe_run(cfg: Config) -> str:
         n = count_parameters(build_stage(t.stage, cfg.model))
     return (f"{t.stage} stage: dim {m.dim}, depth {m.depth}, {m.heads} heads, {n / 1e6:.1f}M parameters; "
             f"{t.num_train_steps:,} steps at lr {t.lr:g}, batch {t.batch_size} x {t.grad_accum_every} accumulated "
-            f"x {t.num_workers} workers")
+            f"x {t.num_workers} workers"
+            + (f"; conditioning dropout {t.cond_drop_prob:g} (learns the null condition guidance needs)"
+               if t.cond_drop_prob else ""))
 
 
 def check_request(req: TrainRequest, log=print) -> dict:
@@ -144,10 +146,12 @@ def check_request(req: TrainRequest, log=print) -> dict:
         token_system = manifest["token_system"]
     check_token_layout(cfg, manifest, req.data)
     check_shards(req.data, manifest)
+    init_null_steps = 0
     if req.init_from:
-        ckpt.check_fits(ckpt.read_stage(req.init_from), stage, fingerprint, cfg.model,
-                        what=f"training on {req.data}")
+        init = ckpt.read_stage(req.init_from)
+        ckpt.check_fits(init, stage, fingerprint, cfg.model, what=f"training on {req.data}")
         ckpt.check_weights(req.init_from)
+        init_null_steps = init.null_condition_steps
     previous = latest_checkpoint(req.run_dir)
     if previous is not None:
         info = ckpt.read_stage(previous)
@@ -162,7 +166,7 @@ def check_request(req: TrainRequest, log=print) -> dict:
         log(f"resuming run {req.run_name} from {storage.name(previous)} (step {info.step})")
     log(describe_run(cfg))
     return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system, "run_dir": req.run_dir,
-            "init_from": storage.location(req.init_from) if req.init_from else None,
+            "init_from": storage.location(req.init_from) if req.init_from else None, "init_null_steps": init_null_steps,
             "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
 
 
