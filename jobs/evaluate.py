@@ -23,12 +23,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", required=True, help="NAME=DIR[,NAME=DIR…]: model-set folders to compare")
     p.add_argument("--out", required=True, help="output folder or object-store URI")
     add_generate_args(p)
+    p.add_argument("--guidance-scales", type=guidance_scales, default=None, metavar="G,G,...",
+                   help="sample every set at each of these guidance scales (every stage's), a column each "
+                        "(NAME@gG; NAME alone at 1): what guidance buys on these prompts, beside best-of-N")
     add_ray_args(p)
     return p
 
 
+def guidance_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas (1,3)")
+    if not scales or any(not 0 <= s < float("inf") for s in scales):
+        raise argparse.ArgumentTypeError(f"{text!r}: give finite numbers >= 0 separated by commas (1,3)")
+    return scales
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.guidance_scales and args.guidance_scale:
+        p.error("give --guidance-scale (one scale for every set) or --guidance-scales (a column per scale), not both")
     check_outputs(out=args.out)
     from musiclm.evaluation.evaluate import PLOT, RESULTS, evaluate, parse_model_sets
     from musiclm.infra import storage
@@ -42,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                     cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                    reference_audio=args.reference_audio, references=references, log=log)
+                    reference_audio=args.reference_audio, references=references,
+                    guidance_scales=args.guidance_scales, log=log)
     out = storage.location(args.out)
     print(storage.read_text(storage.join(out, f"{RESULTS}.md")))
     log(f"table: {storage.join(out, RESULTS)}.csv, .md; plot: {storage.join(out, PLOT)}")

@@ -112,9 +112,11 @@ def token_dataset_dir(corpus, tiny_system_dir, tmp_path_factory):
     return out
 
 
-def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 8, seed: int = 0):
+def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 8, seed: int = 0,
+                     cond_drop_prob: float = 0.0):
     """A tiny stage trained in-process for a few steps on crops of the token dataset, saved as a checkpoint
-    (for the plumbing of generation and evaluation; whether a stage learns is tests/test_models.py's job)."""
+    (for the plumbing of generation and evaluation; whether a stage learns is tests/test_models.py's job), with
+    conditioning dropout when ``cond_drop_prob`` (it then learned the null condition guidance needs)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -136,11 +138,13 @@ def train_tiny_stage(stage: str, dataset, fingerprint: str, out, steps: int = 8,
     for _ in range(steps):
         crops = [crop_row(rows[i], spec, rng) for i in rng.integers(0, len(rows), 4)]
         cond, target = split_batch(model, {k: np.stack([c[k] for c in crops]) for k in crops[0]})
-        loss, _ = loss_and_metrics(model(cond, target), target, model.target.num_quantizers)
+        null = torch.rand(target.shape[0]) < cond_drop_prob if cond_drop_prob else None
+        loss, _ = loss_and_metrics(model(cond, target, null=null), target, model.target.num_quantizers)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return save_stage(out, model.state_dict(), stage, cfg, steps, fingerprint, {"train/loss": loss.item()})
+    return save_stage(out, model.state_dict(), stage, cfg, steps, fingerprint, {"train/loss": loss.item()},
+                      null_condition_steps=steps if cond_drop_prob else 0)
 
 
 @pytest.fixture(scope="session")

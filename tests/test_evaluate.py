@@ -120,6 +120,47 @@ def test_evaluate_two_model_sets_writes_table_plot_and_skips_done_prompts(local_
     assert capsys.readouterr().out.count("2 prompts, 2 already done") == 2
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_evaluate_sweeps_guidance_scales_as_columns(local_ray, tiny_model_set, token_dataset_dir, tmp_path, capsys):
+    """--guidance-scales 1,3: every set sampled at both scales, a column each (the set's own name at 1, NAME@g3 at
+    3), with the table's sentence on what guidance buys; the guided column's reports carry its scale. A set whose
+    stages never learned the null condition is refused before any generation, naming the checkpoint."""
+    from jobs.common import run
+    from jobs.evaluate import main as evaluate
+    from musiclm.tokens.system import read_meta
+
+    guided = tmp_path / "guided"
+    fingerprint = read_meta(tiny_model_set / "token_system")[0]["fingerprint"]
+    for stage in ("semantic", "coarse", "fine"):
+        train_tiny_stage(stage, token_dataset_dir, fingerprint, guided / stage, steps=4, cond_drop_prob=0.3)
+    (guided / "token_system").symlink_to((tiny_model_set / "token_system").resolve(), target_is_directory=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("slow ambient pads\nfast techno beat\n")
+    out = tmp_path / "eval"
+    argv = ["--prompts", str(prompts), "--models", f"tuned={guided}", "--num-samples", "1", "--duration", "1",
+            "--out", str(out), "--guidance-scales", "1,3"]
+    evaluate(argv)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["model_set"], r["error"]) for r in rows] == [("tuned", ""), ("tuned", ""), ("tuned@g3", ""),
+                                                              ("tuned@g3", "")]
+    for column, g in (("tuned", 1.0), ("tuned@g3", 3.0)):
+        for report in (out / column).glob("*/report.json"):
+            settings = json.loads(report.read_text())["settings"]
+            assert (settings["semantic_guidance"], settings["coarse_guidance"], settings["fine_guidance"]) == (g, g, g)
+    table = (out / "results.md").read_text()
+    assert "tuned@g3 best" in table and "tuned@g3: guidance 3 changes the best-of-1 score by" in table
+    assert "tuned@g3 scores" in table or "score the same" in table
+    # a set of stages trained without conditioning dropout cannot be guided: refused by name, nothing generated
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run(lambda: evaluate(["--prompts", str(prompts), "--models", f"plain={tiny_model_set}", "--num-samples", "1",
+                              "--duration", "1", "--out", str(tmp_path / "plain"), "--guidance-scales", "1,3"]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "never learned the null condition" in err and "cond_drop_prob" in err
+    assert not (tmp_path / "plain" / "plain").exists()
+
+
 def test_a_musiccaps_reference_longer_than_its_segment_is_cut_to_start_s_end_s(tmp_path):
     """MusicCaps' reference files may be a whole video's audio: the [start_s, end_s] segment is what the caption
     describes. A file no longer than the segment (plus a second) is taken whole."""

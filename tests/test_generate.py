@@ -203,7 +203,7 @@ def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_
     monkeypatch.setattr(MusicGenerator, "generate_many", generate_many)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the worker's, for this process: keep the suite's
     settings = GenerateSettings(duration=1.0, num_samples=1)
-    worker = PromptWorker({"set": ModelSet.from_dir(tiny_model_set)}, dataclasses.asdict(settings), "cpu", 1)
+    worker = PromptWorker({"set": ModelSet.from_dir(tiny_model_set)}, {"set": dataclasses.asdict(settings)}, "cpu", 1)
     prompts = ["a waltz", "bad", "a march"]
     out = worker({"model_set": ["set"] * 3, "prompt": prompts, "index": [0, 1, 2],
                   "folder": [str(tmp_path / p) for p in prompts]})

@@ -26,6 +26,7 @@ have different CLAP weights are refused.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -136,21 +137,24 @@ def evaluate(prompts: list[str | Prompt], sets: dict[str, ModelSet], settings: G
              cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
              gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
              reference_audio: str | None = None, references: list | None = None, reference_cache: str | None = None,
-             log=print) -> list[dict]:
+             guidance_scales: list[float] | None = None, log=print) -> list[dict]:
     """Generate every prompt with every set, score, and write the table, plot and TensorBoard; FAD against
     ``references`` ((clip, Prompt | None) pairs: ``reference_clips`` or ``prompt_clips``) or the clips of
     folder ``reference_audio``. ``reference_cache``: an .npz file keeping the reference embeddings between calls
-    (watch-eval embeds the same reference for every checkpoint)."""
+    (watch-eval embeds the same reference for every checkpoint). ``guidance_scales``: each set is sampled at each
+    scale (every stage's guidance), a column each (``guided_sets``)."""
     check_same_scorer(sets)
     items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
     prompts = [p.caption for p in items]
     if reference_audio:
         references = reference_clips(reference_audio, items, log)
     out = storage.location(out)
+    sets, set_settings = guided_sets(sets, settings, guidance_scales)
     log(f"evaluate: model sets {', '.join(sets)}")
     indexes = generate_sets(prompts, {name: (models, storage.join(out, name)) for name, models in sets.items()}, settings,
                             cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus, actors=actors,
-                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, log=log)
+                            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, set_settings=set_settings,
+                            log=log)
     rows = [{"prompt_index": r["index"], "prompt": r["prompt"], "model_set": name,
              "best_score": r["best_score"], "random_score": r["random_score"], "mean_score": r["mean_score"],
              "num_samples": settings.num_samples, "best_file": (r["files"] or [None])[0],
@@ -160,6 +164,27 @@ def evaluate(prompts: list[str | Prompt], sets: dict[str, ModelSet], settings: G
     plot(rows, storage.join(out, PLOT))
     log_tensorboard(rows, storage.join(out, "tensorboard"), fads)
     return rows
+
+
+def guided_name(name: str, guidance: float) -> str:
+    """The column (and folder) of set ``name`` sampled at ``guidance``: the set's own name at 1 (so an unguided
+    evaluation's finished prompts count), ``name@g<scale>`` otherwise."""
+    return name if guidance == 1 else f"{name}@g{guidance:g}"
+
+
+def guided_sets(sets: dict[str, ModelSet], settings: GenerateSettings,
+                scales: list[float] | None) -> tuple[dict[str, ModelSet], dict[str, GenerateSettings]]:
+    """Every set at every guidance scale (all stages at that scale): the columns' model sets and settings. Without
+    ``scales``, the sets as given with ``settings``' own guidance."""
+    if not scales:
+        return dict(sets), {}
+    columns, each = {}, {}
+    for name, models in sets.items():
+        for g in dict.fromkeys(scales):
+            column = guided_name(name, g)
+            columns[column] = models
+            each[column] = dataclasses.replace(settings, semantic_guidance=g, coarse_guidance=g, fine_guidance=g)
+    return columns, each
 
 
 def reference_clips(folder: str, prompts: list[Prompt], log=print) -> list[tuple[str, Prompt | None]]:
@@ -309,6 +334,13 @@ def write_table(rows: list[dict], out: str | Path, fads: dict | None = None) -> 
                      if cell[p, m]["best_score"] is not None and cell[p, m].get("random_score") is not None)
         lines.append(f"\n{m}: reranking {n} candidates by CLAP raises the score by {_fmt(gain)} on average "
                      f"over one random candidate.")
+    for m in names:  # what guidance buys: a guided column against its set's unguided one
+        base = m.split("@g")[0]
+        if m != base and base in names:
+            gain = mean_of_known(cell[p, m]["best_score"] - cell[p, base]["best_score"] for p in prompts
+                                 if cell[p, m]["best_score"] is not None and cell[p, base]["best_score"] is not None)
+            lines.append(f"\n{m}: guidance {m.split('@g')[1]} changes the best-of-{n} score by {_fmt(gain)} on "
+                         f"average over {base} unguided.")
     for j, a in enumerate(names):
         for b in names[j + 1:]:
             pairs = [(cell[p, a]["best_score"], cell[p, b]["best_score"]) for p in prompts]
@@ -382,6 +414,6 @@ def log_tensorboard(rows: list[dict], log_dir: str | Path, fads: dict | None = N
     board.close()
 
 
-__all__ = ["evaluate", "mean_of_known", "parse_model_sets", "dataset_prompts", "prompt_clips", "read_prompt_set", "Prompt", "check_same_scorer", "write_table", "plot", "RESULTS",
+__all__ = ["evaluate", "guided_name", "guided_sets", "mean_of_known", "parse_model_sets", "dataset_prompts", "prompt_clips", "read_prompt_set", "Prompt", "check_same_scorer", "write_table", "plot", "RESULTS",
            "PLOT"]
 

@@ -61,25 +61,27 @@ def cpu_threads(cpus: int) -> int:
 
 
 class PromptWorker:
-    """One Ray Data actor generating the prompts of each call with the model set each row names, the prompts of
-    one set together (``MusicGenerator.generate_many``: the same candidates as one at a time). It holds one set
-    at a time and loads another when a row asks for it (rows come grouped by set, so each actor loads each set at
-    most about once)."""
+    """One Ray Data actor generating the prompts of each call with the model set each row names (and that name's
+    settings), the prompts of one set together (``MusicGenerator.generate_many``: the same candidates as one at a
+    time). It holds one set at a time and loads another when a row asks for it (rows come grouped by set, so each
+    actor loads each set at most about once); names that share a model set (guidance scales of one set) share
+    its loaded weights."""
 
-    def __init__(self, sets: dict[str, ModelSet], settings: dict, device: str, threads: int):
+    def __init__(self, sets: dict[str, ModelSet], settings: dict[str, dict], device: str, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.sets, self.device = sets, device
-        self.settings = GenerateSettings(**settings)
+        self.settings = {name: GenerateSettings(**s) for name, s in settings.items()}
         self.loaded, self.generator = None, None
 
     def _generator(self, name: str) -> MusicGenerator:
-        if name != self.loaded:
+        key = (self.sets[name], self.settings[name].coarse_only, self.settings[name].weights_dtype)
+        if key != self.loaded:
             self.generator = None  # free the previous set before loading the next
-            self.generator = MusicGenerator(self.sets[name], self.device, self.settings.coarse_only,
-                                            self.settings.weights_dtype)
-            self.loaded = name
+            self.generator = MusicGenerator(self.sets[name], self.device, self.settings[name].coarse_only,
+                                            self.settings[name].weights_dtype)
+            self.loaded = key
         return self.generator
 
     def __call__(self, batch: dict) -> dict:
@@ -97,7 +99,7 @@ class PromptWorker:
         the others, so a failed batch (out of memory, say) is tried again one prompt at a time."""
         try:
             generator = self._generator(name)
-            results = generator.generate_many([prompt for prompt, _ in rows], self.settings)
+            results = generator.generate_many([prompt for prompt, _ in rows], self.settings[name])
         except Exception as e:
             if len(rows) > 1:
                 return [self._generate(name, [row])[0] for row in rows]
@@ -105,7 +107,7 @@ class PromptWorker:
         errors = []
         for (_, folder), result in zip(rows, results):
             try:
-                generator.write(result, self.settings, folder)
+                generator.write(result, self.settings[name], folder)
                 errors.append("")
             except Exception as e:
                 errors.append(_failed(folder, e))
@@ -130,22 +132,24 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
 def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
                   cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                   gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
-                  log=print) -> dict[str, list[dict]]:
+                  set_settings: dict[str, GenerateSettings] | None = None, log=print) -> dict[str, list[dict]]:
     """Every prompt with every model set (``name -> (models, out folder)``) in one actor pool, skipping
     finished prompts; writes each set's ``prompts.json`` and returns its index rows by set name.
+    ``set_settings``: other settings for some names (the guidance scales of an evaluation), else ``settings``.
     ``cpus_per_actor`` overrides the CPUs each actor reserves (default: a share of the cluster's, or 1 beside a
     GPU); 0 runs them on cores already reserved by others (evaluation beside a training run)."""
     import ray
 
+    each = {name: (set_settings or {}).get(name, settings) for name in sets}
     # Refuse a mismatched set before any Ray work.
-    checkpoints = {name: checkpoint_ids(check_model_set(models, settings.stages(), settings))
+    checkpoints = {name: checkpoint_ids(check_model_set(models, each[name].stages(), each[name]))
                    for name, (models, _) in sets.items()}
     rows, todo = {}, []
     for name, (_, out) in sets.items():
         rows[name] = [{"model_set": name, "index": i, "prompt": p, "folder": prompt_folder(out, i, p)}
                       for i, p in enumerate(prompts)]
         left = [r for r in rows[name]
-                if finished_report(r["folder"], r["prompt"], settings, checkpoints[name]) is None]
+                if finished_report(r["folder"], r["prompt"], each[name], checkpoints[name]) is None]
         log(f"generate{f' ({name})' if name else ''}: {len(prompts)} prompts, {len(prompts) - len(left)} already done")
         todo += left
     results = {}
@@ -163,14 +167,15 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
             compute=ray.data.ActorPoolStrategy(size=n), num_gpus=gpus_each,
             num_cpus=cpus_each,
             fn_constructor_kwargs={"sets": {name: models for name, (models, _) in sets.items()},
-                                   "settings": asdict(settings), "device": "cuda" if use_gpu else "cpu",
+                                   "settings": {name: asdict(s) for name, s in each.items()},
+                                   "device": "cuda" if use_gpu else "cpu",
                                    "threads": threads})
         results = {(str(r["model_set"]), int(r["index"])): r for r in ds.take_all()}
     indexes = {}
     for name, (_, out) in sets.items():
         index = []
         for row in rows[name]:
-            report = finished_report(row["folder"], row["prompt"], settings, checkpoints[name])
+            report = finished_report(row["folder"], row["prompt"], each[name], checkpoints[name])
             error = (str(results.get((name, row["index"]), {}).get("error", ""))
                      or ("" if report else "not generated"))
             row = {k: v for k, v in row.items() if k != "model_set"}
