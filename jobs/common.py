@@ -152,7 +152,8 @@ def connect(args: argparse.Namespace) -> dict:
             # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner
             # needs: without it the workers' reservations of finished Tune trials are never released.
             ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
-                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                     runtime_env={"worker_process_setup_hook": "jobs.common.pin_ray_address"})
     # Ray Data logs three INFO lines per dataset it runs (start, execution plan, finished: "Full logs are in
     # /tmp/ray/..."), which buried the jobs' own lines; its warnings and errors still show
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
@@ -160,6 +161,16 @@ def connect(args: argparse.Namespace) -> dict:
     log(f"Ray: {'cluster ' + address if address else 'local'}; resources CPU={resources.get('CPU', 0):g} "
         f"GPU={resources.get('GPU', 0):g}")
     return resources
+
+
+def pin_ray_address() -> None:
+    """Runs in every worker process of the local Ray a job starts (``worker_process_setup_hook``): names this Ray
+    as the one the State API talks to. Ray Train's placement-group cleaner looks its cluster up that way, and with
+    another Ray on the machine (another job, a test session) it found two and printed a 'Found multiple active
+    Ray instances' traceback for every run, its cleaning undone."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def wait_seconds(args: argparse.Namespace) -> float:
@@ -341,13 +352,6 @@ def generate_settings(args: argparse.Namespace):
     for stage, g in (getattr(args, "guidance_scale", None) or {}).items():
         given[f"{stage}_guidance"] = g
     return GenerateSettings(**given)
-
-
-def read_prompts(path: str) -> list[str]:
-    """The captions of a prompt set (``musiclm.evaluation.evaluate.read_prompt_set``: text, JSON list or MusicCaps CSV)."""
-    from musiclm.evaluation.evaluate import read_prompt_set
-
-    return [p.caption for p in read_prompt_set(path)]
 
 
 def add_prompt_set_args(parser: argparse.ArgumentParser) -> None:

@@ -197,7 +197,7 @@ def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
 
 
 def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg, t = req.config, req.config.train
@@ -224,6 +224,9 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
+            # Ray Train's own INFO lines (eight per worker group it starts, each worker's process-group setup)
+            # buried the run's; its warnings and errors still show, and the workers print their own progress
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=data.datasets,
     )
