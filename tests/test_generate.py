@@ -12,6 +12,7 @@ import torch
 
 from jobs import generate as generate_job
 from musiclm.generation.generate import GenerateSettings, ModelSet, MusicGenerator, slide
+from musiclm.generation.prompts import MusicPrompt
 from musiclm.train.checkpoint import CheckpointError
 
 
@@ -196,7 +197,7 @@ def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_
     real = MusicGenerator.generate_many
 
     def generate_many(self, prompts, settings, *args, **kwargs):
-        if "bad" in prompts:
+        if "bad" in [p.label for p in prompts]:
             raise RuntimeError(f"out of memory for {len(prompts)} prompts")
         return real(self, prompts, settings, *args, **kwargs)
 
@@ -205,7 +206,8 @@ def test_a_failed_batch_of_prompts_is_retried_one_at_a_time(tiny_model_set, tmp_
     settings = GenerateSettings(duration=1.0, num_samples=1)
     worker = PromptWorker({"set": ModelSet.from_dir(tiny_model_set)}, {"set": dataclasses.asdict(settings)}, "cpu", 1)
     prompts = ["a waltz", "bad", "a march"]
-    out = worker({"model_set": ["set"] * 3, "prompt": prompts, "index": [0, 1, 2],
+    out = worker({"model_set": ["set"] * 3, "prompt": prompts, "spec": [MusicPrompt(p).encode() for p in prompts],
+                  "index": [0, 1, 2],
                   "folder": [str(tmp_path / p) for p in prompts]})
     assert list(out["error"]) == ["", "RuntimeError: out of memory for 1 prompts", ""]
     assert (tmp_path / "bad" / "error.txt").read_text().startswith("RuntimeError: out of memory for 1 prompts")

@@ -137,11 +137,24 @@ def _error_row(row: dict, stage: str, kind: str, message: str) -> dict:
     return {**_base_row(row), "stage": stage, "kind": kind, "message": message}
 
 
-def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[dict]:
-    """One track -> one row per clip with the audio each tokenizer needs, or one error row."""
+def track_clips(audio: np.ndarray, rate: int, cfg: DataConfig, track_id: str, rates: dict):
+    """Each row's clip of a decoded track as preprocessing cuts it: (start, length, whole seconds, the waveform each
+    tokenizer reads at ``rates``). Generation's audio prompts go through here too (``generation.prompts``), so that
+    a clip gives the tokens preprocessing gives it."""
     from ..tokens.semantic import waveform_stats
     from ..tokens.system import tokenizer_inputs
 
+    # open-musiclm normalizes the semantic encoder's input over the whole padded track, before cropping
+    stats = waveform_stats(pad_clip(audio, rate, cfg.pad_to_seconds))
+    for start, length in clip_spans(len(audio), rate, cfg, track_id):
+        clip = pad_clip(audio[start: start + length], rate, cfg.pad_to_seconds)
+        seconds = len(clip) // rate
+        yield start, length, seconds, {name: crop_or_pad(wave, seconds * rates[name])
+                                       for name, wave in tokenizer_inputs(clip, rate, rates, stats).items()}
+
+
+def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[dict]:
+    """One track -> one row per clip with the audio each tokenizer needs, or one error row."""
     cfg = DataConfig(**cfg)
     if row.get("problem_kind"):  # listed, but there is no file to read (missing, a directory, a broken link)
         return [_error_row(row, "list", row["problem_kind"], row["problem"])]
@@ -156,20 +169,14 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
         return [_error_row(row, "decode", "too_short", f"track is {duration:.2f} s long, shorter than min_seconds "
                                                        f"({cfg.min_seconds:g} s)")]
     try:
-        spans = clip_spans(len(audio), rate, cfg, row["track_id"])
-        # open-musiclm normalizes the semantic encoder's input over the whole padded track, before cropping
-        stats = waveform_stats(pad_clip(audio, rate, cfg.pad_to_seconds))
+        clips = list(track_clips(audio, rate, cfg, row["track_id"], rates))
         out = []
-        for k, (start, length) in enumerate(spans):
-            clip = pad_clip(audio[start: start + length], rate, cfg.pad_to_seconds)
-            seconds = len(clip) // rate
-            at = {name: crop_or_pad(wave, seconds * rates[name])
-                  for name, wave in tokenizer_inputs(clip, rate, rates, stats).items()}
+        for k, (start, length, seconds, at) in enumerate(clips):
             feats = _featurizer(token_system)(at["clap"])
-            out.append({**_base_row(row), "id": row_id(row["track_id"], k, len(spans)),
+            out.append({**_base_row(row), "id": row_id(row["track_id"], k, len(clips)),
                         "split": split_of(row["track_id"], cfg.valid_frac, cfg.seed),
                         "start_seconds": start / rate, "audio_seconds": min(length, len(audio) - start) / rate,
-                        "seconds": seconds, "rows_in_track": len(spans), "clap_shape": np.array(feats.shape),
+                        "seconds": seconds, "rows_in_track": len(clips), "clap_shape": np.array(feats.shape),
                         "clap_features": feats.reshape(-1), "audio_semantic": at["semantic"],
                         "audio_acoustic": at["acoustic"]})
         return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..infra import storage
 from .generate import REPORT, GenerateSettings, ModelSet, MusicGenerator, check_model_set, checkpoint_ids
+from .prompts import MusicPrompt, as_prompt
 
 INDEX = "prompts.json"
 # prompts an actor samples together, at most: their candidates are one batch (8 prompts x 4 candidates x 5 fine
@@ -87,7 +88,8 @@ class PromptWorker:
     def __call__(self, batch: dict) -> dict:
         """Generates and writes each prompt's folder; returns its error ("" when it worked). The driver reads
         the scores from the reports, which also covers prompts finished by an earlier run."""
-        rows = [(str(n), str(p), str(f)) for n, p, f in zip(batch["model_set"], batch["prompt"], batch["folder"])]
+        rows = [(str(n), MusicPrompt.decode(str(s)), str(f))
+                for n, s, f in zip(batch["model_set"], batch["spec"], batch["folder"])]
         errors = []
         for name, group in itertools.groupby(rows, key=lambda r: r[0]):
             errors += self._generate(name, [(p, f) for _, p, f in group])
@@ -121,7 +123,7 @@ def _failed(folder: str, e: Exception) -> str:
     return error
 
 
-def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSettings, out: str | Path, *,
+def generate_prompts(prompts: "list[str | MusicPrompt]", models: ModelSet, settings: GenerateSettings, out: str | Path, *,
                      cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                      gpus_per_actor: float | None = None, log=print) -> list[dict]:
     """Generate every prompt (skipping finished ones) on the connected Ray cluster; returns the index rows."""
@@ -129,7 +131,7 @@ def generate_prompts(prompts: list[str], models: ModelSet, settings: GenerateSet
                          actors=actors, gpus_per_actor=gpus_per_actor, log=log)[""]
 
 
-def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
+def generate_sets(prompts: "list[str | MusicPrompt]", sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
                   cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                   gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
                   set_settings: dict[str, GenerateSettings] | None = None, log=print) -> dict[str, list[dict]]:
@@ -140,14 +142,15 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
     GPU); 0 runs them on cores already reserved by others (evaluation beside a training run)."""
     import ray
 
+    prompts = [as_prompt(p) for p in prompts]
     each = {name: (set_settings or {}).get(name, settings) for name in sets}
     # Refuse a mismatched set before any Ray work.
     checkpoints = {name: checkpoint_ids(check_model_set(models, each[name].stages(), each[name]))
                    for name, (models, _) in sets.items()}
     rows, todo = {}, []
     for name, (_, out) in sets.items():
-        rows[name] = [{"model_set": name, "index": i, "prompt": p, "folder": prompt_folder(out, i, p)}
-                      for i, p in enumerate(prompts)]
+        rows[name] = [{"model_set": name, "index": i, "prompt": p.label, "spec": p.encode(),
+                       "folder": prompt_folder(out, i, p.label)} for i, p in enumerate(prompts)]
         left = [r for r in rows[name]
                 if finished_report(r["folder"], r["prompt"], each[name], checkpoints[name]) is None]
         log(f"generate{f' ({name})' if name else ''}: {len(prompts)} prompts, {len(prompts) - len(left)} already done")
@@ -178,7 +181,7 @@ def generate_sets(prompts: list[str], sets: dict[str, tuple[ModelSet, str | Path
             report = finished_report(row["folder"], row["prompt"], each[name], checkpoints[name])
             error = (str(results.get((name, row["index"]), {}).get("error", ""))
                      or ("" if report else "not generated"))
-            row = {k: v for k, v in row.items() if k != "model_set"}
+            row = {k: v for k, v in row.items() if k not in ("model_set", "spec")}
             index.append({**row, "best_score": report["best_score"] if report else None,
                           "mean_score": report["mean_score"] if report else None,
                           "random_score": report.get("random_score") if report else None,

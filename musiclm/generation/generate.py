@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audio.io import as_written, resample, write_wav
+from ..audio.io import as_written, decode_audio, resample, write_wav
 from ..config import STAGES, check
 from ..config_io import check_finite
 from ..infra import storage
 from ..models.sampling import RowGenerators, sample
 from ..train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
+from .prompts import Clip, MusicPrompt, as_prompt, clip_tokens
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GenerateSettings:
     semantic_guidance: float = 1.0
     coarse_guidance: float = 1.0
     fine_guidance: float = 1.0
+    continuation_only: bool = False  # a continued clip (prompts.MusicPrompt.continues): write the new audio alone
 
     def __post_init__(self):
         check_finite(self)
@@ -251,13 +253,16 @@ def slide(total: int, window: int, step_fraction: float, grid: int = 1) -> list[
     return [(s, s + window) for s in starts]
 
 
-def window_groups(windows: list[tuple[int, int]], limit: int) -> list[list[tuple[int, int]]]:
+def window_groups(windows: list[tuple[int, int]], limit: int, done: int = 0) -> list[list[tuple[int, int]]]:
     """``windows`` in order, grouped for sampling: a window that needs no earlier tokens opens a group, which
     takes the windows of its length that follow it end to end (none conditioned on another's tokens), up to
-    ``limit``; a window overlapping what exists is sampled alone."""
+    ``limit``; a window overlapping what exists (``done`` tokens given before any window) is sampled alone;
+    windows inside what is given are left out."""
     groups: list[list[tuple[int, int]]] = []
-    done, open_group = 0, False
+    open_group = False
     for start, end in windows:
+        if end <= done:
+            continue
         g = groups[-1] if groups else []
         if open_group and len(g) < limit and start == g[-1][1] and end - start == g[0][1] - g[0][0]:
             g.append((start, end))
@@ -270,13 +275,15 @@ def window_groups(windows: list[tuple[int, int]], limit: int) -> list[list[tuple
 
 def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, temperature: float, top_fraction: float,
                    generator: torch.Generator, sampler=sample, on_window=None, window_batch: int = 1,
-                   guidance: float = 1.0) -> torch.Tensor:
+                   guidance: float = 1.0, given: torch.Tensor | None = None) -> torch.Tensor:
     """Fill ``windows`` left to right: each window is conditioned on ``conditioning(start, end)`` and on the
     tokens already made inside it, and adds the rest; windows that need none of each other's tokens
     (``window_groups``) are sampled as one batch, up to ``window_batch`` at once. Returns (b, total) or
-    (b, total, q). ``guidance``: the sampler's classifier-free guidance (1: none)."""
-    out = None
-    for group in window_groups(windows, window_batch):
+    (b, total, q). ``guidance``: the sampler's classifier-free guidance (1: none). ``given``: tokens that come
+    first (a continued clip's): kept as they are, windows inside them skipped, the first window past them
+    conditioned on them."""
+    out = given
+    for group in window_groups(windows, window_batch, 0 if given is None else given.shape[1]):
         start, end = group[0]
         done = 0 if out is None else out.shape[1]
         prefix = out[:, start:] if out is not None and done > start else None
@@ -300,11 +307,13 @@ def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, tempe
 class Candidates:
     """N generated clips of one prompt, in candidate order, with their CLAP scores."""
 
-    prompt: str
+    prompt: str  # its label (prompts.MusicPrompt.label: the text for a text prompt)
     audio: np.ndarray  # (N, samples) float32, exactly as written to 16-bit WAV
     sample_rate: int
-    scores: np.ndarray  # (N,) CLAP text–audio cosine similarity
+    scores: np.ndarray  # (N,) CLAP cosine similarity to the text (or the audio prompt's audio)
     timings: dict[str, float]
+    spec: MusicPrompt | None = None
+    continued_seconds: int | None = None  # the continued clip's seconds (before the new audio unless cut off)
 
     @property
     def ranking(self) -> list[int]:
@@ -347,10 +356,11 @@ class MusicGenerator:
                 "token_system": {"path": str(self.model_set.token_system), "fingerprint": self.system.fingerprint},
                 "windows": asdict(self.windows)}
 
-    def plan(self, settings: GenerateSettings) -> dict[str, list[tuple[int, int]]]:
-        """The windows each stage fills for ``settings.duration``."""
+    def plan(self, settings: GenerateSettings, given_frames: int = 0) -> dict[str, list[tuple[int, int]]]:
+        """The windows each stage fills for ``settings.duration`` after ``given_frames`` acoustic frames of a
+        continued clip (its windows are skipped when sampling)."""
         w = self.windows
-        frames = w.acoustic_frames(settings.duration)
+        frames = given_frames + w.acoustic_frames(settings.duration)
         coarse = slide(frames, w.coarse, settings.coarse_step, w.grid)
         semantic_total = max(w.semantic_at(end) - 1 for _, end in coarse)
         plan = {"semantic": slide(semantic_total, w.semantic, settings.semantic_step),
@@ -358,10 +368,18 @@ class MusicGenerator:
         return {s: plan[s] for s in settings.stages()}
 
     def tokens(self, clap: torch.Tensor, settings: GenerateSettings, generator: torch.Generator,
-               sampler=None, progress=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Acoustic codes (b, frames, coarse [+ fine] codebooks) for CLAP tokens ``clap`` (b, 12)."""
-        w, plan, timings = self.windows, self.plan(settings), {}
+               sampler=None, progress=None, given: Clip | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Acoustic codes (b, frames, coarse [+ fine] codebooks) for CLAP tokens ``clap`` (b, 12); with ``given``
+        (a clip to continue) its codes first, then the continuation's."""
+        w, timings = self.windows, {}
+        plan = self.plan(settings, 0 if given is None else given.tokens["coarse"].shape[0])
         sampler = sampler or self.sampler(settings)
+
+        def prefix(stage):
+            if given is None:
+                return None
+            tokens = torch.as_tensor(given.tokens[stage].astype(np.int64), device=clap.device)
+            return tokens.expand(clap.shape[0], *tokens.shape)
 
         def run(stage, conditioning):
             start = time.perf_counter()
@@ -370,7 +388,8 @@ class MusicGenerator:
             out = sample_windows(self.models[stage], plan[stage], conditioning, generator=generator, sampler=sampler,
                                  temperature=getattr(settings, f"{stage}_temperature"),
                                  top_fraction=settings.top_fraction, on_window=progress.update if progress else None,
-                                 window_batch=settings.window_batch, guidance=settings.guidance(stage))
+                                 window_batch=settings.window_batch, guidance=settings.guidance(stage),
+                                 given=prefix(stage))
             timings[stage] = time.perf_counter() - start
             return out
 
@@ -381,32 +400,52 @@ class MusicGenerator:
         fine = run("fine", lambda s, e: [clap, coarse[:, s:e]])
         return torch.cat((coarse, fine), -1), timings
 
-    def steps(self, settings: GenerateSettings) -> int:
-        """Time steps one batch of candidates samples over all stages (the progress bar's unit)."""
-        return sum(windows[-1][1] for windows in self.plan(settings).values())
+    def steps(self, settings: GenerateSettings, given_frames: int = 0) -> int:
+        """Time steps one batch of candidates samples over all stages (the progress bar's unit), after
+        ``given_frames`` of a continued clip."""
+        given = {"semantic": self.windows.semantic_at(given_frames) - 1 if given_frames else 0,
+                 "coarse": given_frames, "fine": given_frames}
+        return sum(windows[-1][1] - given[stage] for stage, windows in self.plan(settings, given_frames).items())
 
-    def generate(self, prompt: str, settings: GenerateSettings, sampler=None, progress=None) -> Candidates:
+    def condition(self, prompt: MusicPrompt) -> tuple[torch.Tensor, torch.Tensor | str, Clip | None]:
+        """A prompt's CLAP tokens (1, q), what its candidates are ranked against (its text, or the unit CLAP
+        audio embedding of its audio prompt or continued clip) and the clip it continues."""
+        given = clip_tokens(self.system, prompt.continues, continuation=True) if prompt.continues else None
+        if prompt.text:
+            tokens, reference = self.system.clap.text_tokens([prompt.text]), prompt.text
+        else:  # the audio prompt, or the continued clip as one: its first CLAP window, as preprocessing gives it
+            tokens = clip_tokens(self.system, prompt.sound, continuation=False).tokens["clap"][:1]
+            reference = audio_embedding(self.system, *decode_audio(prompt.sound))
+        return torch.as_tensor(tokens, dtype=torch.long, device=self.device), reference, given
+
+    def generate(self, prompt: "str | MusicPrompt", settings: GenerateSettings, sampler=None,
+                 progress=None) -> Candidates:
         """``settings.num_samples`` candidates for ``prompt``, scored by CLAP."""
         return self.generate_many([prompt], settings, sampler, progress)[0]
 
-    def generate_many(self, prompts: list[str], settings: GenerateSettings, sampler=None,
+    def generate_many(self, prompts: "list[str | MusicPrompt]", settings: GenerateSettings, sampler=None,
                       progress=None) -> list[Candidates]:
         """``generate`` for each prompt, the candidates of all sampled as one batch: one pass of decoding steps
         (on a GPU a step takes about as long for 32 rows as for 4: the prompts take about the time of one).
         Each prompt's noise comes from its own generator seeded with ``settings.seed``, drawn as that prompt alone
         draws it (``RowGenerators``), so a prompt gets the candidates it gets alone (tested), whatever shares its
-        batch. With a ``batch_size`` below ``num_samples`` the prompts run one after the other."""
+        batch. With a ``batch_size`` below ``num_samples``, or prompts that continue clips (each its own length),
+        the prompts run one after the other."""
         check_guidance(self.infos, settings)
+        prompts = [as_prompt(p) for p in prompts]
+        if len(prompts) > 1 and any(p.continues for p in prompts):
+            return [self.generate_many([p], settings, sampler, progress)[0] for p in prompts]
         t0 = time.perf_counter()
-        n, prompts = settings.num_samples, list(prompts)
+        n = settings.num_samples
         batch = settings.batch_size or n
 
         def seeded() -> torch.Generator:  # on the model's device: the noise is made there (a GPU's draws differ)
             return torch.Generator(device=self.device).manual_seed(settings.seed)
 
-        # one prompt's text at a time, as alone (a padded batch of texts could round its embedding differently)
-        clap = torch.cat([torch.as_tensor(self.system.clap.text_tokens([p]), dtype=torch.long, device=self.device)
-                          for p in prompts])
+        # one prompt at a time, as alone (a padded batch of texts could round its embedding differently)
+        conditions = [self.condition(p) for p in prompts]
+        clap = torch.cat([c[0] for c in conditions])
+        given = conditions[0][2]
         if len(prompts) > 1 and batch >= n:
             rows = torch.arange(len(prompts) * n, device=self.device).view(len(prompts), n)
             chunks = [(clap.repeat_interleave(n, 0), RowGenerators([(seeded(), r) for r in rows]))]
@@ -417,24 +456,26 @@ class MusicGenerator:
                 chunks += [(clap[i:i + 1].expand(min(batch, n - first), -1), g) for first in range(0, n, batch)]
         codes, timings = [], {}
         for rows, generator in chunks:
-            out, t = self.tokens(rows, settings, generator, sampler, progress)
+            out, t = self.tokens(rows, settings, generator, sampler, progress, given)
             codes.append(out.cpu())
             timings = {k: timings.get(k, 0.0) + v for k, v in t.items()}
         start = time.perf_counter()
         codec = self.system.acoustic
-        length = int(round(settings.duration * codec.sample_rate))
-        audio = np.stack([as_written(codec.decode(c.numpy())[:length]) for c in torch.cat(codes)])
+        first = 0 if given is None or not settings.continuation_only else given.seconds * codec.sample_rate
+        end = int(round(((given.seconds if given else 0) + settings.duration) * codec.sample_rate))
+        audio = np.stack([as_written(codec.decode(c.numpy())[first:end]) for c in torch.cat(codes)])
         timings["decode"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores = [clap_scores(self.system, p, audio[i * n:(i + 1) * n], codec.sample_rate)
-                  for i, p in enumerate(prompts)]
+        scores = [clap_scores(self.system, c[1], audio[i * n:(i + 1) * n], codec.sample_rate)
+                  for i, c in enumerate(conditions)]
         timings["score"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - t0
         timings["real_time_factor"] = timings["total"] / (settings.duration * n * len(prompts))  # per candidate
         if len(prompts) > 1:
             timings["prompts_together"] = len(prompts)
         timings = {k: round(v, 4) for k, v in timings.items()}
-        return [Candidates(p, audio[i * n:(i + 1) * n], codec.sample_rate, scores[i], dict(timings))
+        return [Candidates(p.label, audio[i * n:(i + 1) * n], codec.sample_rate, scores[i], dict(timings), p,
+                           None if given is None else given.seconds)
                 for i, p in enumerate(prompts)]
 
     def write(self, result: Candidates, settings: GenerateSettings, out: str | Path) -> dict:
@@ -447,7 +488,9 @@ class MusicGenerator:
             if name:
                 write_wav(storage.join(out, name), result.audio[i], result.sample_rate)
             ranked.append({"rank": rank, "candidate": i, "score": float(result.scores[i]), "file": name})
-        report = {"prompt": result.prompt, "seed": settings.seed, "duration_s": settings.duration,
+        spec = {"prompt_spec": result.spec.to_dict(), "continued_seconds": result.continued_seconds} \
+            if result.spec is not None and (result.spec.audio or result.spec.continues) else {}
+        report = {"prompt": result.prompt, **spec, "seed": settings.seed, "duration_s": settings.duration,
                   "sample_rate": result.sample_rate, "scores": [c["score"] for c in ranked],
                   "best_score": ranked[0]["score"], "mean_score": float(np.mean(result.scores)),
                   # candidate 0 is one sample drawn without looking at scores: what a user gets without reranking
@@ -461,16 +504,19 @@ class MusicGenerator:
 REPORT = "report.json"
 
 
-def clap_scores(system, prompt: str, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Cosine similarity between the prompt's CLAP text embedding and each clip's CLAP audio embedding (the
-    mean of its unit-norm 10 s window embeddings, renormalized; one window for clips up to 10 s)."""
-    text = torch.nn.functional.normalize(system.clap.text_embeddings([prompt]), dim=-1)[0]
-    scores = []
-    for clip in audio:
-        windows = system.clap.audio_embeddings(resample(clip, sample_rate, system.clap.sample_rate))
-        emb = torch.nn.functional.normalize(torch.nn.functional.normalize(windows, dim=-1).mean(0), dim=-1)
-        scores.append(float(emb @ text))
-    return np.asarray(scores, dtype=np.float64)
+def clap_scores(system, prompt: "str | torch.Tensor", audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Cosine similarity between the prompt's CLAP text embedding (or a unit audio embedding: an audio prompt's)
+    and each clip's CLAP audio embedding (``audio_embedding``)."""
+    if isinstance(prompt, str):
+        prompt = torch.nn.functional.normalize(system.clap.text_embeddings([prompt]), dim=-1)[0]
+    return np.asarray([float(audio_embedding(system, clip, sample_rate) @ prompt) for clip in audio], dtype=np.float64)
+
+
+def audio_embedding(system, clip: np.ndarray, sample_rate: int) -> torch.Tensor:
+    """A clip's unit CLAP audio embedding: the mean of its unit-norm 10 s window embeddings, renormalized (one
+    window for clips up to 10 s)."""
+    windows = system.clap.audio_embeddings(resample(clip, sample_rate, system.clap.sample_rate))
+    return torch.nn.functional.normalize(torch.nn.functional.normalize(windows, dim=-1).mean(0), dim=-1)
 
 
 def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled: bool = True):
@@ -483,4 +529,4 @@ def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled:
 
 
 __all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_guidance",
-           "check_model_set", "checkpoint_ids", "clap_scores", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]
+           "check_model_set", "checkpoint_ids", "clap_scores", "audio_embedding", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]
