@@ -30,8 +30,8 @@ def _inputs(model, batch: int, steps: int, seed: int = 0, values: int | None = N
         return torch.randint(0, high, (batch, n) if s.num_quantizers == 1 else (batch, n, s.num_quantizers),
                              generator=g)
 
-    cond = [torch.randint(0, values or s.codebook_size, (batch, 12), generator=g) if s.name == "clap" else draw(s, steps)
-            for s in model.sequences[:-1]]
+    cond = [torch.randint(0, values or s.codebook_size, (batch, 12), generator=g) if s.name == "clap"
+            else draw(s, steps) for s in model.sequences[:-1]]
     return cond, draw(model.sequences[-1], steps)
 
 

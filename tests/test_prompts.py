@@ -18,7 +18,8 @@ from musiclm.generation.prompts import MusicPrompt, clip_tokens, read_music_prom
 def _dataset_rows(dataset) -> list[dict]:
     from musiclm.data.shards import split_files
 
-    return [r for split in ("train", "valid") for f in split_files(dataset, split) for r in pq.read_table(f).to_pylist()]
+    return [r for split in ("train", "valid") for f in split_files(dataset, split)
+            for r in pq.read_table(f).to_pylist()]
 
 
 def test_an_audio_prompts_tokens_are_those_preprocessing_gives_the_clip(tiny_system, token_dataset_dir):

@@ -392,7 +392,8 @@ def test_mismatched_fingerprint_and_model_config_are_refused(token_dataset_dir, 
     assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
                                       init_from=str(tmp_path / "ours")))["fingerprint"] == fingerprint
     # a run from a checkpoint that learned the null condition carries its count on (stage.json's null_condition_steps)
-    ckpt.save_stage(tmp_path / "dropout", model.state_dict(), "coarse", cfg.model, 5, fingerprint, null_condition_steps=3)
+    ckpt.save_stage(tmp_path / "dropout", model.state_dict(), "coarse", cfg.model, 5, fingerprint,
+                    null_condition_steps=3)
     assert check_request(TrainRequest(cfg, str(token_dataset_dir), "r", str(tmp_path),
                                       init_from=str(tmp_path / "dropout")))["init_null_steps"] == 3
     # FlexAttention on CPU workers: refused by the driver before any worker starts (the workers' first step

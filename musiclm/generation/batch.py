@@ -123,16 +123,16 @@ def _failed(folder: str, e: Exception) -> str:
     return error
 
 
-def generate_prompts(prompts: "list[str | MusicPrompt]", models: ModelSet, settings: GenerateSettings, out: str | Path, *,
-                     cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
+def generate_prompts(prompts: "list[str | MusicPrompt]", models: ModelSet, settings: GenerateSettings,
+                     out: str | Path, *, cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                      gpus_per_actor: float | None = None, log=print) -> list[dict]:
     """Generate every prompt (skipping finished ones) on the connected Ray cluster; returns the index rows."""
     return generate_sets(prompts, {"": (models, out)}, settings, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
                          actors=actors, gpus_per_actor=gpus_per_actor, log=log)[""]
 
 
-def generate_sets(prompts: "list[str | MusicPrompt]", sets: dict[str, tuple[ModelSet, str | Path]], settings: GenerateSettings, *,
-                  cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
+def generate_sets(prompts: "list[str | MusicPrompt]", sets: dict[str, tuple[ModelSet, str | Path]],
+                  settings: GenerateSettings, *, cluster_cpus: float, cluster_gpus: float, actors: int | None = None,
                   gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
                   set_settings: dict[str, GenerateSettings] | None = None, log=print) -> dict[str, list[dict]]:
     """Every prompt with every model set (``name -> (models, out folder)``) in one actor pool, skipping

@@ -18,6 +18,9 @@ Unlike open-musiclm's ``unfold`` (which drops a partial last window), the last w
 back to end exactly at the requested length (overlapping more), so a 25 s request gives 25 s of audio.
 Window starts of the coarse stage lie on the common grid of the two token rates (1/25 s: 2 semantic and
 3 acoustic frames), so semantic and acoustic windows cover the same time.
+
+A prompt may be a clip's sound instead of a text, and may continue a clip (``prompts.py``); every stage may be
+sampled with classifier-free guidance (``GenerateSettings.<stage>_guidance``, ``models/sampling.py``).
 """
 from __future__ import annotations
 
@@ -295,7 +298,8 @@ def sample_windows(model, windows: list[tuple[int, int]], conditioning, *, tempe
             noise = generator.tile(len(group), rows[0].shape[0] // len(group)) \
                 if isinstance(generator, RowGenerators) else generator
             new = sampler(model, rows, end - start, temperature=temperature, top_fraction=top_fraction,
-                          generator=noise, guidance=guidance).unflatten(0, (len(group), -1)).transpose(0, 1).flatten(1, 2)
+                          generator=noise, guidance=guidance)
+            new = new.unflatten(0, (len(group), -1)).transpose(0, 1).flatten(1, 2)
         out = new if out is None else torch.cat((out, new), 1)
         if on_window:
             on_window(group[-1][1] - done)
@@ -509,7 +513,8 @@ def clap_scores(system, prompt: "str | torch.Tensor", audio: np.ndarray, sample_
     and each clip's CLAP audio embedding (``audio_embedding``)."""
     if isinstance(prompt, str):
         prompt = torch.nn.functional.normalize(system.clap.text_embeddings([prompt]), dim=-1)[0]
-    return np.asarray([float(audio_embedding(system, clip, sample_rate) @ prompt) for clip in audio], dtype=np.float64)
+    return np.asarray([float(audio_embedding(system, clip, sample_rate) @ prompt) for clip in audio],
+                      dtype=np.float64)
 
 
 def audio_embedding(system, clip: np.ndarray, sample_rate: int) -> torch.Tensor:
@@ -529,4 +534,5 @@ def progress_bar(generator: MusicGenerator, settings: GenerateSettings, enabled:
 
 
 __all__ = ["GenerateSettings", "ModelSet", "MusicGenerator", "Candidates", "Windows", "check_guidance",
-           "check_model_set", "checkpoint_ids", "clap_scores", "audio_embedding", "resolve_checkpoint", "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]
+           "check_model_set", "checkpoint_ids", "clap_scores", "audio_embedding", "resolve_checkpoint",
+           "sample_windows", "slide", "window_groups", "progress_bar", "REPORT"]

@@ -164,5 +164,5 @@ def sample_recompute(model: TokenConditionedTransformer, conditioning: list[Tens
 
 
 
-__all__ = ["DECODING", "RowGenerators", "check_guidance", "guide", "kept_count", "keep_top_fraction", "noise", "pick", "sample",
-           "sample_recompute"]
+__all__ = ["DECODING", "RowGenerators", "check_guidance", "guide", "kept_count", "keep_top_fraction", "noise", "pick",
+           "sample", "sample_recompute"]
