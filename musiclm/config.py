@@ -237,6 +237,9 @@ class TrainConfig:
     # fine window (1,217 positions) keeps 6.4 GiB of activations per example on a CPU (dense attention: 16 heads x
     # 1,217^2 per layer), 1.4 GiB with it (benchmarks/train_memory.py; docs/training.md).
     activation_checkpointing: bool = False
+    # A run resumed with another number of workers than saved its checkpoint scales gradient accumulation so that the
+    # batch per optimizer step stays (when the counts divide it); false: the batch follows the worker count
+    keep_global_batch: bool = True
 
     def __post_init__(self):
         check_finite(self)

@@ -10,6 +10,7 @@ A restarted worker (or a re-run of the same command) resumes from the latest che
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,9 @@ from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers
                       peak_flops, stuck_at_chance)
 
 DS_DIR, DS_TAG = "deepspeed", "state"
+# DeepSpeed's shards of a checkpoint converted to its universal format (any worker count): made by the driver when a
+# run resumes with another number of workers than saved the checkpoint (``to_universal``)
+UNIVERSAL_DIR = "deepspeed_universal"
 DIVERGED = "diverged.json"  # in the run folder: the step, rate and cause of a stop on a non-finite loss
 TRAIN_STATE = "train_state.json"
 
@@ -64,6 +68,50 @@ def read_train_state(path: str | Path) -> TrainState | None:
         return TrainState(**storage.read_json(storage.join(path, TRAIN_STATE)))
     except FileNotFoundError:
         return None
+
+
+def to_universal(checkpoint: str, log=print) -> None:
+    """Convert a checkpoint's DeepSpeed shards (ZeRO 1-3, saved by any number of workers) into DeepSpeed's universal
+    format beside them (``UNIVERSAL_DIR``), once: what another worker count loads, optimizer state and all. A
+    checkpoint in a bucket is converted locally and uploaded."""
+    import argparse
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from ..infra import storage
+
+    target, done = storage.join(checkpoint, UNIVERSAL_DIR, DS_TAG), storage.join(checkpoint, UNIVERSAL_DIR, "complete")
+    if storage.exists(done):  # written last: a conversion stopped halfway is made again
+        return
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="musiclm-universal-") as tmp:
+        shards = storage.join(checkpoint, DS_DIR, DS_TAG)
+        if storage.is_remote(shards):
+            storage.download_dir(shards, Path(tmp, "in"))
+            shards = str(Path(tmp, "in"))
+        out = Path(tmp, "out")
+        # our own checkpoint's client state lacks the info Megatron saves for it: DeepSpeed injects it
+        args = argparse.Namespace(input_folder=shards, output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)
+        storage.upload_dir(out, target)
+        storage.write_text(done, "")
+    log(f"converted {storage.name(checkpoint)}'s DeepSpeed state to its universal format (any worker count) in "
+        f"{time.perf_counter() - start:.1f} s")
+
+
+def resplit(state: "TrainState", world: int, batch_size: int) -> tuple["TrainState", int]:
+    """The data position of a checkpoint saved by ``state.world_size`` workers, for ``world`` workers: the epoch's
+    rows are dealt from one permutation (``train.data.HeldRows.order``), so the rows consumed are its first
+    ``batches x batch_size x saved workers``; each new rank skips its share of them, rounded up (a few rows of the
+    epoch may go unseen, none twice). Returns the new state and the rows consumed."""
+    consumed = state.batches * batch_size * state.world_size
+    skip = math.ceil(consumed / (batch_size * world))
+    return TrainState(**{**asdict(state), "batches": skip, "world_size": world}), consumed
 
 
 def export_weights(engine, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -239,22 +287,35 @@ def train_loop(loop_cfg: dict) -> None:
     optimizer, scheduler = make_optimizer(model, tc, on_gpu)
     if not on_gpu:
         skip_inference_comm_op()
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(tc, bf16))
+    state = TrainState(world_size=world, zero_stage=tc.zero_stage, null_steps=loop_cfg.get("init_null_steps", 0))
+    with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as d:
+        saved = read_train_state(d) if d is not None else None
+        if d is not None and saved is None:
+            raise ckpt.CheckpointError(
+                f"the checkpoint this run resumes from ({resume.path}) has no {TRAIN_STATE}: it was not written "
+                f"by this training loop, or it is incomplete. Start a new run name with --init-from on it "
+                f"(weights only), or remove that checkpoint folder to resume from the one before.")
+        # saved by another number of workers: DeepSpeed's universal format (converted by the driver) loads into this
+        universal = saved is not None and saved.world_size != world
+        config = deepspeed_config(tc, bf16)
+        if universal:
+            config["checkpoint"] = {"load_universal": True}
+        engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=config)
+        if d is not None:
+            engine.load_checkpoint(os.path.join(d, UNIVERSAL_DIR if universal else DS_DIR), tag=DS_TAG)
+            state = saved
     if tc.compile:
         engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
     log(f"attention: {model.attention}{', compiled' if tc.compile else ''}"
         f"{', activation checkpointing' if tc.activation_checkpointing else ''}")
-    state = TrainState(world_size=world, zero_stage=tc.zero_stage, null_steps=loop_cfg.get("init_null_steps", 0))
     if resume is not None:
-        with resume.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG)
-            state = read_train_state(d)
-            if state is None:
-                raise ckpt.CheckpointError(
-                    f"the checkpoint this run resumes from ({resume.path}) has no {TRAIN_STATE}: it was not written "
-                    f"by this training loop, or it is incomplete. Start a new run name with --init-from on it "
-                    f"(weights only), or remove that checkpoint folder to resume from the one before.")
+        if universal:
+            saved_by = state.world_size
+            state, consumed = resplit(state, world, tc.batch_size)
+            log(f"resumed with {world} workers from a checkpoint {saved_by} workers saved: optimizer state, step and "
+                f"lr schedule carried over; the epoch's {consumed} rows seen are skipped ({state.batches} batches "
+                f"per worker)")
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batches})")
         take_configured_lr(scheduler, tc.lr, log)
     # every rank built the same initial weights from tc.seed; from here each draws its own dropout and forgetful
@@ -404,5 +465,5 @@ def train_loop(loop_cfg: dict) -> None:
     tb.close()
 
 
-__all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR", "DS_TAG",
-           "TRAIN_STATE", "DIVERGED"]
+__all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR",
+           "DS_TAG", "TRAIN_STATE", "DIVERGED", "UNIVERSAL_DIR", "resplit", "to_universal"]

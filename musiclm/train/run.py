@@ -157,17 +157,46 @@ def check_request(req: TrainRequest, log=print) -> dict:
         info = ckpt.read_stage(previous)
         ckpt.check_fits(info, stage, fingerprint, cfg.model, what=f"run {req.run_name} (resuming)")
         state = read_train_state(previous)
-        if state and (state.world_size, state.zero_stage) != (cfg.train.num_workers, cfg.train.zero_stage):
+        if state and state.zero_stage != cfg.train.zero_stage:
             raise ConfigError(
-                f"run {req.run_name} was saved by {state.world_size} workers with ZeRO stage {state.zero_stage}; "
-                f"this command asks for {cfg.train.num_workers} workers with ZeRO stage {cfg.train.zero_stage}. "
-                f"DeepSpeed's shards only resume with the same layout: use the same settings, or start a new run "
-                f"name with --init-from {previous} (weights only).")
+                f"run {req.run_name} was saved with ZeRO stage {state.zero_stage}; this command asks for stage "
+                f"{cfg.train.zero_stage}. A run resumes at another worker count (its state converted), but not at "
+                f"another ZeRO stage: use train.zero_stage={state.zero_stage}, or start a new run name with "
+                f"--init-from {previous} (weights only).")
         log(f"resuming run {req.run_name} from {storage.name(previous)} (step {info.step})")
+        if state and state.world_size != cfg.train.num_workers:
+            cfg = at_another_worker_count(cfg, state.world_size, previous, log)
     log(describe_run(cfg))
     return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system, "run_dir": req.run_dir,
             "init_from": storage.location(req.init_from) if req.init_from else None, "init_null_steps": init_null_steps,
             "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
+
+
+def at_another_worker_count(cfg: Config, saved_by: int, checkpoint: str, log=print) -> Config:
+    """A run resumed by ``cfg.train.num_workers`` workers from a checkpoint ``saved_by`` others saved: its DeepSpeed
+    state converted once to the universal format (the workers load optimizer state, step and schedule from it) and,
+    with ``train.keep_global_batch``, gradient accumulation scaled so that the batch per optimizer step stays; when
+    the counts do not divide it, or the user chose so, the batch changes, and the log says which."""
+    import dataclasses
+
+    from .loop import to_universal
+
+    t, workers = cfg.train, cfg.train.num_workers
+    to_universal(checkpoint, log)
+    before = t.batch_size * t.grad_accum_every * saved_by
+    accum = t.grad_accum_every
+    if t.keep_global_batch and (t.grad_accum_every * saved_by) % workers == 0:
+        accum = t.grad_accum_every * saved_by // workers
+    after = t.batch_size * accum * workers
+    if after == before:
+        note = (f"the batch per optimizer step stays {before} (gradient accumulation {t.grad_accum_every} -> {accum})"
+                if accum != t.grad_accum_every else f"the batch per optimizer step stays {before}")
+    else:
+        why = ("train.keep_global_batch is false" if not t.keep_global_batch else
+               f"{t.grad_accum_every} x {saved_by} accumulated batches do not divide among {workers} workers")
+        note = f"the batch per optimizer step changes {before} -> {after} ({why})"
+    log(f"resuming with {workers} workers a run saved by {saved_by}: {note}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_every=accum))
 
 
 def resolve_use_gpu(cfg: Config, resources: dict, log=print) -> Config:
