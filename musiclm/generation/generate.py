@@ -39,7 +39,7 @@ from ..config_io import check_finite
 from ..infra import storage
 from ..models.sampling import RowGenerators, sample
 from ..train.checkpoint import CheckpointError, StageInfo, check_fits, load_stage, read_stage, sequence_layout
-from .prompts import Clip, MusicPrompt, as_prompt, clip_tokens
+from .prompts import Clip, MusicPrompt, as_prompt, clip_tokens, sound_tokens
 
 
 @dataclass
@@ -418,8 +418,8 @@ class MusicGenerator:
         if prompt.text:
             tokens, reference = self.system.clap.text_tokens([prompt.text]), prompt.text
         else:  # the audio prompt, or the continued clip as one: its first CLAP window, as preprocessing gives it
-            tokens = clip_tokens(self.system, prompt.sound, continuation=False).tokens["clap"][:1]
-            reference = audio_embedding(self.system, *decode_audio(prompt.sound))
+            audio, rate = decode_audio(prompt.sound)  # once, for its tokens and its embedding
+            tokens, reference = sound_tokens(self.system, audio, rate), audio_embedding(self.system, audio, rate)
         return torch.as_tensor(tokens, dtype=torch.long, device=self.device), reference, given
 
     def generate(self, prompt: "str | MusicPrompt", settings: GenerateSettings, sampler=None,

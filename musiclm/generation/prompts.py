@@ -115,11 +115,8 @@ def clip_tokens(system, path: str, *, continuation: bool) -> Clip:
     first row, default data settings). To be continued: its whole seconds as they are (no repeat padding: the
     prefix is the clip), the semantic encoder's input normalized over the clip, at least one second."""
     from ..audio.io import decode_audio
-    from ..data.preprocess import track_clips
 
     audio, rate = decode_audio(path)  # AudioDecodeError names the file and why
-    rates = {"clap": system.clap.sample_rate, "semantic": system.semantic.sample_rate,
-             "acoustic": system.acoustic.sample_rate}
     cfg = DataConfig()
     if continuation:
         seconds = len(audio) // rate
@@ -128,7 +125,7 @@ def clip_tokens(system, path: str, *, continuation: bool) -> Clip:
                              f"least 1 s (its whole seconds are the prefix)")
         audio = audio[: seconds * rate]
         cfg = DataConfig(clip_seconds=seconds, pad_to_seconds=1, min_seconds=1.0)  # the clip as it is
-    _, _, seconds, waves = next(iter(track_clips(audio, rate, cfg, "", rates)))
+    seconds, waves = _first_clip(system, audio, rate, cfg)
     acoustic = system.acoustic.encode(waves["acoustic"])
     n_coarse, n_fine = system.config.num_coarse_quantizers, system.config.num_fine_quantizers
     return Clip(path, seconds, {"clap": system.clap.audio_tokens(waves["clap"]),
@@ -136,4 +133,21 @@ def clip_tokens(system, path: str, *, continuation: bool) -> Clip:
                                 "coarse": acoustic[:, :n_coarse], "fine": acoustic[:, n_coarse: n_coarse + n_fine]})
 
 
-__all__ = ["MusicPrompt", "Clip", "as_prompt", "clip_tokens", "read_music_prompts", "KEYS"]
+def sound_tokens(system, audio: np.ndarray, rate: int) -> np.ndarray:
+    """An audio prompt's CLAP tokens (1, q), from its decoded audio: the first CLAP window of the clip
+    preprocessing makes of it (``clip_tokens(continuation=False)``'s, without encoding the other tokens)."""
+    _, waves = _first_clip(system, audio, rate, DataConfig())
+    return system.clap.audio_tokens(waves["clap"])[:1]
+
+
+def _first_clip(system, audio: np.ndarray, rate: int, cfg: DataConfig) -> tuple[int, dict[str, np.ndarray]]:
+    """Whole seconds and the waveform each tokenizer reads of the first clip preprocessing cuts from ``audio``."""
+    from ..data.preprocess import track_clips
+
+    rates = {"clap": system.clap.sample_rate, "semantic": system.semantic.sample_rate,
+             "acoustic": system.acoustic.sample_rate}
+    _, _, seconds, waves = next(iter(track_clips(audio, rate, cfg, "", rates)))
+    return seconds, waves
+
+
+__all__ = ["MusicPrompt", "Clip", "as_prompt", "clip_tokens", "read_music_prompts", "sound_tokens", "KEYS"]
