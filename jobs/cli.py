@@ -7,6 +7,7 @@ import sys
 VERBS = {
     "synth": "write the synthetic music corpus",
     "init-token-system": "create a token-system directory (tiny offline encoders, or pretrained ones)",
+    "fit-clap": "tune the token system's CLAP on captioned audio (Ray Train): text<->audio retrieval",
     "fit-rvq": "fit the CLAP RVQ on a folder of audio (Ray Data)",
     "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
     "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",

@@ -90,6 +90,33 @@ def add_fit_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"re-fit {what} that is already fitted")
 
 
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """The audio source of preprocess and fit-clap: FMA, the synthetic set, or a folder with captions."""
+    g = parser.add_argument_group("source")
+    g.add_argument("--source", required=True, help="audio folder (FMA audio folder, synthetic set, any folder)")
+    g.add_argument("--source-kind", default="auto", choices=["auto", "fma", "folder", "synth"])
+    g.add_argument("--captions", help="captions file for a folder source: JSONL or CSV with path|id and caption")
+    g.add_argument("--metadata", help="FMA metadata folder with tracks.csv and genres.csv "
+                                      "(default: fma_metadata beside the audio folder)")
+    g.add_argument("--subset", choices=["small", "medium", "large"], help="FMA: keep this subset's tracks")
+    g.add_argument("--genre", action="append", default=[], help="FMA: keep tracks of this genre (id or title; "
+                                                                 "repeatable)")
+    g.add_argument("--min-duration", type=float, help="FMA: keep tracks whose metadata duration is at least this")
+    g.add_argument("--filter-fma", action="store_true",
+                   help="FMA: open-musiclm's rule, drop Experimental tracks with <= 1000 listens or <= 5 favorites")
+
+
+def open_source_of(args: argparse.Namespace):
+    """The ``data.sources.Source`` of ``add_source_args``' arguments, described in the log."""
+    from musiclm.data.sources import open_source
+
+    source = open_source(args.source, args.source_kind, captions=args.captions, metadata=args.metadata,
+                         subset=args.subset, genres=args.genre, min_duration=args.min_duration,
+                         filter_fma=args.filter_fma)
+    log(source.describe())
+    return source
+
+
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by the jobs that train a stage (train, tune): what to train, on what, starting where."""
     parser.add_argument("--stage", required=True, choices=["semantic", "coarse", "fine"])
@@ -153,7 +180,7 @@ def connect(args: argparse.Namespace) -> dict:
             # needs: without it the workers' reservations of finished Tune trials are never released.
             ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
-                     runtime_env={"worker_process_setup_hook": "jobs.common.pin_ray_address"})
+                     runtime_env={"worker_process_setup_hook": "jobs.common.setup_worker"})
     # Ray Data logs three INFO lines per dataset it runs (start, execution plan, finished: "Full logs are in
     # /tmp/ray/..."), which buried the jobs' own lines; its warnings and errors still show
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
@@ -163,14 +190,18 @@ def connect(args: argparse.Namespace) -> dict:
     return resources
 
 
-def pin_ray_address() -> None:
-    """Runs in every worker process of the local Ray a job starts (``worker_process_setup_hook``): names this Ray
-    as the one the State API talks to. Ray Train's placement-group cleaner looks its cluster up that way, and with
-    another Ray on the machine (another job, a test session) it found two and printed a 'Found multiple active
-    Ray instances' traceback for every run, its cleaning undone."""
+def setup_worker() -> None:
+    """Runs in every worker process of the local Ray a job starts (``worker_process_setup_hook``).
+
+    It names this Ray as the one the State API talks to: Ray Train's placement-group cleaner looks its cluster up
+    that way, and with another Ray on the machine (another job, a test session) it found two and printed a 'Found
+    multiple active Ray instances' traceback for every run, its cleaning undone. And it quiets Ray Data's three INFO
+    lines per dataset execution in the actors that run them, as ``connect`` does in the driver: a Ray Train job
+    that streams a dataset (fit-clap) printed them at every epoch from its split coordinator."""
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
 def wait_seconds(args: argparse.Namespace) -> float:

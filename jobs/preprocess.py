@@ -9,23 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import actor_plan, add_ray_args, check_outputs, connect, log, run
+from jobs.common import actor_plan, add_ray_args, add_source_args, check_outputs, connect, log, open_source_of, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musiclm preprocess", description=__doc__)
-    g = p.add_argument_group("source")
-    g.add_argument("--source", required=True, help="audio folder (FMA audio folder, synthetic set, any folder)")
-    g.add_argument("--source-kind", default="auto", choices=["auto", "fma", "folder", "synth"])
-    g.add_argument("--captions", help="captions file for a folder source: JSONL or CSV with path|id and caption")
-    g.add_argument("--metadata", help="FMA metadata folder with tracks.csv and genres.csv "
-                                      "(default: fma_metadata beside the audio folder)")
-    g.add_argument("--subset", choices=["small", "medium", "large"], help="FMA: keep this subset's tracks")
-    g.add_argument("--genre", action="append", default=[], help="FMA: keep tracks of this genre (id or title; "
-                                                                 "repeatable)")
-    g.add_argument("--min-duration", type=float, help="FMA: keep tracks whose metadata duration is at least this")
-    g.add_argument("--filter-fma", action="store_true",
-                   help="FMA: open-musiclm's rule, drop Experimental tracks with <= 1000 listens or <= 5 favorites")
+    add_source_args(p)
     p.add_argument("--token-system", required=True, help="fitted token-system folder or object-store URI")
     p.add_argument("--out", required=True, help="token dataset folder or object-store URI, e.g. s3://bucket/datasets/fma (created, or resumed)")
     p.add_argument("--config", help="Config JSON whose data section gives the row settings")
@@ -45,15 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     from musiclm.config import DataConfig, apply_overrides, load_config
     from musiclm.data.preprocess import finish, prepare
     from musiclm.data.preprocess import run as run_preprocess
-    from musiclm.data.sources import open_source
     from musiclm.infra import storage
 
     cfg = load_config(args.config).data if args.config else DataConfig()
     cfg = apply_overrides(cfg, args.set)
-    source = open_source(args.source, args.source_kind, captions=args.captions, metadata=args.metadata,
-                         subset=args.subset, genres=args.genre, min_duration=args.min_duration,
-                         filter_fma=args.filter_fma)
-    log(source.describe())
+    source = open_source_of(args)
     if not source.tracks:
         raise FileNotFoundError(f"no tracks to tokenize in {source.root} (after filters)")
     job = prepare(source, args.token_system, args.out, cfg, retry_errors=args.retry_errors, log=log)

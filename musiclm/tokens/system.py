@@ -74,6 +74,7 @@ class TokenSystem:
         self.semantic = SemanticTokenizer(self._models["semantic"], None, config.hubert_kmeans_cfg, self.device)
         self.acoustic = AcousticCodec(self._models["encodec"], config.encodec_cfg, self.device)
         self.set_kmeans(centers)
+        self.history: list[dict] = []  # what changed its encoders since it was made (fit-clap), oldest first
         self._validate()
 
     # ------------------------------------------------------------------ construction
@@ -150,6 +151,7 @@ class TokenSystem:
                      hubert=encoders.load_hubert(source("hubert_kmeans_cfg")),
                      encodec=encoders.load_encodec(source("encodec_cfg")), rvq=rvq, centers=centers, root=root,
                      device=device)
+        system.history = list(meta.get("history", []))
         if verify and system.fingerprint != meta.get("fingerprint"):
             _modified(root, meta, system.fingerprint_parts())
         return system
@@ -194,7 +196,7 @@ class TokenSystem:
             storage.write_bytes(root / KMEANS_FILE, save_tensors({"centers": self.semantic.centers.cpu().contiguous()}))
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "fingerprint_parts": self.fingerprint_parts(),
                 "fitted": {"clap_rvq": self.rvq_fitted, "semantic_kmeans": self.kmeans_fitted},
-                "config": to_dict(self.config)}
+                "config": to_dict(self.config), **({"history": self.history} if self.history else {})}
         storage.write_json(root / CONFIG_FILE, meta)
         self.root = root
         return root

@@ -217,11 +217,14 @@ def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
     """CPUs per worker: 1 beside a GPU; on CPUs the workers share all but one of the cluster's CPUs. Ray Data's
     file listing asks for a whole CPU and cannot be told otherwise, so one must stay free or the run hangs."""
     t = cfg.train
-    if t.cpus_per_worker:
-        return t.cpus_per_worker
-    if t.use_gpu:
+    return t.cpus_per_worker or cpus_per_worker(t.num_workers, cluster_cpus, bool(t.use_gpu))
+
+
+def cpus_per_worker(num_workers: int, cluster_cpus: float, use_gpu: bool) -> float:
+    """``worker_cpus`` for any Ray Train job: 1 beside a GPU, else a share of all CPUs but ``DATA_RESERVE``."""
+    if use_gpu:
         return 1.0
-    share = max(cluster_cpus - DATA_RESERVE, 0.5) / t.num_workers
+    share = max(cluster_cpus - DATA_RESERVE, 0.5) / num_workers
     return float(math.floor(share)) if share >= 1 else max(0.25, math.floor(share * 100) / 100)
 
 
@@ -317,4 +320,4 @@ def train(req: TrainRequest, cluster_cpus: float, log=print) -> dict:
 
 
 __all__ = ["TrainRequest", "TrainingDiverged", "check_run_name", "check_request", "build_trainer", "train", "write_summary", "worker_cpus",
-           "resolve_use_gpu", "latest_checkpoint"]
+           "resolve_use_gpu", "latest_checkpoint", "cpus_per_worker"]

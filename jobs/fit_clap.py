@@ -1,0 +1,59 @@
+"""musiclm fit-clap: tune the token system's CLAP on captioned audio (contrastive, both towers or one) on Ray
+Train, and write the tuned weights into the token system. Held-out text<->audio retrieval (recall@1/@5) goes to
+TensorBoard before the first step and at every checkpoint; the same command again resumes the run. A token
+system whose RVQ is fitted is refused unless --overwrite (the RVQ is then dropped: re-fit it and re-make the token
+datasets)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from jobs.common import add_ray_args, add_source_args, connect, log, open_source_of, run
+
+
+def parser() -> argparse.ArgumentParser:
+    from musiclm.tokens.clap_tuning import ClapTuneConfig
+
+    p = argparse.ArgumentParser(prog="musiclm fit-clap", description=__doc__)
+    add_source_args(p)
+    p.add_argument("--token-system", required=True, help="token-system folder whose CLAP is tuned (in place)")
+    p.add_argument("--run-name", default="fit-clap", help="the run's folder under --storage (resumed if it exists)")
+    p.add_argument("--storage", default="runs", help="folder or object-store URI that holds runs")
+    p.add_argument("--overwrite", action="store_true", help="tune even though the RVQ is fitted (it is dropped)")
+    g = p.add_argument_group("tuning (ClapTuneConfig)")
+    for f in dataclasses.fields(ClapTuneConfig):
+        kind = type(f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, action="store_true", default=f.default)
+        elif f.name == "train":
+            g.add_argument(flag, default=f.default, choices=["both", "audio", "text"],
+                           help="the towers that learn; the other stays frozen (default both)")
+        else:
+            g.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    add_ray_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from musiclm.infra import storage
+    from musiclm.train.run import check_run_name
+    from musiclm.tokens.clap_tuning import ClapTuneConfig, fit_clap, refuse_tuning
+
+    check_run_name(args.run_name)
+    refuse_tuning(args.token_system, args.overwrite)  # before Ray starts
+    cfg = ClapTuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClapTuneConfig)})
+    source = open_source_of(args)
+    resources = connect(args)
+    import sys
+
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
+    fit_clap(args.token_system, source, cfg, storage.join(storage.location(args.storage), args.run_name),
+             resources.get("CPU", 1.0), overwrite=args.overwrite, log=log)
+
+
+if __name__ == "__main__":
+    run(main)
