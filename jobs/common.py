@@ -117,6 +117,27 @@ def open_source_of(args: argparse.Namespace):
     return source
 
 
+def add_settings_args(parser: argparse.ArgumentParser, cls, title: str, choices: dict | None = None) -> None:
+    """One option per field of the settings dataclass ``cls`` (``--batch-size`` for ``batch_size``), its default
+    the field's; ``settings_of`` builds the dataclass back (its checks then run)."""
+    import dataclasses
+
+    g = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            g.add_argument(flag, type=type(f.default), default=f.default, choices=(choices or {}).get(f.name),
+                           help=f"(default {f.default})")
+
+
+def settings_of(cls, args: argparse.Namespace):
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by the jobs that train a stage (train, tune): what to train, on what, starting where."""
     parser.add_argument("--stage", required=True, choices=["semantic", "coarse", "fine"])

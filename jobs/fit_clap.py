@@ -6,9 +6,9 @@ datasets)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from jobs.common import add_ray_args, add_source_args, connect, log, open_source_of, run
+from jobs.common import (add_ray_args, add_settings_args, add_source_args, connect, log, open_source_of, run,
+                         settings_of)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,17 +20,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default="fit-clap", help="the run's folder under --storage (resumed if it exists)")
     p.add_argument("--storage", default="runs", help="folder or object-store URI that holds runs")
     p.add_argument("--overwrite", action="store_true", help="tune even though the RVQ is fitted (it is dropped)")
-    g = p.add_argument_group("tuning (ClapTuneConfig)")
-    for f in dataclasses.fields(ClapTuneConfig):
-        kind = type(f.default)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            g.add_argument(flag, action="store_true", default=f.default)
-        elif f.name == "train":
-            g.add_argument(flag, default=f.default, choices=["both", "audio", "text"],
-                           help="the towers that learn; the other stays frozen (default both)")
-        else:
-            g.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    add_settings_args(p, ClapTuneConfig, "tuning (ClapTuneConfig; --train: the towers that learn, the other frozen)",
+                      {"train": ["both", "audio", "text"]})
     add_ray_args(p)
     return p
 
@@ -38,21 +29,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from musiclm.infra import storage
-    from musiclm.train.run import check_run_name
     from musiclm.tokens.clap_tuning import ClapTuneConfig, fit_clap, refuse_tuning
+    from musiclm.train.run import check_run_name
 
     check_run_name(args.run_name)
     refuse_tuning(args.token_system, args.overwrite)  # before Ray starts
-    cfg = ClapTuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClapTuneConfig)})
+    cfg = settings_of(ClapTuneConfig, args)
     source = open_source_of(args)
     resources = connect(args)
+    quiet_progress()
+    fit_clap(args.token_system, source, cfg, storage.join(storage.location(args.storage), args.run_name),
+             resources.get("CPU", 1.0), overwrite=args.overwrite, log=log)
+
+
+def quiet_progress() -> None:
     import sys
 
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
-    fit_clap(args.token_system, source, cfg, storage.join(storage.location(args.storage), args.run_name),
-             resources.get("CPU", 1.0), overwrite=args.overwrite, log=log)
 
 
 if __name__ == "__main__":
