@@ -86,3 +86,9 @@ def test_fit_clap_raises_held_out_retrieval_and_writes_the_token_system(local_ra
     steps = tensorboard_steps(tmp_path / "runs" / "clap" / "tensorboard")
     assert steps["valid/recall@1"] == [0, 30, 60, 70] and steps["train/loss"] == [30, 60, 70]
     assert len(TokenSystem.load(ts).history) == 2
+    # AdamW's state was carried, not restarted: its step counts are the run's 70
+    from safetensors.torch import load_file
+
+    latest = json.loads((ts / "fit_clap.report.json").read_text())["checkpoint"]
+    adam_steps = {float(v) for k, v in load_file(f"{latest}/optimizer.safetensors").items() if k.endswith(".step")}
+    assert adam_steps == {70.0}, adam_steps
