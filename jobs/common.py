@@ -211,6 +211,13 @@ def connect(args: argparse.Namespace) -> dict:
     return resources
 
 
+def quiet_progress() -> None:
+    """Ray Data's progress bars only on a terminal: in a job's log (``ray job logs``, a file) they buried its lines."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+
+
 def setup_worker() -> None:
     """Runs in every worker process of the local Ray a job starts (``worker_process_setup_hook``).
 

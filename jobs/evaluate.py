@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from jobs.common import (add_generate_args, add_prompt_set_args, add_ray_args, check_outputs, connect,
-                         generate_settings, gpu_resources, log, prompt_set, run)
+                         generate_settings, gpu_resources, log, prompt_set, quiet_progress, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = parse_model_sets(args.models, args.token_system)
     prompts, references = prompt_set(args)
     resources = gpu_resources(args, connect(args), "the generation actors")
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    quiet_progress()
     rows = evaluate(prompts, sets, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                     cluster_gpus=resources.get("GPU", 0), actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                     reference_audio=args.reference_audio, references=references,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import (add_ray_args, add_settings_args, add_source_args, connect, log, open_source_of, run,
-                         settings_of)
+from jobs.common import (add_ray_args, add_settings_args, add_source_args, connect, log, open_source_of,
+                         quiet_progress, run, settings_of)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,14 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     quiet_progress()
     fit_clap(args.token_system, source, cfg, storage.join(storage.location(args.storage), args.run_name),
              resources.get("CPU", 1.0), overwrite=args.overwrite, log=log)
-
-
-def quiet_progress() -> None:
-    import sys
-
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
 
 
 if __name__ == "__main__":

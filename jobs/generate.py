@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import (add_generate_args, add_ray_args, check_outputs, connect, generate_settings, gpu_resources,
-                         log, run)
+from jobs.common import (add_generate_args, add_ray_args, check_outputs, connect, generate_settings, gpu_resources, log,
+                         quiet_progress, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
         prompts = read_music_prompts(args.prompts)
         resources = gpu_resources(args, connect(args), "the generation actors")
-        import ray
-
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+        quiet_progress()
         rows = generate_prompts(prompts, models, settings, args.out, cluster_cpus=resources.get("CPU", 1),
                                 cluster_gpus=resources.get("GPU", 0), actors=args.actors,
                                 gpus_per_actor=args.gpus_per_actor, log=log)

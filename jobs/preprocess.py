@@ -7,9 +7,9 @@ set them with --set KEY=VALUE or the data section of a --config JSON."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.common import actor_plan, add_ray_args, add_source_args, check_outputs, connect, log, open_source_of, run
+from jobs.common import (actor_plan, add_ray_args, add_source_args, check_outputs, connect, log, open_source_of,
+                         quiet_progress, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             finish(job, None, log)
         return
     plan = actor_plan(args, connect(args), "the tokenizer actors")
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # else our progress lines
+    quiet_progress()
     if args.threads_per_actor:
         plan = dataclasses.replace(plan, threads_per_actor=args.threads_per_actor)
     summary = run_preprocess(job, plan, log=log)

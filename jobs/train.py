@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log, run,
-                         stage_args_config, training_gpu_resources)
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log,
+                         quiet_progress, run, stage_args_config, training_gpu_resources)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,12 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
     # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
     resources = training_gpu_resources(args, resources, cfg, f"{cfg.train.num_workers} training workers")
-    import ray
-
     from musiclm.infra import storage
     from musiclm.train.run import SUMMARY
 
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
+    quiet_progress()
     with evaluation_beside(args, req, resources):
         train(req, resources.get("CPU", 1), log=log)
     summary = storage.read_json(storage.join(req.run_dir, SUMMARY))  # with the evaluation's scores, if any

@@ -10,10 +10,9 @@ Re-running the same command resumes an interrupted sweep. The sweep itself is tu
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log, run,
-                         stage_args_config, training_gpu_resources)
+from jobs.common import (add_eval_args, add_ray_args, add_stage_args, check_outputs, connect, eval_inputs, log,
+                         quiet_progress, run, stage_args_config, training_gpu_resources)
 from tune.space import SHORTCUTS, read_space_file
 
 
@@ -64,8 +63,6 @@ def space_entries(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    import ray
-
     from musiclm.train.run import check_run_name, resolve_use_gpu
     from tune.sweep import Ranking, SweepRequest, sweep
 
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                        early_stop=not args.no_early_stop, max_concurrent=args.max_concurrent,
                        max_failures=args.max_failures, ranking=ranking)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
+    quiet_progress()
     sweep(req, resources, log=log)
 
 

@@ -13,10 +13,9 @@ runs the same evaluation inside the training job."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jobs.common import (add_eval_actor_args, add_generate_args, add_prompt_set_args, add_ray_args, connect,
-                         eval_actor_resources, generate_settings, log, prompt_set, run)
+                         eval_actor_resources, generate_settings, log, prompt_set, quiet_progress, run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     req = WatchRequest(args.run, ModelSet.from_dir(args.models, args.token_system), prompts,
                        generate_settings(args), references)
     resources = connect(args)
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()  # keep job logs readable
+    quiet_progress()
     cpus, gpus = eval_actor_resources(args, resources, reserved_cpus=0.0)
     watch(req, cluster_cpus=resources.get("CPU", 1), cluster_gpus=gpus, cpus_per_actor=cpus,
           gpus_per_actor=gpus or None, follow=args.follow, until_step=args.until_step, poll_s=args.poll_s, log=log)

@@ -85,7 +85,8 @@ def retrieval(audio: torch.Tensor, text: torch.Tensor, ids: list[str]) -> dict[s
     embedding ``text`` (n, d; the same for a track's windows): recall@1, recall@5 and the mean rank, averaged over
     text -> audio and audio -> text, with chance recall@1 for the number of tracks."""
     order = sorted(set(ids))
-    index = torch.tensor([order.index(i) for i in ids])
+    position = {track: k for k, track in enumerate(order)}
+    index = torch.tensor([position[i] for i in ids])
     a = torch.zeros(len(order), audio.shape[1]).index_add_(0, index, torch.nn.functional.normalize(audio, dim=-1))
     t = torch.zeros(len(order), text.shape[1]).index_copy_(0, index, text)
     sim = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(a, dim=-1).T
@@ -174,9 +175,9 @@ clap_loop = functools.partial(run_loop, ClapTask, ClapTuneConfig)
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def refuse_tuning(token_system: str | Path, overwrite: bool) -> dict:
-    """``token_system.json``, checked: a fitted RVQ is refused unless ``overwrite`` (its codes were fitted on the
-    CLAP about to change), before any work."""
+def refuse_tuning(token_system: str | Path, overwrite: bool) -> None:
+    """A token system whose RVQ is fitted (``token_system.json`` says) is refused unless ``overwrite``: its codes
+    were fitted on the CLAP about to change. Checked before any work."""
     writable_root(token_system)
     meta, _ = read_meta(token_system)
     if meta.get("fitted", {}).get("clap_rvq") and not overwrite:
@@ -185,7 +186,6 @@ def refuse_tuning(token_system: str | Path, overwrite: bool) -> dict:
             f"that RVQ, every conditioning token, every token dataset and every stage trained on them would no "
             f"longer match. Pass --overwrite to tune anyway: the RVQ is then dropped, and you re-fit it "
             f"(`musiclm fit-rvq`), re-make the token datasets (`musiclm preprocess`) and retrain the stages.")
-    return meta
 
 
 def _captioned(source, log) -> list:

@@ -321,14 +321,15 @@ def write_encoder(root: Path, key: str, state: dict[str, torch.Tensor], entry: d
     config = dataclasses.replace(config, **{key: dataclasses.replace(getattr(config, key),
                                                                      model_name=f"encoders/{name}")})
     storage.write_json(root / CONFIG_FILE, {**meta, "config": to_dict(config)})
-    if drop_rvq and (root / RVQ_FILE).exists():
+    dropped = drop_rvq and (root / RVQ_FILE).exists()
+    if dropped:
         (root / RVQ_FILE).unlink()
     system = TokenSystem.load(root, verify=False)  # the weights as written
     system.history.append(entry)
     system.save()
     log(f"token system {root}: {name} trained (fingerprint {old[:12]} -> {system.fingerprint[:12]})"
-        + ("; its RVQ, fitted on the old CLAP, was dropped" if drop_rvq else "")
-        + ". Next: " + ("fit the RVQ (`musiclm fit-rvq`), then " if drop_rvq or not system.rvq_fitted else "")
+        + ("; its RVQ, fitted on the old CLAP, was dropped" if dropped else "")
+        + ". Next: " + ("" if system.rvq_fitted else "fit the RVQ (`musiclm fit-rvq`), then ")
         + "make the token datasets (`musiclm preprocess`) and train the stages: datasets and checkpoints of the old "
           "fingerprint are refused.")
     return system
