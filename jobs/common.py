@@ -145,7 +145,9 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "large"])
     parser.add_argument("--config", help="Config JSON: ours, a sweep's best.json, or open-musiclm's model JSON")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
-    parser.add_argument("--num-workers", type=int, help="training workers per run (train.num_workers)")
+    parser.add_argument("--num-workers", metavar="N|MIN:MAX",
+                        help="training workers per run (train.num_workers); MIN:MAX for an elastic run: it starts "
+                             "once MIN fit, grows to MAX as resources come and shrinks when a node is lost")
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu=true); the job "
                                                                "waits for the autoscaler when the cluster has none")
@@ -466,10 +468,10 @@ def eval_actor_resources(args: argparse.Namespace, resources: dict, reserved_cpu
 
 def training_gpu_resources(args: argparse.Namespace, resources: dict, cfg, what: str) -> dict:
     """The cluster's resources once one GPU per training worker is there (asked of the autoscaler and waited
-    for when the cluster lacks them); unchanged when training runs on CPUs."""
+    for when the cluster lacks them; an elastic run's MIN); unchanged when training runs on CPUs."""
     if not cfg.train.use_gpu:
         return resources
-    return gpu_resources(args, resources, what, [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers)
+    return gpu_resources(args, resources, what, [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.min_workers)
 
 
 def add_eval_args(parser: argparse.ArgumentParser, title: str) -> None:

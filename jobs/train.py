@@ -35,7 +35,7 @@ def evaluation_beside(args, req, resources: dict):
     if not args.eval_models:
         return contextlib.nullcontext()
     t = req.config.train
-    reserved = t.num_workers * worker_cpus(req.config, resources.get("CPU", 1)) + DATA_RESERVE
+    reserved = t.max_workers * worker_cpus(req.config, resources.get("CPU", 1)) + DATA_RESERVE
     e = eval_inputs(args, resources, reserved)
     watch = WatchRequest(req.run_dir, e.models, e.prompts, e.settings, e.references)
     return Beside(watch, poll_s=args.eval_poll_s, log=log, cluster_cpus=resources.get("CPU", 1),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = resolve_use_gpu(cfg, resources, log)
     req = TrainRequest(cfg, args.data, args.run_name, args.storage, init_from, args.token_system)
     # asked for GPUs: wait for the autoscaler to add them when the cluster lacks them
-    resources = training_gpu_resources(args, resources, cfg, f"{cfg.train.num_workers} training workers")
+    resources = training_gpu_resources(args, resources, cfg, f"{cfg.train.min_workers} training workers")
     from musiclm.infra import storage
     from musiclm.train.run import SUMMARY
 

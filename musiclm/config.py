@@ -211,7 +211,9 @@ class TrainConfig:
     valid_batches: int = 8
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    num_workers: int = 1
+    # workers: a number, or "MIN:MAX" for an elastic run (starts once MIN fit, grows to MAX as resources come, shrinks
+    # when a node is lost; each resize restarts the workers from the latest checkpoint, docs/training.md)
+    num_workers: int | str = 1
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them at the start (logged)
     cpus_per_worker: float = 0.0  # 0: 1 with GPUs; on CPUs 3/4 of the cluster's CPUs shared by the workers
     mask_prob: float = 0.15  # open-musiclm's forgetful causal mask: fraction of keys hidden in training
@@ -240,6 +242,9 @@ class TrainConfig:
     # A run resumed with another number of workers than saved its checkpoint scales gradient accumulation so that the
     # batch per optimizer step stays (when the counts divide it); false: the batch follows the worker count
     keep_global_batch: bool = True
+    # an elastic run (num_workers "MIN:MAX") looks for more resources this often while it trains (Ray Train's
+    # elastic_resize_monitor_interval_s); a resize costs a restart from the latest checkpoint
+    resize_interval_s: float = 60.0
 
     def __post_init__(self):
         check_finite(self)
@@ -252,7 +257,8 @@ class TrainConfig:
               "must be two numbers in [0, 1) (open-musiclm: [0.9, 0.99])")
         check(self.wd >= 0, "wd", "must be >= 0")
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)")
-        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        self.num_workers = parse_workers(self.num_workers)
+        check(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
         check(1 <= self.num_train_steps <= MAX_STEPS, "num_train_steps", f"must be between 1 and {MAX_STEPS:,}")
         check(self.lr_warmup <= MAX_STEPS, "lr_warmup", f"must be at most {MAX_STEPS:,}")
         check(self.save_results_every >= 1, "save_results_every", "must be >= 1")
@@ -273,6 +279,43 @@ class TrainConfig:
         # the graph read them empty and the first step failed in every worker (tried on CPUs, DeepSpeed 0.19.8).
         check(not (self.compile and self.zero_stage == 3), "compile",
               "is not supported with zero_stage 3; use zero_stage 2 (or lower) with compile, or compile false")
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+
+def worker_range(num_workers: int | str) -> tuple[int, int]:
+    """(min, max) workers of ``train.num_workers`` as ``parse_workers`` leaves it: N, or "MIN:MAX"."""
+    if isinstance(num_workers, int):
+        return num_workers, num_workers
+    low, high = num_workers.split(":")
+    return int(low), int(high)
+
+
+def parse_workers(value: int | str) -> int | str:
+    """``train.num_workers`` checked and normalized: a count (an int, or a string of one) stays a count; "MIN:MAX"
+    with MIN < MAX stays that string (an elastic run); "N:N" is the count N."""
+    what = (f"{value!r} is neither a number of workers (>= 1) nor a range MIN:MAX of them (1 <= MIN <= MAX, "
+            f"e.g. 2:4: an elastic run)")
+    if isinstance(value, bool):
+        raise ConfigError(f"num_workers: {what}")
+    text = str(value).strip()
+    parts = text.split(":")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"num_workers: {what}")
+    low, high = int(parts[0]), int(parts[-1])
+    if not 1 <= low <= high:
+        raise ConfigError(f"num_workers: {what}")
+    return low if low == high else f"{low}:{high}"
 
 
 @dataclass

@@ -157,3 +157,36 @@ def test_imports_flow_one_way():
                 found += [f"{path.relative_to(root)}:{node.lineno} imports {n}" for n in names
                           if n.split(".")[0] in banned]
     assert not found, found
+
+
+def test_num_workers_is_a_count_or_an_elastic_range_from_json_the_command_line_and_tune(tmp_path):
+    base = preset("tiny", "coarse")
+    assert apply_overrides(base, ["train.num_workers=2:3"]).train.num_workers == "2:3"  # --set / --num-workers
+    elastic = apply_overrides(base, {"train.num_workers": "2:3"}).train  # as Tune gives it
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic) == (2, 3, True)
+    fixed = apply_overrides(base, ["train.num_workers=2"]).train
+    assert fixed.num_workers == 2 and not fixed.elastic and (fixed.min_workers, fixed.max_workers) == (2, 2)
+    assert apply_overrides(base, ["train.num_workers=3:3"]).train.num_workers == 3  # a range of one is a count
+    save_json(apply_overrides(base, ["train.num_workers=1:4"]), tmp_path / "c.json")
+    assert load_json(Config, tmp_path / "c.json").train.max_workers == 4
+    for bad in ("3:2", "0:2", "0", "two", "1:2:3", "-1"):
+        with pytest.raises(ConfigError, match=r"num_workers: .* neither a number of workers .* nor a range MIN:MAX"):
+            apply_overrides(base, [f"train.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="train.num_workers: "):
+        apply_overrides(base, ["train.num_workers=2.5"])
+
+
+def test_the_batch_per_optimizer_step_stays_where_the_worker_counts_divide_it():
+    from musiclm.train.loop import batch_plan
+
+    t = apply_overrides(preset("tiny", "coarse"), ["train.batch_size=2", "train.grad_accum_every=2"]).train
+    assert batch_plan(t, 4, 4) == (2, "the batch per optimizer step stays 16")
+    assert batch_plan(t, 2, 4) == (4, "the batch per optimizer step stays 16 (gradient accumulation 2 -> 4)")
+    assert batch_plan(t, 1, 4) == (8, "the batch per optimizer step stays 16 (gradient accumulation 2 -> 8)")
+    assert batch_plan(t, 3, 4) == (2, "the batch per optimizer step changes 16 -> 12 (2 x 4 accumulated batches do "
+                                      "not divide among 3 workers)")
+    assert batch_plan(t, 8, 4) == (1, "the batch per optimizer step stays 16 (gradient accumulation 2 -> 1)")
+    free = apply_overrides(preset("tiny", "coarse"), ["train.batch_size=2", "train.grad_accum_every=2",
+                                                      "train.keep_global_batch=false"]).train
+    assert batch_plan(free, 2, 4) == (2, "the batch per optimizer step changes 16 -> 8 (train.keep_global_batch is "
+                                         "false)")

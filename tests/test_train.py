@@ -48,6 +48,66 @@ def _valid_loss(model, dataset, rows: int, stage: str = "coarse") -> float:
     return float(sums.t[0] / sums.t[1])
 
 
+def _saved_moments(deepspeed_dir) -> dict[str, float]:
+    """The totals of Adam's two moments over every rank's optimizer file (their partitions' padding is zeros)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    totals = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def walk(d):
+        if isinstance(d, dict):
+            if isinstance(d.get("state"), dict) and "param_groups" in d:
+                for v in d["state"].values():
+                    for k in totals:
+                        totals[k] += float(v[k].double().sum())
+            for v in d.values():
+                walk(v)
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        for f in sorted(deepspeed_dir.rglob("*optim_states.pt")):
+            walk(torch.load(f, weights_only=True))
+    return totals
+
+
+# DeepSpeed in a process of its own (one rank on CPUs), built as a worker builds it, loads a universal checkpoint and
+# prints its optimizer's moment totals: what a worker of another count starts from
+_LOAD_UNIVERSAL = """
+import json, os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+import deepspeed, torch
+from musiclm.config import apply_overrides, preset
+from musiclm.models import build_stage
+from musiclm.train.engine import deepspeed_config, make_optimizer, skip_inference_comm_op
+cfg = apply_overrides(preset("tiny", "coarse"), json.loads(sys.argv[2]))
+torch.manual_seed(0)
+model = build_stage("coarse", cfg.model)
+optimizer, scheduler = make_optimizer(model, cfg.train, False)
+skip_inference_comm_op()
+config = {**deepspeed_config(cfg.train, False), "checkpoint": {"load_universal": True}}
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+engine.load_checkpoint(sys.argv[1], tag="state")
+state = engine.optimizer.optimizer.state.values()
+print(json.dumps({k: sum(float(v[k].double().sum()) for v in state) for k in ("exp_avg", "exp_avg_sq")}))
+"""
+
+
+def _loaded_moments(universal_dir, settings: list[str]) -> dict[str, float]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _LOAD_UNIVERSAL, str(universal_dir), json.dumps(settings)],
+                          capture_output=True, text=True, timeout=180, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _optimizer_steps(deepspeed_dir, workers: int = 2) -> dict:
     """Steps as DeepSpeed's checkpoint records them: the engine's global and skipped steps, and the ``step`` of
     every parameter group's Adam state in every rank's optimizer file (read weights-only, with DeepSpeed's own
@@ -99,8 +159,8 @@ def _train(data, runs, steps, run="coarse-run", zero: int = 2, extra: tuple = ()
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, token_dataset_dir, tiny_model_set, tmp_path,
                                                     capsys, monkeypatch, zero):
-    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks; ZeRO-3's runs go through
-    faults (a lost worker, a killed driver, then a rerun with more steps), ZeRO-2's has evaluation beside it.
+    """ZeRO-2 (the default) and ZeRO-3 (parameters partitioned too): the same checks, and the same resume on one
+    worker where two saved the run; ZeRO-3's run loses a worker on the way, ZeRO-2's has evaluation beside it.
     The token dataset is read from a bucket and the runs are kept in one, as on a cluster without a shared file
     system: checkpoints go up, the resume comes back down."""
     bucket = object_store.bucket()
@@ -152,98 +212,87 @@ def test_two_worker_zero_run_checkpoints_and_resumes(local_ray, object_store, to
     target = torch.randint(0, 1024, (2, 6, 3))
     assert torch.equal(model(cond, target), reference(cond, target))
 
+    from musiclm.evaluation.watch import SCALARS
+    from jobs.watch_eval import main as watch_eval
+
+    watch_args = ["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data,
+                  "--max-prompts", "2", "--num-samples", "1", "--duration", "1"]
     if zero == 2:
         # every checkpoint got eval/ scalars at its step while the run trained, and the summary keeps them
-        from musiclm.evaluation.watch import SCALARS
-
         for tag in SCALARS:
             assert [step for step, _ in scalars[tag]] == [10, 20], tag
         assert sorted(summary["eval"], key=int) == ["10", "20"] and summary["best_checkpoint"]
         # `musiclm watch-eval` on the same run, with the same prompts and settings as the evaluation beside
         # training: every checkpoint is scored already, so it evaluates nothing and writes no event file
-        from jobs.watch_eval import main as watch_eval
-
         events = storage.list_files(storage.join(run_dir, "tensorboard"))
         capsys.readouterr()
-        watch_args = ["--run", run_dir, "--models", str(tiny_model_set), "--reference-dataset", data,
-                      "--max-prompts", "2", "--num-samples", "1", "--duration", "1"]
         watch_eval(watch_args)
         assert "no new checkpoints" in capsys.readouterr().out
         assert storage.list_files(storage.join(run_dir, "tensorboard")) == events
-        # ZeRO-2 resumes, on one worker where two saved it: the same command with 30 steps (and no evaluation
-        # beside it) goes on from step 20, its DeepSpeed state converted to the universal format; gradient
-        # accumulation doubles so that the batch per optimizer step stays 4; the warm-up goes on; DeepSpeed's own
-        # checkpoint counts 30 optimizer steps, Adam's included (its state carried, not restarted at step 20)
-        capsys.readouterr()
-        resumed = _train(data, runs, steps=30, zero=zero, workers=1)
-        out = capsys.readouterr().out
-        assert "resuming with 1 workers a run saved by 2: the batch per optimizer step stays 4 (gradient " \
-               "accumulation 1 -> 2)" in out, out[-3000:]
-        assert resumed["metrics"]["step"] == 30
-        assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
-        assert dict(_scalars(run_dir)["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)
-        storage.download_dir(storage.join(resumed["latest_checkpoint"], "deepspeed"), tmp_path / "resumed")
-        assert _optimizer_steps(tmp_path / "resumed", workers=1) == {"global_steps": 30, "skipped_steps": 0,
-                                                                     "adam_steps": {30}}
-        # watch-eval stopped (Ctrl-C) in the new checkpoint's evaluation, its prompts generated and scored but
-        # nothing recorded yet; rerun and stopped again after recording it, before its TensorBoard points; rerun:
-        # that checkpoint is evaluated once more (its prompts not generated again), then not again, and every
-        # checkpoint has its scalars once
-        from musiclm.evaluation import watch as watching
-        from musiclm.train import metrics
 
-        evaluated = lambda: storage.read_json(storage.join(run_dir, "eval", "evaluated.json"))["checkpoints"]  # noqa: E731
-        monkeypatch.setattr(watching, "record", _raise(KeyboardInterrupt))
-        with pytest.raises(KeyboardInterrupt):
-            watch_eval(watch_args)
-        monkeypatch.undo()
-        assert len(evaluated()) == 2
-        written = storage.list_files(storage.join(run_dir, "eval", "step_000030"), "*.wav", recursive=True)
-        assert len(written) == 2  # one clip per prompt
-        before = [storage.read_bytes(f) for f in written]
-        capsys.readouterr()
-        run_board, scalars = storage.join(run_dir, "tensorboard"), metrics.TensorBoard.scalars
+    # The run resumes on one worker where two saved it: the same command with 30 steps (and no evaluation beside
+    # it) goes on from step 20, the worker converting its DeepSpeed state to the universal format; gradient
+    # accumulation doubles so that the batch per optimizer step stays 4; the warm-up goes on; DeepSpeed's own
+    # checkpoint counts 30 optimizer steps, Adam's included (its state carried, not restarted at step 20), and Adam's
+    # moments as DeepSpeed loads them into one worker total the two workers' saved ones
+    capsys.readouterr()
+    resumed = _train(data, runs, steps=30, zero=zero, workers=1)
+    out = capsys.readouterr().out
+    assert "resuming with 1 workers a run saved by 2: the batch per optimizer step stays 4 (gradient " \
+           "accumulation 1 -> 2)" in out, out[-3000:]
+    assert resumed["metrics"]["step"] == 30
+    assert tensorboard_steps(storage.join(run_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
+    assert dict(_scalars(run_dir)["train/lr"])[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)
+    storage.download_dir(storage.join(resumed["latest_checkpoint"], "deepspeed"), tmp_path / "resumed")
+    assert _optimizer_steps(tmp_path / "resumed", workers=1) == {"global_steps": 30, "skipped_steps": 0,
+                                                                 "adam_steps": {30}}
+    from musiclm.train.loop import UNIVERSAL_DIR
 
-        def stop_at_the_runs_board(board, *args, **kwargs):  # evaluate's own board (eval/step_*/) writes on
-            if board.remote == run_board:
-                raise KeyboardInterrupt
-            return scalars(board, *args, **kwargs)
-
-        monkeypatch.setattr(metrics.TensorBoard, "scalars", stop_at_the_runs_board)
-        with pytest.raises(KeyboardInterrupt):
-            watch_eval(watch_args)
-        monkeypatch.undo()
-        out = capsys.readouterr().out
-        assert "2 prompts, 2 already done" in out, out[-3000:]  # nothing generated again
-        assert [storage.read_bytes(f) for f in written] == before and len(evaluated()) == 3
-        assert 30 not in tensorboard_steps(storage.join(run_dir, "tensorboard"))["eval/clap_score"]
-        watch_eval(watch_args)
-        out = capsys.readouterr().out
-        assert "no new checkpoints" in out and "TensorBoard points of step(s) 30" in out, out[-2000:]
-        for tag in SCALARS:
-            assert tensorboard_steps(storage.join(run_dir, "tensorboard"))[tag] == [10, 20, 30], tag
-        assert sorted(storage.read_json(storage.join(run_dir, "summary.json"))["eval"], key=int) == ["10", "20", "30"]
+    storage.download_dir(storage.join(latest, UNIVERSAL_DIR), tmp_path / "universal")
+    saved, loaded = _saved_moments(tmp_path / "deepspeed"), _loaded_moments(
+        tmp_path / "universal", [f"train.zero_stage={zero}", "train.batch_size=2", "train.grad_accum_every=2"])
+    assert saved["exp_avg_sq"] > 0 and loaded == pytest.approx(saved, rel=1e-5, abs=1e-9), (saved, loaded)
+    if zero == 3:
         return
-    # ZeRO-3: the same run again, its driver (a process of its own on the same Ray) killed (SIGKILL) at the first
-    # committed checkpoint, then the same command run again with more steps (30): it continues from step 10 with
-    # the same optimizer and lr schedule, its summary and TensorBoard are an unbroken run's, and its weights at
-    # step 20 equal the worker-killed run's bit for bit.
-    again_dir = storage.join(runs, "coarse-again")
-    _kill_driver_at_first_checkpoint(_train_argv(data, runs, steps=20, run="coarse-again", zero=zero),
-                                     again_dir, local_ray.get_runtime_context().gcs_address)
-    assert not storage.exists(storage.join(again_dir, "summary.json"))
-    again = _train(data, runs, steps=30, run="coarse-again", zero=zero)
-    assert again["metrics"]["step"] == 30 and ckpt.read_stage(ckpt_latest(again_dir)).step == 30
-    assert tensorboard_steps(storage.join(again_dir, "tensorboard"))["train/loss"] == [5, 10, 15, 20, 25, 30]
-    after = dict(_scalars(again_dir)["train/lr"])
-    assert after[25] == pytest.approx(3e-3 * 26 / 40, rel=1e-4)  # warm-up went on, not restarted
-    from musiclm.evaluation.watch import ready_checkpoints
 
-    at_20 = [c for c in ready_checkpoints(again_dir) if ckpt.read_stage(c).step == 20]
-    assert len(at_20) == 1, ready_checkpoints(again_dir)
-    resumed, _ = ckpt.load_stage(at_20[0], stage="coarse")
-    for name, weight in model.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], weight), name
+    # watch-eval stopped (Ctrl-C) in the new checkpoint's evaluation, its prompts generated and scored but
+    # nothing recorded yet; rerun and stopped again after recording it, before its TensorBoard points; rerun:
+    # that checkpoint is evaluated once more (its prompts not generated again), then not again, and every
+    # checkpoint has its scalars once
+    from musiclm.evaluation import watch as watching
+    from musiclm.train import metrics
+
+    evaluated = lambda: storage.read_json(storage.join(run_dir, "eval", "evaluated.json"))["checkpoints"]  # noqa: E731
+    monkeypatch.setattr(watching, "record", _raise(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        watch_eval(watch_args)
+    monkeypatch.undo()
+    assert len(evaluated()) == 2
+    written = storage.list_files(storage.join(run_dir, "eval", "step_000030"), "*.wav", recursive=True)
+    assert len(written) == 2  # one clip per prompt
+    before = [storage.read_bytes(f) for f in written]
+    capsys.readouterr()
+    run_board, scalars = storage.join(run_dir, "tensorboard"), metrics.TensorBoard.scalars
+
+    def stop_at_the_runs_board(board, *args, **kwargs):  # evaluate's own board (eval/step_*/) writes on
+        if board.remote == run_board:
+            raise KeyboardInterrupt
+        return scalars(board, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.TensorBoard, "scalars", stop_at_the_runs_board)
+    with pytest.raises(KeyboardInterrupt):
+        watch_eval(watch_args)
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert "2 prompts, 2 already done" in out, out[-3000:]  # nothing generated again
+    assert [storage.read_bytes(f) for f in written] == before and len(evaluated()) == 3
+    assert 30 not in tensorboard_steps(storage.join(run_dir, "tensorboard"))["eval/clap_score"]
+    watch_eval(watch_args)
+    out = capsys.readouterr().out
+    assert "no new checkpoints" in out and "TensorBoard points of step(s) 30" in out, out[-2000:]
+    for tag in SCALARS:
+        assert tensorboard_steps(storage.join(run_dir, "tensorboard"))[tag] == [10, 20, 30], tag
+    assert sorted(storage.read_json(storage.join(run_dir, "summary.json"))["eval"], key=int) == ["10", "20", "30"]
 
 
 @pytest.mark.ray
@@ -253,7 +302,8 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
     do) without validating or saving that step, so the latest checkpoint keeps the last good weights; the same
     command at a lower lr goes on from it. (Before, lr=1e400 trained 200 NaN steps, exited 0 and saved NaNs.)
     The run drops the condition of half its examples (train.cond_drop_prob): stage.json counts the steps that
-    taught the null condition through the resume, and validation reports the loss with the null condition."""
+    taught the null condition through the resume, and validation reports the loss with the null condition. It runs
+    ZeRO-3: its resume on two workers where one saved it is ZeRO-3's 1 -> 2 (test_two_worker_zero_run... has 2 -> 1)."""
     from jobs.common import run
     from jobs.train import main
 
@@ -263,7 +313,7 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
         return ["--stage", "coarse", "--data", str(token_dataset_dir), "--run-name", "nan", "--storage", str(runs),
                 "--num-workers", str(workers), "--set", f"train.num_train_steps={steps}", "train.batch_size=2",
                 "train.save_results_every=2", "train.save_model_every=2", "train.log_every=1", "train.valid_batches=1",
-                "train.lr_warmup=0", f"train.lr={lr}", "train.cond_drop_prob=0.5"]
+                "train.lr_warmup=0", f"train.lr={lr}", "train.cond_drop_prob=0.5", "train.zero_stage=3"]
 
     main(command(2, "3e-3"))
     run_dir = storage.join(str(runs), "nan")
@@ -276,7 +326,8 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
     assert ckpt_latest(run_dir) == good  # nothing of the diverged steps was saved
     model, info = ckpt.load_stage(good, stage="coarse")
     assert info.step == 2 and all(torch.isfinite(w).all() for w in model.state_dict().values())
-    # goes on with two workers where one saved it (its DeepSpeed state converted): step, schedule and counts carried
+    # goes on with two workers where one saved it (ZeRO-3's partitions converted by the workers through DeepSpeed's
+    # universal format): step, schedule and counts carried
     summary = main(command(4, "3e-3", workers=2)) or storage.read_json(storage.join(run_dir, "summary.json"))
     assert summary["metrics"]["step"] == 4 and ckpt.read_stage(summary["latest_checkpoint"]).step == 4
     scalars = _scalars(run_dir)
@@ -286,25 +337,6 @@ def test_a_diverging_run_stops_unsaved_and_goes_on_at_a_lower_lr(local_ray, toke
     null, own = dict(scalars["valid/loss_null_condition"]), dict(scalars["valid/loss"])
     assert sorted(null) == [2, 4] and dict(scalars["valid/null_condition_gain"])[4] == pytest.approx(null[4] - own[4],
                                                                                                  abs=1e-5)
-
-
-def _kill_driver_at_first_checkpoint(argv: list[str], run_dir: str, address: str) -> None:
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from musiclm.evaluation.watch import ready_checkpoints
-
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *argv, "--address", address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not ready_checkpoints(run_dir):
-        time.sleep(0.2)
-    proc.kill()
-    output = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == -9, output[-3000:]  # killed mid-run, not finished or failed
-    assert [ckpt.read_stage(c).step for c in ready_checkpoints(run_dir)] == [10], output[-3000:]
 
 
 class _WorkerKiller:

@@ -107,3 +107,13 @@ def test_lr_sweep_stops_the_absurd_rate_and_its_best_trains(local_ray, object_st
     assert by_fad["eval/fad_clap"] == pytest.approx(fads[0])
     for trial in trials:  # each trial's evaluation is kept beside it, as watch-eval keeps a run's
         assert storage.exists(storage.join(trial, "eval", "evaluated.json")), trial
+
+
+def test_trials_run_at_a_fixed_size_and_an_elastic_range_is_refused():
+    from musiclm.config import apply_overrides, preset
+    from tune.sweep import trial_budget
+
+    cfg = apply_overrides(preset("tiny", "semantic"), ["train.num_workers=2:4", "train.use_gpu=false"])
+    with pytest.raises(ConfigError, match=r"train.num_workers '2:4': Tune trials run at a fixed size"):
+        trial_budget(cfg, {"CPU": 8})
+    assert trial_budget(apply_overrides(cfg, ["train.num_workers=2"]), {"CPU": 8}) == (0.5, 3)  # 8 // (2 x 0.5 + 1 for its data + 0.05)

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-from musiclm.config import Config
+from musiclm.config import Config, ConfigError
 from musiclm.infra import storage
 
 from .space import build_space
@@ -84,6 +84,9 @@ def trial_budget(cfg, resources: dict) -> tuple[float, int]:
     """(CPUs per worker, concurrent trials) that fit the cluster. Each trial's data pipeline needs a whole free
     CPU at times (Ray Data's file listing), so it is counted in the budget; GPU clusters fit by GPUs."""
     t = cfg.train
+    if t.elastic:
+        raise ConfigError(f"train.num_workers {t.num_workers!r}: Tune trials run at a fixed size (a resize would restart "
+                          f"a trial that ASHA is comparing with others at the same step); give one number")
     cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
     if t.use_gpu:
         return t.cpus_per_worker or 1.0, max(1, int(gpus // t.num_workers))

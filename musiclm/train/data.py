@@ -207,7 +207,7 @@ def stage_data(cfg: Config, root: str | Path, manifest: dict | None = None) -> S
     train_files = split_files(root, "train")
     if not train_files:
         raise layout.DatasetError(f"token dataset {root} has no train shards")
-    rows = cfg.train.valid_batches * cfg.train.batch_size * cfg.train.num_workers
+    rows = cfg.train.valid_batches * cfg.train.batch_size * cfg.train.max_workers  # the same subset at any size
     valid_files = valid_subset(root, rows)
     if not valid_files:
         raise layout.DatasetError(f"token dataset {root} has no valid shards (preprocessed with valid_frac 0?): "

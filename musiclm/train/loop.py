@@ -11,6 +11,7 @@ A restarted worker (or a re-run of the same command) resumes from the latest che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from .metrics import (ConditioningSums, TensorBoard, ValidSums, any_over_workers
                       peak_flops, stuck_at_chance)
 
 DS_DIR, DS_TAG = "deepspeed", "state"
-# DeepSpeed's shards of a checkpoint converted to its universal format (any worker count): made by the driver when a
-# run resumes with another number of workers than saved the checkpoint (``to_universal``)
+# DeepSpeed's shards of a checkpoint converted to its universal format (any worker count): made by rank 0 of a worker
+# group that resumes with another number of workers than saved the checkpoint (``to_universal``), once per checkpoint
 UNIVERSAL_DIR = "deepspeed_universal"
 DIVERGED = "diverged.json"  # in the run folder: the step, rate and cause of a stop on a non-finite loss
 TRAIN_STATE = "train_state.json"
@@ -58,6 +59,13 @@ class TrainState:
     zero_stage: int = 2
     valid_loss: float | None = None
     null_steps: int = 0  # optimizer steps trained with conditioning dropout, --init-from's included (stage.json)
+    # the worker count that sets the run's batch per optimizer step (batch_size x grad_accum_every x this): the count
+    # the run started with, or an elastic run's MAX; 0 in checkpoints written before it was kept (their world_size)
+    reference_workers: int = 0
+
+    @property
+    def batch_workers(self) -> int:
+        return self.reference_workers or self.world_size
 
 
 def read_train_state(path: str | Path) -> TrainState | None:
@@ -102,6 +110,65 @@ def to_universal(checkpoint: str, log=print) -> None:
         storage.write_text(done, "")
     log(f"converted {storage.name(checkpoint)}'s DeepSpeed state to its universal format (any worker count) in "
         f"{time.perf_counter() - start:.1f} s")
+
+
+def batch_plan(tc, world: int, reference_workers: int) -> tuple[int, str]:
+    """Gradient accumulation for ``world`` workers in a run whose batch per optimizer step is that of
+    ``reference_workers`` (``batch_size x grad_accum_every x reference_workers``): scaled so that the batch stays, with
+    ``train.keep_global_batch`` and when the counts divide it; else the configured one, and the batch follows the
+    worker count. Returns the accumulation and a note that says which."""
+    target = tc.batch_size * tc.grad_accum_every * reference_workers
+    accum = tc.grad_accum_every
+    if tc.keep_global_batch and (tc.grad_accum_every * reference_workers) % world == 0:
+        accum = tc.grad_accum_every * reference_workers // world
+    after = tc.batch_size * accum * world
+    if after == target:
+        return accum, (f"the batch per optimizer step stays {target}"
+                       + (f" (gradient accumulation {tc.grad_accum_every} -> {accum})" if accum != tc.grad_accum_every
+                          else ""))
+    why = ("train.keep_global_batch is false" if not tc.keep_global_batch else
+           f"{tc.grad_accum_every} x {reference_workers} accumulated batches do not divide among {world} workers")
+    return accum, f"the batch per optimizer step changes {target} -> {after} ({why})"
+
+
+def universal_source(local: str | None, location: str, rank: int, log) -> str:
+    """Where this worker loads a checkpoint's DeepSpeed state in the universal format from: rank 0 converts it
+    (``to_universal``, into the checkpoint's own folder, where every node can reach it) while the others wait at a
+    barrier; then each rank reads it from its local copy of the checkpoint (``local``, from ``as_directory``: the
+    folder itself on a shared file system) or, when that copy predates the conversion (a bucket), downloads it."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from ..infra import storage
+
+    if rank == 0:
+        to_universal(location, log)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    here = os.path.join(local, UNIVERSAL_DIR) if local else None
+    if here and os.path.exists(os.path.join(here, "complete")):
+        return here
+    copy = tempfile.mkdtemp(prefix="musiclm-universal-in-")
+    storage.download_dir(storage.join(location, UNIVERSAL_DIR), Path(copy))
+    return copy
+
+
+def separate_adam_steps(engine) -> int:
+    """DeepSpeed's ZeRO-3 universal load (0.19) gives the Adam state of every partition group one shared ``step``
+    tensor, which torch's Adam then advances once per group per optimizer step: a run resumed at another worker
+    count counted Adam's steps twice over (40 after 10 steps from step 20), and bias-corrected its moments for the
+    wrong step. Each group gets its own copy. Returns how many were shared."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen, shared = set(), 0
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                shared += 1
+            seen.add(id(step))
+    return shared
 
 
 def resplit(state: "TrainState", world: int, batch_size: int) -> tuple["TrainState", int]:
@@ -287,7 +354,8 @@ def train_loop(loop_cfg: dict) -> None:
     optimizer, scheduler = make_optimizer(model, tc, on_gpu)
     if not on_gpu:
         skip_inference_comm_op()
-    state = TrainState(world_size=world, zero_stage=tc.zero_stage, null_steps=loop_cfg.get("init_null_steps", 0))
+    state = TrainState(world_size=world, zero_stage=tc.zero_stage, null_steps=loop_cfg.get("init_null_steps", 0),
+                       reference_workers=tc.max_workers)
     with (resume.as_directory() if resume is not None else contextlib.nullcontext()) as d:
         saved = read_train_state(d) if d is not None else None
         if d is not None and saved is None:
@@ -295,22 +363,41 @@ def train_loop(loop_cfg: dict) -> None:
                 f"the checkpoint this run resumes from ({resume.path}) has no {TRAIN_STATE}: it was not written "
                 f"by this training loop, or it is incomplete. Start a new run name with --init-from on it "
                 f"(weights only), or remove that checkpoint folder to resume from the one before.")
-        # saved by another number of workers: DeepSpeed's universal format (converted by the driver) loads into this
-        universal = saved is not None and saved.world_size != world
+        # the batch per optimizer step is the run's (its first worker count's, or an elastic run's MAX): gradient
+        # accumulation makes up for fewer workers where the counts divide it (an elastic group of any size, a run
+        # resumed at another count)
+        reference = saved.batch_workers if saved is not None else tc.max_workers
+        accum, batch_note = batch_plan(tc, world, reference)
+        if accum != tc.grad_accum_every:
+            tc = dataclasses.replace(tc, grad_accum_every=accum)
+        if world != reference:
+            log(f"{world} workers in a run whose batch is set for {reference}: {batch_note}")
+        # saved by another number of workers (a resize, a resume with another count): DeepSpeed's ZeRO partitions of
+        # optimizer state load into this one from its universal format (ZeRO-0 keeps them whole: loaded as saved)
+        universal = saved is not None and saved.world_size != world and tc.zero_stage > 0
         config = deepspeed_config(tc, bf16)
         if universal:
             config["checkpoint"] = {"load_universal": True}
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=config)
         if d is not None:
-            engine.load_checkpoint(os.path.join(d, UNIVERSAL_DIR if universal else DS_DIR), tag=DS_TAG)
+            source = os.path.join(d, DS_DIR)
+            if universal:
+                from ..infra import storage
+
+                location = storage.join(loop_cfg["run_dir"], storage.name(str(resume.path)))
+                source = universal_source(d, location, rank, log)
+            engine.load_checkpoint(source, tag=DS_TAG)
+            if universal:
+                separate_adam_steps(engine)
             state = saved
+            state.reference_workers = reference
     if tc.compile:
         engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
     log(f"attention: {model.attention}{', compiled' if tc.compile else ''}"
         f"{', activation checkpointing' if tc.activation_checkpointing else ''}")
     if resume is not None:
-        if universal:
+        if state.world_size != world:
             saved_by = state.world_size
             state, consumed = resplit(state, world, tc.batch_size)
             log(f"resumed with {world} workers from a checkpoint {saved_by} workers saved: optimizer state, step and "
@@ -466,4 +553,5 @@ def train_loop(loop_cfg: dict) -> None:
 
 
 __all__ = ["train_loop", "validation_pass", "worker_print", "export_weights", "TrainState", "read_train_state", "DS_DIR",
-           "DS_TAG", "TRAIN_STATE", "DIVERGED", "UNIVERSAL_DIR", "resplit", "to_universal"]
+           "DS_TAG", "TRAIN_STATE", "DIVERGED", "UNIVERSAL_DIR", "resplit", "to_universal", "batch_plan",
+           "universal_source", "separate_adam_steps"]

@@ -128,7 +128,7 @@ def describe_run(cfg: Config) -> str:
         n = count_parameters(build_stage(t.stage, cfg.model))
     return (f"{t.stage} stage: dim {m.dim}, depth {m.depth}, {m.heads} heads, {n / 1e6:.1f}M parameters; "
             f"{t.num_train_steps:,} steps at lr {t.lr:g}, batch {t.batch_size} x {t.grad_accum_every} accumulated "
-            f"x {t.num_workers} workers"
+            f"x {f'{t.min_workers}-{t.max_workers} workers (elastic)' if t.elastic else f'{t.num_workers} workers'}"
             + (f"; conditioning dropout {t.cond_drop_prob:g} (learns the null condition guidance needs)"
                if t.cond_drop_prob else ""))
 
@@ -164,39 +164,29 @@ def check_request(req: TrainRequest, log=print) -> dict:
                 f"another ZeRO stage: use train.zero_stage={state.zero_stage}, or start a new run name with "
                 f"--init-from {previous} (weights only).")
         log(f"resuming run {req.run_name} from {storage.name(previous)} (step {info.step})")
-        if state and state.world_size != cfg.train.num_workers:
-            cfg = at_another_worker_count(cfg, state.world_size, previous, log)
+        if state and not cfg.train.elastic and state.world_size != cfg.train.num_workers:
+            log(at_another_worker_count(cfg.train, state))
+    if cfg.train.elastic:
+        t = cfg.train
+        log(f"elastic run: it starts once {t.min_workers} worker{'s' if t.min_workers > 1 else ''} fit and grows to "
+            f"{t.max_workers} as resources come "
+            f"(looked for every {t.resize_interval_s:g} s), shrinks when a worker or node is lost; each resize "
+            f"restarts the workers from the latest checkpoint, optimizer state and step carried")
     log(describe_run(cfg))
     return {"config": to_dict(cfg), "fingerprint": fingerprint, "token_system": token_system, "run_dir": req.run_dir,
             "init_from": storage.location(req.init_from) if req.init_from else None, "init_null_steps": init_null_steps,
             "tensorboard_dir": storage.join(req.run_dir, "tensorboard"), "manifest": manifest}
 
 
-def at_another_worker_count(cfg: Config, saved_by: int, checkpoint: str, log=print) -> Config:
-    """A run resumed by ``cfg.train.num_workers`` workers from a checkpoint ``saved_by`` others saved: its DeepSpeed
-    state converted once to the universal format (the workers load optimizer state, step and schedule from it) and,
-    with ``train.keep_global_batch``, gradient accumulation scaled so that the batch per optimizer step stays; when
-    the counts do not divide it, or the user chose so, the batch changes, and the log says which."""
-    import dataclasses
+def at_another_worker_count(t, saved) -> str:
+    """What a run resumed by ``t.num_workers`` workers from a checkpoint that others saved (``saved``: its
+    ``TrainState``) does: its workers load the DeepSpeed state through the universal format (rank 0 converts it
+    once) and, with ``train.keep_global_batch``, scale gradient accumulation so that the batch per optimizer step
+    stays (``loop.batch_plan``, which the workers apply)."""
+    from .loop import batch_plan
 
-    from .loop import to_universal
-
-    t, workers = cfg.train, cfg.train.num_workers
-    to_universal(checkpoint, log)
-    before = t.batch_size * t.grad_accum_every * saved_by
-    accum = t.grad_accum_every
-    if t.keep_global_batch and (t.grad_accum_every * saved_by) % workers == 0:
-        accum = t.grad_accum_every * saved_by // workers
-    after = t.batch_size * accum * workers
-    if after == before:
-        note = (f"the batch per optimizer step stays {before} (gradient accumulation {t.grad_accum_every} -> {accum})"
-                if accum != t.grad_accum_every else f"the batch per optimizer step stays {before}")
-    else:
-        why = ("train.keep_global_batch is false" if not t.keep_global_batch else
-               f"{t.grad_accum_every} x {saved_by} accumulated batches do not divide among {workers} workers")
-        note = f"the batch per optimizer step changes {before} -> {after} ({why})"
-    log(f"resuming with {workers} workers a run saved by {saved_by}: {note}")
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_every=accum))
+    return (f"resuming with {t.num_workers} workers a run saved by {saved.world_size}: "
+            f"{batch_plan(t, t.num_workers, saved.batch_workers)[1]}")
 
 
 def resolve_use_gpu(cfg: Config, resources: dict, log=print) -> Config:
@@ -215,8 +205,11 @@ def resolve_use_gpu(cfg: Config, resources: dict, log=print) -> Config:
 
 def worker_cpus(cfg: Config, cluster_cpus: float) -> float:
     """CPUs per worker: 1 beside a GPU; on CPUs the workers share all but one of the cluster's CPUs. Ray Data's
-    file listing asks for a whole CPU and cannot be told otherwise, so one must stay free or the run hangs."""
+    file listing asks for a whole CPU and cannot be told otherwise, so one must stay free or the run hangs. An elastic
+    run's workers take 1 CPU each (or ``train.cpus_per_worker``): how many fit is what changes."""
     t = cfg.train
+    if t.elastic:  # its cluster changes: not a share of today's CPUs (a new node's would go unused)
+        return t.cpus_per_worker or 1.0
     return t.cpus_per_worker or cpus_per_worker(t.num_workers, cluster_cpus, bool(t.use_gpu))
 
 
@@ -238,7 +231,7 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     # refused here, not in every worker's first step (45 s later on 2 CPUs)
     training_attention(t, bool(t.use_gpu), cfg.model.stage(t.stage))
     cpus = worker_cpus(cfg, cluster_cpus)
-    if not t.use_gpu and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
+    if not t.use_gpu and not t.elastic and cpus * t.num_workers + DATA_RESERVE > cluster_cpus + 1e-9:
         raise ConfigError(f"{t.num_workers} workers × {cpus:g} CPUs plus the data pipeline ({DATA_RESERVE:g} CPU) "
                           f"need more than the cluster's {cluster_cpus:g} CPUs: lower num_workers or cpus_per_worker")
     data = stage_data(cfg, req.data, loop_cfg.get("manifest"))
@@ -249,7 +242,9 @@ def build_trainer(req: TrainRequest, loop_cfg: dict, cluster_cpus: float, callba
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.max_workers) if t.elastic else t.num_workers,
+                                     use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.resize_interval_s),
         run_config=RunConfig(
             name=req.run_name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_best, checkpoint_score_attribute="valid/loss",
