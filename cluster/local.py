@@ -2,6 +2,7 @@
 
     python cluster/local.py start [--workers 1] [--cpus-per-node N] [--port 6379] [--dashboard-port 8265]
     python cluster/local.py add-node [--gpus G] [--cpus-per-node N]
+    python cluster/local.py lose-node
     python cluster/local.py status
     python cluster/local.py stop
 
@@ -10,7 +11,8 @@ all on 127.0.0.1 with token authentication on (RAY_AUTH_MODE=token; the token is
 created when missing). The dashboard and the job server (the same HTTP server) listen on 127.0.0.1 only. It
 prints the address and how to submit a job. `add-node` joins one more worker node to the running cluster, as
 an autoscaler would (``--gpus`` declares GPUs Ray schedules by, whether or not the machine has them: enough to
-see a job that waits for GPU nodes pick them up). Everything the cluster runs lives under one temp dir named after
+see a job that waits for GPU nodes pick them up). `lose-node` kills the newest worker node at once (SIGKILL of its
+raylet, whose workers go with it), as a preempted machine goes: what an elastic training run must survive. Everything the cluster runs lives under one temp dir named after
 the port, and `stop` ends exactly the processes of that cluster (and their children): another Ray on this
 machine, started by `ray start` or a job's `ray.init()`, is left alone.
 
@@ -34,6 +36,17 @@ from pathlib import Path
 STATE = "cluster.json"
 
 
+# The head declares a node dead after 3 failed health checks 1 s apart: about 3 s after a node is lost, where Ray's
+# defaults (5 checks, 3 s apart) take about 15 s. Until then Ray Train still counts the lost node's CPUs.
+NODE_HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# Even so, an elastic run that restarts within those seconds asks for the lost node's worker too, a group the
+# cluster cannot place. Ray Train gives up on such a group after this long (its default: 60 s) and decides again with
+# the nodes alive then (measured with Ray's defaults: training again 78-83 s after a lost node; docs/training.md).
+# A worker group of this machine starts in 5-10 s; on a real cluster, where a node's start can take minutes, the
+# default is the right one (a try that times out is retried, not counted against train.max_failures).
+WORKER_START_TIMEOUT_S = "20"
+
+
 def temp_dir(port: int) -> Path:
     # Ray puts unix sockets under it, whose paths must stay short: keep it directly under /tmp
     return Path(os.environ.get("MUSICLM_CLUSTER_TMP", "/tmp")) / f"musiclm-ray-{port}"
@@ -41,8 +54,9 @@ def temp_dir(port: int) -> Path:
 
 def ray_env() -> dict:
     """Token authentication on, and this Python's environment first on PATH, so that a job's `python` is
-    the interpreter that has this project installed."""
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    the interpreter that has this project installed. Ray Train's worker groups that cannot be placed are given up
+    after 20 s, not 60 (``WORKER_START_TIMEOUT_S``)."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=WORKER_START_TIMEOUT_S)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
@@ -112,11 +126,12 @@ def start(args: argparse.Namespace) -> dict:
     _ray(["get-auth-token", "--generate"])  # creates ~/.ray/auth_token when missing; prints nothing we keep
     common = _node_args(tmp, cpus)
     _ray(["start", "--head", "--port", str(args.port), "--dashboard-host", "127.0.0.1",
-          "--dashboard-port", str(args.dashboard_port), *common])
-    for _ in range(args.workers):
-        _ray(["start", "--address", f"127.0.0.1:{args.port}", *common])
+          "--dashboard-port", str(args.dashboard_port), "--system-config", json.dumps(NODE_HEALTH), *common])
+    for k in range(1, args.workers + 1):
+        _ray(["start", "--address", f"127.0.0.1:{args.port}", *_node_args(node_dir(tmp, k), cpus)])
     state = {"address": f"127.0.0.1:{args.port}", "dashboard": f"http://127.0.0.1:{args.dashboard_port}",
-             "nodes": args.workers + 1, "cpus_per_node": cpus, "temp_dir": str(tmp), "started": time.time()}
+             "nodes": args.workers + 1, "cpus_per_node": cpus, "temp_dir": str(tmp), "started": time.time(),
+             "worker_nodes_started": args.workers}
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     print(f"""Ray cluster up: {state['nodes']} nodes x {cpus} CPUs, token authentication on.
   address (drivers):     {state['address']}
@@ -128,6 +143,14 @@ Submit a job from this repository:
 Run a job's driver here instead:   RAY_AUTH_MODE=token RAY_ADDRESS={state['address']} python -m jobs.train ...
 Stop it:                           python cluster/local.py stop --port {args.port}""")
     return state
+
+
+def node_dir(tmp: Path, k: int) -> Path:
+    """The k-th worker node's own temp dir. Nodes that shared the head's saw one another's files as their own: each
+    node's log monitor forwarded every worker's lines (each line reached a driver once per node), and a worker node's
+    runtime-env agent deleted a job's working directory while the job's driver ran in it on the head (the driver
+    failed at its first os.getcwd(): "[Errno 2] No such file or directory")."""
+    return tmp / f"node-{k}"
 
 
 def _node_args(tmp: Path, cpus: int) -> list[str]:
@@ -145,12 +168,43 @@ def add_node(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: no cluster started by this script runs on port {args.port}; `start` one first")
     state = json.loads(path.read_text())
     cpus = args.cpus_per_node or state["cpus_per_node"]
-    _ray(["start", "--address", state["address"], *_node_args(Path(state["temp_dir"]), cpus),
+    k = state["worker_nodes_started"] = state.get("worker_nodes_started", state["nodes"] - 1) + 1
+    _ray(["start", "--address", state["address"], *_node_args(node_dir(Path(state["temp_dir"]), k), cpus),
           *(["--num-gpus", str(args.gpus)] if args.gpus else [])])
     state["nodes"] += 1
     state.setdefault("added", []).append({"cpus": cpus, "gpus": args.gpus})
     path.write_text(json.dumps(state, indent=2))
     print(f"node added: {cpus} CPUs, {args.gpus} GPUs; the cluster has {state['nodes']} nodes")
+    return state
+
+
+def worker_raylets(port: int) -> list:
+    """The raylet processes of this cluster's worker nodes, oldest first (each under its ``node_dir``)."""
+    import re
+
+    found = []
+    for p in processes(port):
+        try:
+            line = " ".join(p.cmdline())
+        except Exception:  # ended meanwhile
+            continue
+        m = re.search(r"/node-(\d+)/", line)
+        if "raylet/raylet" in line and m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, key=lambda t: t[0])]
+
+
+def lose_node(args: argparse.Namespace) -> dict:
+    """The newest worker node killed without warning (SIGKILL of its raylet; its worker processes die with it)."""
+    path = temp_dir(args.port) / STATE
+    raylets = worker_raylets(args.port)
+    if not raylets or not path.exists():
+        raise SystemExit(f"error: no worker node of a cluster started by this script runs on port {args.port}")
+    raylets[-1].kill()
+    state = json.loads(path.read_text())
+    state["nodes"] -= 1
+    path.write_text(json.dumps(state, indent=2))
+    print(f"node lost (raylet pid {raylets[-1].pid} killed); the cluster has {state['nodes']} nodes")
     return state
 
 
@@ -191,14 +245,14 @@ def status(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cluster/local.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "add-node", "stop", "status"])
+    p.add_argument("action", choices=["start", "add-node", "lose-node", "stop", "status"])
     p.add_argument("--port", type=int, default=6379, help="the head's GCS port (names the cluster)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server (127.0.0.1)")
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
     p.add_argument("--cpus-per-node", type=int, default=None, help="default: this machine's CPUs / nodes")
     p.add_argument("--gpus", type=int, default=0, help="add-node: GPUs the new node declares")
     args = p.parse_args(argv)
-    {"start": start, "add-node": add_node, "stop": stop, "status": status}[args.action](args)
+    {"start": start, "add-node": add_node, "lose-node": lose_node, "stop": stop, "status": status}[args.action](args)
 
 
 if __name__ == "__main__":

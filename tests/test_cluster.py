@@ -1,4 +1,5 @@
-"""Cluster configs against the published schemas, and a real local multi-node cluster taking a submitted job."""
+"""Cluster configs against the published schemas, and a real local multi-node cluster taking a submitted elastic
+training job through a lost and an added node."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import jsonschema
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -156,8 +156,22 @@ def _cmdline(process) -> str:
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 @pytest.mark.faults
-def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus, tiny_system_dir, tmp_path):
+def test_local_cluster_takes_a_submitted_elastic_training_job_through_a_lost_and_an_added_node(token_dataset_dir,
+                                                                                             tmp_path):
+    """A real local cluster (head and two worker nodes, 1 CPU each, token authentication) takes a submitted `train
+    --num-workers 2:3` job. It starts with 3 workers; once it has saved a checkpoint, a worker node is lost (SIGKILL
+    of its raylet, `cluster/local.py lose-node`): the run goes on with 2 from its latest checkpoint; once they have
+    saved one, a node is added (`add-node`): it grows back to 3 (Ray notices a new node within 20 s, the run looks
+    every 2 s here). The batch per optimizer step
+    stays 6 throughout (1 x 2 accumulated x 3 workers = 1 x 3 x 2), and the run is one run: each step once in
+    TensorBoard, the lr schedule and Adam's step count unbroken. Then: a client without the token is refused, and a
+    driver that asks for a GPU waits until a GPU node joins. `stop` ends every process of the cluster."""
     import psutil
+
+    from musiclm.evaluation.watch import ready_checkpoints
+    from musiclm.infra import storage
+    from musiclm.train.loop import read_train_state
+    from musiclm.train.metrics import read_scalars, tensorboard_steps
 
     sys.path.insert(0, str(CLUSTER))
     import local
@@ -170,47 +184,71 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
     with contextlib.suppress(OSError):
         other_ray.bind(("0.0.0.0", 52365))
         other_ray.listen()
-    started = _local("start", "--workers", "1", "--cpus-per-node", "1", *ports)
+    started = _local("start", "--workers", "2", "--cpus-per-node", "1", *ports)
+    run_dir = tmp_path / "runs" / "elastic"
+
+    def saved_by() -> list[int]:  # the worker count of each committed checkpoint, earliest first
+        return [read_train_state(c).world_size for c in ready_checkpoints(str(run_dir))]
+
     try:
         assert "token authentication on" in started.stdout and "127.0.0.1:8299" in started.stdout
         nodes = json.loads((local.temp_dir(6399) / local.STATE).read_text())["nodes"]
-        assert nodes == 2
+        assert nodes == 3
         env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        out = tmp_path / "tokens"
         ray_cli = str(Path(sys.executable).parent / "ray")
         deadline = time.time() + 90
         while time.time() < deadline:  # Ray's job server answers "try again later" until the head's agent registers
             submit = subprocess.run(
-                [ray_cli, "job", "submit", "--no-wait", "--submission-id", "tokens", "--address",
-                 "http://127.0.0.1:8299", "--working-dir", str(REPO), "--", "python", "-m", "jobs.preprocess",
-                 "--source", str(corpus), "--token-system", str(tiny_system_dir), "--out", str(out), "--set",
-                 "rows_per_shard=1"],
+                [ray_cli, "job", "submit", "--no-wait", "--submission-id", "elastic", "--address",
+                 "http://127.0.0.1:8299", "--working-dir", str(REPO), "--", "python", "-m", "jobs.train", "--stage",
+                 "coarse", "--data", str(token_dataset_dir), "--run-name", "elastic", "--storage",
+                 str(tmp_path / "runs"), "--num-workers", "2:3", "--cpu", "--set", "train.num_train_steps=48",
+                 "train.batch_size=1", "train.grad_accum_every=2", "train.save_model_every=4",
+                 "train.save_results_every=4", "train.log_every=2", "train.valid_batches=1", "train.lr=3e-3",
+                 "train.lr_warmup=40", "train.keep_best=20", "train.resize_interval_s=2"],
                 env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
             if "No available agent to submit job, please try again later" not in submit.stdout + submit.stderr:
                 break
             time.sleep(1)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
-        # A node lost mid-job: once the first shard is written, the worker node's raylet is killed (SIGKILL; its
-        # workers go with it). Ray Data retries the lost tasks and restarts lost actors on the head node, and the
-        # job completes with every track once.
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(out.glob("*/part-*")):
-            time.sleep(0.1)
-        in_progress = json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
-        worker_raylets = [p for p in local.processes(6399) if "raylet/raylet" in _cmdline(p)
-                          and "sockets/raylet.1 " in _cmdline(p)]
-        assert len(worker_raylets) == 1, [_cmdline(p)[:200] for p in local.processes(6399)]
-        worker_raylets[0].kill()
-        logs = subprocess.run([ray_cli, "job", "logs", "--follow", "--address", "http://127.0.0.1:8299", "tokens"],
-                              env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-        status = subprocess.run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8299", "tokens"],
-                                env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
-        assert "Job 'tokens' succeeded" in status.stdout, status.stdout[-2000:] + logs.stdout[-3000:]
-        assert in_progress, "the node was lost after the job had finished: nothing was tested"
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["status"] == "complete" and sum(manifest["counts"]["rows"].values()) == 6
-        ids = [r for f in out.glob("*/part-*.parquet") for r in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
-        assert len(ids) == len(set(ids)) == 6  # every track once
+
+        def job_status() -> str:
+            return subprocess.run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8299", "elastic"],
+                                  env=env, capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+
+        def wait_for(condition, what: str, timeout: float = 200) -> None:
+            deadline = time.time() + timeout
+            while time.time() < deadline and not condition() and not (run_dir / "summary.json").exists():
+                time.sleep(0.5)  # (the driver writes the summary when the run has ended)
+            assert condition(), f"{what}; checkpoints saved by {saved_by()} workers; {job_status()}"
+
+        wait_for(lambda: 3 in saved_by(), "the run never saved with 3 workers")
+        assert "node lost" in _local("lose-node", *ports).stdout
+        wait_for(lambda: saved_by()[-1:] == [2], "the run did not go on with 2 workers after the node was lost")
+        _local("add-node", "--cpus-per-node", "1", *ports)
+        wait_for(lambda: saved_by()[-1] == 3, "the run did not grow back to 3 workers after a node was added")
+        logs = subprocess.run([ray_cli, "job", "logs", "--follow", "--address", "http://127.0.0.1:8299", "elastic"],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=REPO).stdout
+        assert "Job 'elastic' succeeded" in job_status(), job_status() + logs[-3000:]
+        assert "elastic run: it starts once 2 workers fit and grows to 3" in logs, logs[-3000:]
+        assert "2 workers in a run whose batch is set for 3: the batch per optimizer step stays 6 (gradient " \
+               "accumulation 2 -> 3)" in logs, logs[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["metrics"]["step"] == 48
+        # one run: each step once, the warm-up unbroken through both restarts, Adam's steps those of the run
+        seen = tensorboard_steps(str(run_dir / "tensorboard"))
+        assert seen["train/loss"] == list(range(2, 49, 2)) and seen["valid/loss"] == list(range(4, 49, 4)), seen
+        lr = dict(read_scalars(str(run_dir / "tensorboard"))["train/lr"])
+        assert all(lr[s] == pytest.approx(3e-3 * min(1.0, (s + 1) / 40), rel=1e-4) for s in lr), lr
+        states = [read_train_state(c) for c in ready_checkpoints(str(run_dir))]
+        assert [s.step for s in states] == list(range(4, 49, 4)) and {s.reference_workers for s in states} == {3}
+        sizes = [s.world_size for s in states]
+        assert sizes[0] == 3 and sizes[-1] == 3 and 2 in sizes and 3 in sizes[sizes.index(2):], sizes
+        from test_train import _optimizer_steps
+
+        assert _optimizer_steps(Path(storage.join(summary["latest_checkpoint"], "deepspeed")), workers=3) == {
+            "global_steps": 48, "skipped_steps": 0, "adam_steps": {48}}
+
         # the job server refuses a client without the token
         denied = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
                                  "http://127.0.0.1:8299"], env=dict(env, RAY_AUTH_MODE="disabled",
@@ -244,3 +282,5 @@ def test_local_cluster_takes_a_submitted_preprocess_job_and_stops_cleanly(corpus
                    for p in psutil.process_iter(["cmdline"]))
     for session in set(local.temp_dir(6399).glob("session_*")) - earlier:  # its logs (~40 MB), kept by `stop`
         session.unlink() if session.is_symlink() else shutil.rmtree(session)
+    for node in local.temp_dir(6399).glob("node-*"):  # the worker nodes' own
+        shutil.rmtree(node)
