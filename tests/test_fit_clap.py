@@ -92,3 +92,22 @@ def test_fit_clap_raises_held_out_retrieval_and_writes_the_token_system(local_ra
     latest = json.loads((ts / "fit_clap.report.json").read_text())["checkpoint"]
     adam_steps = {float(v) for k, v in load_file(f"{latest}/optimizer.safetensors").items() if k.endswith(".step")}
     assert adam_steps == {70.0}, adam_steps
+
+    # fit-rvq, the step the refusal named, as a user runs it next (a job on the local Ray), over the same folder with
+    # its broken file: fitted on the tuned CLAP, the broken file named, and a second fit refused without --overwrite
+    from jobs import fit_rvq
+    from musiclm.audio.io import load_audio
+
+    rvq_args = ["--token-system", str(ts), "--audio", str(corpus / "fma_synth"), "--steps", "30"]
+    fit_rvq.main(rvq_args)
+    rvq_report = json.loads((ts / "fit_rvq.report.json").read_text())
+    assert rvq_report["tracks"] == 80 and rvq_report["embeddings"] == 80  # 4 s tracks: one CLAP window each
+    broken = corpus / "fma_synth" / "000" / "000081.mp3"
+    assert [e["path"] for e in rvq_report["failed"]] == [str(broken)]
+    assert "not a decodable audio file" in rvq_report["failed"][0]["message"]
+    system = TokenSystem.load(ts)
+    assert system.rvq_fitted and system.kmeans_fitted and system.fingerprint == rvq_report["fingerprint"]
+    tokens = system.tokenize(load_audio(synth.track_path(corpus, tracks[0].track_id), 24000), 24000)
+    assert tokens["clap"].shape == (1, 12)
+    with pytest.raises(TokenSystemError, match="already fitted.*--overwrite"):
+        fit_rvq.main(rvq_args)

@@ -1,46 +1,24 @@
-"""fit-rvq and fit-kmeans as a user runs them: the jobs on a local Ray, over a folder with a broken file."""
-import json
-import shutil
-
+"""fit-rvq and fit-kmeans: which tracks a bounded fit samples. (The jobs themselves run on a local Ray in
+test_fit_clap.py, fit-rvq over a folder with a broken file after tuning the CLAP, and in test_pipeline.py, where
+fit-kmeans's report is checked.)"""
 import pytest
 
-from jobs import fit_kmeans, fit_rvq, init_token_system
-from musiclm.audio.io import list_audio_files, load_audio
-from musiclm.tokens.system import TokenSystem, TokenSystemError
-
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+from musiclm.tokens.fit import _select
 
 
-def test_fit_jobs_on_local_ray(local_ray, corpus, tmp_path):
-    audio = tmp_path / "audio"
-    shutil.copytree(corpus / "fma_synth", audio)
-    (audio / "broken.mp3").write_text("not audio at all\n" * 20)
-    ts = tmp_path / "ts"
-    init_token_system.main(["--preset", "tiny", "--out", str(ts)])
-    assert not TokenSystem.load(ts).rvq_fitted
-
-    fit_rvq.main(["--token-system", str(ts), "--audio", str(audio), "--steps", "30"])
-    rvq_report = json.loads((ts / "fit_rvq.report.json").read_text())
-    assert rvq_report["tracks"] == 6 and rvq_report["embeddings"] == 12  # 11 s tracks: 2 windows each
-    assert [e["path"] for e in rvq_report["failed"]] == [str(audio / "broken.mp3")]
-    assert "not a decodable audio file" in rvq_report["failed"][0]["message"]
-
-    # A bounded fit samples only the tracks it needs (uniformly, seeded) and decodes nothing else: 2,400 frames
-    # at 600 per track, +20 %, is 5 of the 7 files
-    fit_kmeans.main(["--token-system", str(ts), "--audio", str(audio), "--frames-per-track", "600",
-                     "--max-frames", "2400", "--seed", "1"])
-    km_report = json.loads((ts / "fit_kmeans.report.json").read_text())
-    assert km_report["sample"]["files_in_folder"] == 7 and km_report["sample"]["sampled"] == 5
-    assert km_report["tracks"] + len(km_report["failed"]) == 5  # every decoded file is one of the sample
-    assert km_report["frames"] == 2400 and km_report["clusters_used"] > 900
-
-    system = TokenSystem.load(ts)
-    assert system.rvq_fitted and system.kmeans_fitted and system.fingerprint == km_report["fingerprint"]
-    tokens = system.tokenize(load_audio(list_audio_files(corpus)[0], 24000), 24000)
-    assert tokens["clap"].shape == (2, 12) and tokens["semantic"].shape == (549,)
-
-    with pytest.raises(TokenSystemError, match="already fitted.*--overwrite"):
-        fit_rvq.main(["--token-system", str(ts), "--audio", str(audio)])
+def test_a_bounded_fit_samples_only_the_tracks_it_needs(tmp_path):
+    """2,400 frames at 600 per track, +20 %, is 5 of the 7 files: only those are decoded; the sample is seeded."""
+    for i in range(7):
+        (tmp_path / f"{i // 4:03d}").mkdir(exist_ok=True)
+        (tmp_path / f"{i // 4:03d}" / f"{i:06d}.mp3").write_bytes(b"")
+    sample, info = _select(tmp_path, 600, 2400, None, 1, log=lambda m: None)
+    assert info["files_in_folder"] == 7 and info["sampled"] == len(sample) == 5
+    assert sample == _select(tmp_path, 600, 2400, None, 1, log=lambda m: None)[0]
+    assert len(_select(tmp_path, 600, 2400, 3, 1, log=lambda m: None)[0]) == 3  # max_tracks bounds it too
+    assert len(_select(tmp_path, 600, None, None, 1, log=lambda m: None)[0]) == 7
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no audio files"):
+        _select(tmp_path / "empty", 600, None, None, 1)
 
 
 def test_fit_samples_are_uniform_over_folders():

@@ -46,6 +46,12 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     for wav in summary["wavs"]:
         info = sf.info(wav)
         assert info.samplerate == 24000 and info.frames == 2 * 24000
+    # fit-kmeans ran as a job on the pipeline's Ray: every frame of the 8 tracks (12 s at 50 Hz, fewer than
+    # --frames-per-track) went into the fit, and the k-means sized to them (64 clusters) uses all of its clusters
+    km = json.loads((work / "token_system" / "fit_kmeans.report.json").read_text())
+    assert km["tracks"] == km["sample"]["sampled"] == 8 and not km["failed"] and km["frames"] > 4000
+    assert km["clusters_used"] == 64 and km["fingerprint"] == json.loads(
+        (work / "token_system" / "token_system.json").read_text())["fingerprint"]
     report = json.loads((work / "generate" / "report.json").read_text())
     assert report["checkpoints"]["fine"]["step"] == 10
     table = (work / "evaluate" / "results.md").read_text()
