@@ -131,27 +131,36 @@ def batch_plan(tc, world: int, reference_workers: int) -> tuple[int, str]:
     return accum, f"the batch per optimizer step changes {target} -> {after} ({why})"
 
 
-def universal_source(local: str | None, location: str, rank: int, log) -> str:
-    """Where this worker loads a checkpoint's DeepSpeed state in the universal format from: rank 0 converts it
-    (``to_universal``, into the checkpoint's own folder, where every node can reach it) while the others wait at a
-    barrier; then each rank reads it from its local copy of the checkpoint (``local``, from ``as_directory``: the
-    folder itself on a shared file system) or, when that copy predates the conversion (a bucket), downloads it."""
+@contextlib.contextmanager
+def universal_source(local: str | None, location: str, rank: int, device, log):
+    """Where this worker loads a checkpoint's DeepSpeed state in the universal format from (a context: a copy it
+    downloaded is removed after): rank 0 converts it (``to_universal``, into the checkpoint's own folder, where every
+    node can reach it) while the others wait for it in a collective (on ``device``, as every collective of the loop),
+    which also tells them when it failed; then each rank reads it from its local copy of the checkpoint (``local``,
+    from ``as_directory``: the folder itself on a shared file system) or, when that copy predates the conversion (a
+    bucket), downloads it."""
     import tempfile
-
-    import torch.distributed as dist
 
     from ..infra import storage
 
+    error = None
     if rank == 0:
-        to_universal(location, log)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            to_universal(location, log)
+        except Exception as e:  # said to every rank below, raised here
+            error = e
+    if any_over_workers(error is not None, device):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 could not convert the checkpoint {location} to DeepSpeed's universal format "
+                           f"(its error is in the log)")
     here = os.path.join(local, UNIVERSAL_DIR) if local else None
     if here and os.path.exists(os.path.join(here, "complete")):
-        return here
-    copy = tempfile.mkdtemp(prefix="musiclm-universal-in-")
-    storage.download_dir(storage.join(location, UNIVERSAL_DIR), Path(copy))
-    return copy
+        yield here
+        return
+    with tempfile.TemporaryDirectory(prefix="musiclm-universal-in-") as copy:
+        storage.download_dir(storage.join(location, UNIVERSAL_DIR), Path(copy))
+        yield copy
 
 
 def separate_adam_steps(engine) -> int:
@@ -371,7 +380,7 @@ def train_loop(loop_cfg: dict) -> None:
         if accum != tc.grad_accum_every:
             tc = dataclasses.replace(tc, grad_accum_every=accum)
         if world != reference:
-            log(f"{world} workers in a run whose batch is set for {reference}: {batch_note}")
+            log(f"{world} worker{'s' if world > 1 else ''} in a run whose batch is set for {reference}: {batch_note}")
         # saved by another number of workers (a resize, a resume with another count): DeepSpeed's ZeRO partitions of
         # optimizer state load into this one from its universal format (ZeRO-0 keeps them whole: loaded as saved)
         universal = saved is not None and saved.world_size != world and tc.zero_stage > 0
@@ -381,13 +390,12 @@ def train_loop(loop_cfg: dict) -> None:
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=config)
         if d is not None:
-            source = os.path.join(d, DS_DIR)
-            if universal:
-                from ..infra import storage
+            from ..infra import storage
 
-                location = storage.join(loop_cfg["run_dir"], storage.name(str(resume.path)))
-                source = universal_source(d, location, rank, log)
-            engine.load_checkpoint(source, tag=DS_TAG)
+            location = storage.join(loop_cfg["run_dir"], storage.name(str(resume.path)))
+            with (universal_source(d, location, rank, device, log) if universal
+                  else contextlib.nullcontext(os.path.join(d, DS_DIR))) as source:
+                engine.load_checkpoint(source, tag=DS_TAG)
             if universal:
                 separate_adam_steps(engine)
             state = saved
