@@ -142,17 +142,6 @@ def _local(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           check=check, timeout=180)
 
 
-def _cmdline(process) -> str:
-    """A process's command line; "" once it has exited (a worker that ended is a zombie until reaped, and psutil
-    raises for it: seen once, failing this test before any fault was injected)."""
-    import psutil
-
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 @pytest.mark.faults

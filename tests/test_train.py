@@ -48,27 +48,32 @@ def _valid_loss(model, dataset, rows: int, stage: str = "coarse") -> float:
     return float(sums.t[0] / sums.t[1])
 
 
-def _saved_moments(deepspeed_dir) -> dict[str, float]:
-    """The totals of Adam's two moments over every rank's optimizer file (their partitions' padding is zeros)."""
+def _adam_states(deepspeed_dir) -> list[dict]:
+    """Every parameter's Adam state (``step``, ``exp_avg``, ``exp_avg_sq``) in every rank's optimizer file of a
+    DeepSpeed checkpoint (read weights-only, with DeepSpeed's own record types allowed)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    totals = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    found = []
 
     def walk(d):
         if isinstance(d, dict):
             if isinstance(d.get("state"), dict) and "param_groups" in d:
-                for v in d["state"].values():
-                    for k in totals:
-                        totals[k] += float(v[k].double().sum())
+                found.extend(d["state"].values())
             for v in d.values():
                 walk(v)
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         for f in sorted(deepspeed_dir.rglob("*optim_states.pt")):
             walk(torch.load(f, weights_only=True))
-    return totals
+    return found
+
+
+def _saved_moments(deepspeed_dir) -> dict[str, float]:
+    """The totals of Adam's two moments over every rank's optimizer file (their partitions' padding is zeros)."""
+    states = _adam_states(deepspeed_dir)
+    return {k: sum(float(v[k].double().sum()) for v in states) for k in ("exp_avg", "exp_avg_sq")}
 
 
 # DeepSpeed in a process of its own (one rank on CPUs), built as a worker builds it, loads a universal checkpoint and
@@ -110,29 +115,13 @@ def _loaded_moments(universal_dir, settings: list[str]) -> dict[str, float]:
 
 def _optimizer_steps(deepspeed_dir, workers: int = 2) -> dict:
     """Steps as DeepSpeed's checkpoint records them: the engine's global and skipped steps, and the ``step`` of
-    every parameter group's Adam state in every rank's optimizer file (read weights-only, with DeepSpeed's own
-    record types allowed)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
+    every parameter's Adam state in every rank's optimizer file."""
     # ZeRO-2 writes mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank
     engine = [torch.load(f, weights_only=True) for f in sorted(deepspeed_dir.rglob("*model_states.pt"))]
     assert engine
-    adam = set()
-
-    def walk(d):
-        if isinstance(d, dict):
-            if isinstance(d.get("state"), dict) and "param_groups" in d:
-                adam.update(int(v["step"]) for v in d["state"].values())
-            for v in d.values():
-                walk(v)
-
     files = sorted(deepspeed_dir.rglob("*optim_states.pt"))
     assert len(files) == workers, files  # one per worker
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-        for f in files:
-            walk(torch.load(f, weights_only=True))
+    adam = {int(v["step"]) for v in _adam_states(deepspeed_dir)}
     steps = {(e["global_steps"], e["skipped_steps"]) for e in engine}
     assert len(steps) == 1, steps
     (global_steps, skipped_steps), = steps
