@@ -8,6 +8,7 @@ VERBS = {
     "synth": "write the synthetic music corpus",
     "init-token-system": "create a token-system directory (tiny offline encoders, or pretrained ones)",
     "fit-clap": "tune the token system's CLAP on captioned audio (Ray Train): text<->audio retrieval",
+    "fit-codec": "train the token system's EnCodec to reconstruct a corpus (Ray Train): the offline world's codec",
     "fit-rvq": "fit the CLAP RVQ on a folder of audio (Ray Data)",
     "fit-kmeans": "fit the semantic k-means on a folder of audio (Ray Data)",
     "preprocess": "tokenize an audio corpus into a token dataset of Parquet shards (Ray Data)",

@@ -117,6 +117,13 @@ def open_source_of(args: argparse.Namespace):
     return source
 
 
+def add_tuning_args(parser: argparse.ArgumentParser, what: str, run_name: str) -> None:
+    """The options of a job that trains one of a token system's encoders in place (fit-clap, fit-codec)."""
+    parser.add_argument("--token-system", required=True, help=f"token-system folder whose {what} is trained (in place)")
+    parser.add_argument("--run-name", default=run_name, help="the run's folder under --storage (resumed if it exists)")
+    parser.add_argument("--storage", default="runs", help="folder or object-store URI that holds runs")
+
+
 def add_settings_args(parser: argparse.ArgumentParser, cls, title: str, choices: dict | None = None) -> None:
     """One option per field of the settings dataclass ``cls`` (``--batch-size`` for ``batch_size``), its default
     the field's; ``settings_of`` builds the dataclass back (its checks then run)."""

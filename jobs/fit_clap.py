@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import (add_ray_args, add_settings_args, add_source_args, connect, log, open_source_of,
-                         quiet_progress, run, settings_of)
+from jobs.common import (add_ray_args, add_settings_args, add_source_args, add_tuning_args, connect, log,
+                         open_source_of, quiet_progress, run, settings_of)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -16,9 +16,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="musiclm fit-clap", description=__doc__)
     add_source_args(p)
-    p.add_argument("--token-system", required=True, help="token-system folder whose CLAP is tuned (in place)")
-    p.add_argument("--run-name", default="fit-clap", help="the run's folder under --storage (resumed if it exists)")
-    p.add_argument("--storage", default="runs", help="folder or object-store URI that holds runs")
+    add_tuning_args(p, "CLAP", "fit-clap")
     p.add_argument("--overwrite", action="store_true", help="tune even though the RVQ is fitted (it is dropped)")
     add_settings_args(p, ClapTuneConfig, "tuning (ClapTuneConfig; --train: the towers that learn, the other frozen)",
                       {"train": ["both", "audio", "text"]})

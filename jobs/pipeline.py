@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tracks", type=int, default=d.num_tracks, help="synthetic tracks")
     p.add_argument("--seconds", type=float, default=d.seconds, help="length of each synthetic track")
     p.add_argument("--rvq-steps", type=int, default=d.rvq_steps)
+    p.add_argument("--codec-steps", type=int, default=d.codec_steps,
+                   help="fit-codec steps for the tiny preset's random EnCodec (0: keep it random)")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="steps per stage")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="training workers per stage")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch per worker")
@@ -44,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO_LIMITS = ("with the tiny preset CLAP and EnCodec have random weights: CLAP cannot tell prompts apart, so the "
+DEMO_LIMITS = ("with the tiny preset CLAP has random weights (EnCodec was trained on the corpus by the fit-codec "
+               "step, a minute's worth): CLAP cannot tell prompts apart, so the "
                "candidates' CLAP scores (and best-of-N reranking) mean nothing here, and the conditioning gain stays "
                "near 0; the semantic encoder is a band-energy filterbank in HuBERT's form, so its tokens follow pitch "
                "and timbre (the semantic stage learns them) but carry no meaning. Pretrained encoders (--preset "
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = PipelineSettings(workdir=args.workdir, preset=args.preset, source=args.source,
                                 num_tracks=args.num_tracks, seconds=args.seconds, rvq_steps=args.rvq_steps,
+                                codec_steps=args.codec_steps,
                                 train_steps=args.train_steps, num_workers=args.num_workers, batch_size=args.batch_size,
                                 lr=args.lr, use_gpu=args.use_gpu,
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -22,8 +23,9 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     work = tmp_path / "demo"
     # `make demo` runs the defaults (4.3 min here); every step is the same code with fewer tracks, steps and
     # seconds, which is what this test checks: that each step runs, hands on to the next, and is skipped after.
-    argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--train-steps", "10",
-            "--num-workers", "1", "--duration", "2", "--eval-duration", "1", "--num-samples", "1"]
+    argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--codec-steps", "20",
+            "--train-steps", "10", "--num-workers", "1", "--duration", "2", "--eval-duration", "1",
+            "--num-samples", "1"]
     # the first run as `make demo` runs it: its own process and Ray, every worker's output reaching the terminal
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "jobs.pipeline", *argv], cwd=ROOT, env=env, capture_output=True,
@@ -46,10 +48,27 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     for wav in summary["wavs"]:
         info = sf.info(wav)
         assert info.samplerate == 24000 and info.frames == 2 * 24000
-    # fit-kmeans ran as a job on the pipeline's Ray: every frame of the 8 tracks (12 s at 50 Hz, fewer than
-    # --frames-per-track) went into the fit, and the k-means sized to them (64 clusters) uses all of its clusters
+    # fit-codec trained the random tiny EnCodec on the corpus (re-initialized from it first: its latents hardly move
+    # in time) before anything was tokenized with it: its reconstruction of the held-out tracks' audio through codes
+    # is far closer than the random codec's (log-mel L1), and its codebooks stay in use: 2 held-out tracks give 608
+    # frames, at most 59 % of a codebook; collapsed (trained without re-initializing), a codebook keeps 0.2-0.5 %
+    codec = json.loads((work / "token_system" / "fit_codec.report.json").read_text())
+    untrained, trained = codec["reconstruction"]["untrained"], codec["reconstruction"]["trained"]
+    assert codec["init"]["reinitialized"] and codec["steps"] == 20 and codec["tracks"] == {"train": 6, "valid": 2}
+    assert trained["valid/log_mel_distance"] <= untrained["valid/log_mel_distance"] - 1.0, (untrained, trained)
+    assert trained["valid/codes_used"] >= 0.05 and trained["valid/codes_used_min"] >= 0.01, trained
+    assert json.loads((work / "token_system" / "token_system.json").read_text())["history"][0]["kind"] == "encodec"
+    # the RVQ and the k-means were fitted in one pass on the pipeline's Ray (each track decoded once, one actor
+    # encoding it for both): every frame of the 8 tracks (12 s at 50 Hz, fewer than --frames-per-track) went into
+    # the k-means, sized to them (64 clusters) and using all of its clusters; the RVQ got every track's CLAP windows
     km = json.loads((work / "token_system" / "fit_kmeans.report.json").read_text())
-    assert km["tracks"] == km["sample"]["sampled"] == 8 and not km["failed"] and km["frames"] > 4000
+    rvq = json.loads((work / "token_system" / "fit_rvq.report.json").read_text())
+    assert km["tracks"] == km["sample"]["sampled"] == rvq["tracks"] == 8 and not km["failed"] and not rvq["failed"]
+    from musiclm.tokens.system import TokenSystem
+
+    clap = TokenSystem.load(work / "token_system").clap
+    windows = len(clap.windows(np.zeros(round(rvq["seconds_of_audio"] / 8 * clap.sample_rate), np.float32)))
+    assert km["frames"] > 4000 and rvq["embeddings"] == 8 * windows > 8
     assert km["clusters_used"] == 64 and km["fingerprint"] == json.loads(
         (work / "token_system" / "token_system.json").read_text())["fingerprint"]
     report = json.loads((work / "generate" / "report.json").read_text())

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from ..audio.io import AudioDecodeError, decode_audio
-from ..config_io import check, to_dict
+from ..config_io import check
 from ..data.clips import stable_fraction
-from ..infra import storage
 from .system import TokenSystemError, encoder_source, read_meta, tokenizer_input, writable_root
-from .tuning import Task, TuneSettings, fit, held_out_rows, run_loop, split_tracks, track_dataset, write_encoder
+from .tuning import (Task, TuneSettings, fit, held_out_rows, run_loop, run_report, save_tuned, scores, split_tracks,
+                     track_dataset)
 
 REPORT = "fit_clap.report.json"
 TOWERS = {"audio": ("audio_model", "audio_projection", "logit_scale_a"),
@@ -227,15 +227,9 @@ def fit_clap(token_system: str | Path, source, cfg: ClapTuneConfig, run_dir: str
     loop_cfg = {"clap": encoder_source(root, ts_cfg, "clap_rvq_cfg"), "feature_shape": list(shape),
                 "text_max_tokens": ts_cfg.clap_rvq_cfg.text_max_tokens}
     state, before, after, checkpoint = fit(clap_loop, run_dir, loop_cfg, cfg, train_ds, cached, held, cluster_cpus)
-    report = {"kind": "clap", "run": run_dir, "checkpoint": checkpoint, "corpus": source.root,
-              "source_kind": source.kind, "tracks": {"train": len(train), "valid": len(valid)},
-              "skipped": {**after.get("skipped", {}), **bad}, "steps": after["step"], "config": to_dict(cfg),
-              "retrieval": {"untuned": {k: v for k, v in before.items() if k.startswith("valid/")},
-                            "tuned": {k: v for k, v in after["metrics"].items() if k.startswith("valid/")}}}
-    entry = {k: report[k] for k in ("kind", "run", "checkpoint", "corpus", "tracks", "steps")}
-    system = write_encoder(root, "clap_rvq_cfg", state, entry, drop_rvq=True, log=log)
-    report.update(fingerprint=system.fingerprint, wall_seconds=round(time.time() - start, 1))
-    storage.write_json(root / REPORT, report)
+    report = {**run_report("clap", run_dir, checkpoint, source, train, valid, bad, after, cfg),
+              "retrieval": {"untuned": scores(before), "tuned": scores(after["metrics"])}}
+    save_tuned(root, "clap_rvq_cfg", state, report, REPORT, start, drop_rvq=True, log=log)
     b, a = report["retrieval"]["untuned"], report["retrieval"]["tuned"]
     log(f"held-out retrieval ({len(valid)} tracks): recall@1 {b['valid/recall@1']:.3f} -> {a['valid/recall@1']:.3f}, "
         f"recall@5 {b['valid/recall@5']:.3f} -> {a['valid/recall@5']:.3f}, mean rank {b['valid/mean_rank']:.2f} -> "

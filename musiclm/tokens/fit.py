@@ -1,8 +1,9 @@
 """Fitting the token system's quantizers from a folder of audio, with Ray Data.
 
-decode (CPU tasks, per-file errors become rows) -> encoder actor pool (CLAP audio tower, or the semantic
-encoder; GPU when the cluster has one) -> vectors streamed back to the driver -> fit (RVQ with EMA, or
-MiniBatchKMeans) -> written into the token-system directory with its new fingerprint, plus a report JSON.
+decode (CPU tasks, per-file errors become rows) -> encoder actor pool (CLAP audio tower, the semantic encoder,
+or both; GPU when the cluster has one) -> vectors streamed back to the driver -> fit (RVQ with EMA,
+MiniBatchKMeans) -> written into the token-system directory with its new fingerprint, plus a report JSON each.
+``fit_quantizers`` fits both in one pass: each track decoded once, its vectors for both from one actor.
 
 The caller connects to Ray; nothing here calls ``ray.init``.
 """
@@ -34,26 +35,32 @@ class Extracted:
     errors: list[dict] = field(default_factory=list)
 
 
-def _decode_row(row: dict, kind: str, sample_rate: int, max_seconds: float) -> dict:
-    """The first ``max_seconds`` of a file as the ``kind`` encoder reads them (``tokenizer_input``: open-musiclm's
-    waveform handling, as in preprocessing)."""
+def _decode_row(row: dict, rates: dict[str, int], max_seconds: float | None) -> dict:
+    """The first ``max_seconds`` of a file as each encoder of ``rates`` (kind -> its sample rate) reads them
+    (``tokenizer_input``: open-musiclm's waveform handling, as in preprocessing): ``audio_<kind>`` each."""
     try:
         audio, rate = decode_audio(row["path"], max_seconds=max_seconds)
-        return {"path": row["path"], "audio": tokenizer_input(kind, audio, rate, sample_rate), "error": ""}
+        return {"path": row["path"], "error": "",
+                **{f"audio_{kind}": tokenizer_input(kind, audio, rate, r) for kind, r in rates.items()}}
     except AudioDecodeError as e:
-        return {"path": row["path"], "audio": np.zeros(0, np.float32), "error": e.reason}
+        return {"path": row["path"], "error": e.reason, **{f"audio_{kind}": np.zeros(0, np.float32) for kind in rates}}
+
+
+def _rate(system: TokenSystem, kind: str) -> int:
+    return system.clap.sample_rate if kind == CLAP else system.semantic.sample_rate
 
 
 class _Encoder:
-    """Ray Data actor: loads the token system once, turns decoded audio into vectors (one array per track)."""
+    """Ray Data actor: loads the token system once, turns each track's decoded audio into the vectors of each of
+    ``kinds`` (one array per track and kind)."""
 
-    def __init__(self, token_system: str, kind: str, device: str, threads: int, frames_per_track: int):
+    def __init__(self, token_system: str, kinds: list[str], device: str, threads: int, frames_per_track: int):
         torch.set_num_threads(threads)
         self.system = TokenSystem.load(token_system, device=device)
-        self.kind, self.frames_per_track = kind, frames_per_track
+        self.kinds, self.frames_per_track = list(kinds), frames_per_track
 
-    def _vectors(self, path: str, audio: np.ndarray) -> np.ndarray:
-        if self.kind == CLAP:
+    def _vectors(self, kind: str, path: str, audio: np.ndarray) -> np.ndarray:
+        if kind == CLAP:
             return self.system.clap.audio_embeddings(audio).numpy()
         feats = self.system.semantic.features(audio).numpy()
         if len(feats) > self.frames_per_track:  # a fixed random subset per track, same on every run
@@ -62,57 +69,64 @@ class _Encoder:
         return feats
 
     def __call__(self, batch: dict) -> dict:
-        out = {"path": [], "error": [], "seconds": [], "vectors": []}
-        rate = self.system.clap.sample_rate if self.kind == CLAP else self.system.semantic.sample_rate
-        for path, audio, error in zip(batch["path"], batch["audio"], batch["error"]):
-            vectors = np.zeros((0, 0), np.float32)
-            if not error:
-                try:
-                    vectors = self._vectors(str(path), np.asarray(audio, dtype=np.float32)).astype(np.float32)
-                except Exception as e:  # one bad track must not end the job: it becomes an error row
-                    error = f"{self.kind} encoder failed: {type(e).__name__}: {e}"
+        out = {"path": [], "error": [], **{f"{x}_{k}": [] for k in self.kinds for x in ("seconds", "vectors")}}
+        for i, path in enumerate(batch["path"]):
+            error, rows = batch["error"][i], {}
+            for kind in self.kinds:
+                audio, vectors = np.asarray(batch[f"audio_{kind}"][i], dtype=np.float32), np.zeros(0, np.float32)
+                if not error:
+                    try:
+                        vectors = self._vectors(kind, str(path), audio).astype(np.float32).reshape(-1)
+                    except Exception as e:  # one bad track must not end the job: it becomes an error row
+                        error = f"{kind} encoder failed: {type(e).__name__}: {e}"
+                rows[kind] = (len(audio) / _rate(self.system, kind), vectors)
             out["path"].append(str(path))
             out["error"].append(error)
-            out["seconds"].append(len(audio) / rate)
-            out["vectors"].append(vectors.reshape(-1))
+            for kind, (seconds, vectors) in rows.items():
+                out[f"seconds_{kind}"].append(seconds)
+                out[f"vectors_{kind}"].append(vectors if not error else np.zeros(0, np.float32))
         return out
 
 
-def extract(paths: list[str], system: TokenSystem, kind: str, plan: ActorPlan, *, max_seconds: float = 30.0,
-            frames_per_track: int = 100, max_vectors: int | None = None, seed: int = 0, log=print) -> Extracted:
-    """Run the decode -> encoder pipeline on Ray Data and gather the vectors on the driver."""
+def extract(paths: list[str], system: TokenSystem, kinds: list[str], plan: ActorPlan, *, max_seconds: float = 30.0,
+            frames_per_track: int = 100, max_vectors: dict[str, int | None] | None = None, seed: int = 0,
+            log=print) -> dict[str, Extracted]:
+    """Run the decode -> encoder pipeline on Ray Data for each of ``kinds`` (CLAP, SEMANTIC) in one pass and gather
+    the vectors on the driver; at most ``max_vectors[kind]`` of each, a uniform seeded subset."""
     import ray
 
-    if kind == CLAP:
-        rate, dim = system.clap.sample_rate, system.config.clap_rvq_cfg.dim
-    else:
-        rate, dim = system.semantic.sample_rate, system.semantic.hubert.config.hidden_size
-    log(f"extracting {kind} vectors from {len(paths)} files: {plan.describe()}")
+    dims = {CLAP: system.config.clap_rvq_cfg.dim, SEMANTIC: system.semantic.hubert.config.hidden_size}
+    log(f"extracting {' and '.join(kinds)} vectors from {len(paths)} files: {plan.describe()}")
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 64)))
-    ds = ds.map(_decode_row, fn_kwargs={"kind": kind, "sample_rate": rate, "max_seconds": max_seconds},
+    ds = ds.map(_decode_row, fn_kwargs={"rates": {k: _rate(system, k) for k in kinds}, "max_seconds": max_seconds},
                 num_cpus=plan.decode_cpus)
     ds = ds.map_batches(_Encoder, batch_size=4,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
-                        fn_constructor_kwargs={"token_system": str(system.root), "kind": kind,
+                        fn_constructor_kwargs={"token_system": str(system.root), "kinds": list(kinds),
                                                "device": plan.device, "threads": plan.threads_per_actor,
                                                "frames_per_track": frames_per_track})
-    chunks, errors, tracks, seconds = [], [], 0, 0.0
+    chunks: dict[str, list] = {k: [] for k in kinds}
+    seconds = dict.fromkeys(kinds, 0.0)
+    errors, tracks = [], 0
     for row in ds.iter_rows():
         if row["error"]:
-            errors.append({"path": row["path"], "stage": f"fit_{kind}", "message": row["error"]})
+            errors.append({"path": row["path"], "message": row["error"]})
             continue
         tracks += 1
-        seconds += float(row["seconds"])
-        chunks.append(np.asarray(row["vectors"], dtype=np.float32).reshape(-1, dim))
-    if not chunks:
-        raise TokenSystemError(f"no {kind} vectors could be extracted: all {len(paths)} files failed "
+        for k in kinds:
+            seconds[k] += float(row[f"seconds_{k}"])
+            chunks[k].append(np.asarray(row[f"vectors_{k}"], dtype=np.float32).reshape(-1, dims[k]))
+    if not tracks:
+        raise TokenSystemError(f"no {' or '.join(kinds)} vectors could be extracted: all {len(paths)} files failed "
                                f"({errors[0]['message'] if errors else 'no files'})")
-    vectors = np.concatenate(chunks)
-    if max_vectors and len(vectors) > max_vectors:  # a uniform subset, not the first tracks to arrive
-        keep = np.sort(np.random.default_rng(seed).choice(len(vectors), max_vectors, replace=False))
-        vectors = vectors[keep]
-    return Extracted(vectors, tracks, seconds, errors)
+    out = {}
+    for k in kinds:
+        vectors, cap = np.concatenate(chunks[k]), (max_vectors or {}).get(k)
+        if cap and len(vectors) > cap:  # a uniform subset, not the first tracks to arrive
+            vectors = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), cap, replace=False))]
+        out[k] = Extracted(vectors, tracks, seconds[k], [{**e, "stage": f"fit_{k}"} for e in errors])
+    return out
 
 
 SAMPLE_MARGIN = 1.2  # tracks sampled beyond the estimate, for short and undecodable ones
@@ -166,6 +180,12 @@ def _write_report(system: TokenSystem, name: str, report: dict) -> Path:
     return path
 
 
+def _clap_windows(system: TokenSystem, max_seconds: float) -> int:
+    """CLAP windows in the first ``max_seconds`` of a track: the RVQ's vectors per track."""
+    c = system.config.clap_rvq_cfg
+    return max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
+
+
 def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, steps: int = 1000,
             batch_size: int = 2048, max_tracks: int | None = None, max_seconds: float = 30.0,
             max_vectors: int = 200_000, seed: int = 0, overwrite: bool = False, log=print) -> dict:
@@ -173,10 +193,14 @@ def fit_rvq(token_system: str | Path, folder: str | Path, plan: ActorPlan, *, st
     start = time.time()
     refuse_refit(token_system, "clap_rvq", overwrite)
     system = TokenSystem.load(writable_root(token_system))
-    c = system.config.clap_rvq_cfg
-    windows = max(1, int((max_seconds - system.config.clap_audio_length_seconds) / c.hop_seconds) + 1)
-    paths, sample = _select(folder, windows, max_vectors, max_tracks, seed, log)
-    data = extract(paths, system, CLAP, plan, max_seconds=max_seconds, max_vectors=max_vectors, seed=seed, log=log)
+    paths, sample = _select(folder, _clap_windows(system, max_seconds), max_vectors, max_tracks, seed, log)
+    data = extract(paths, system, [CLAP], plan, max_seconds=max_seconds, max_vectors={CLAP: max_vectors}, seed=seed,
+                   log=log)[CLAP]
+    return _fit_rvq_on(system, data, sample, steps, batch_size, seed, start, log)
+
+
+def _fit_rvq_on(system: TokenSystem, data: Extracted, sample: dict, steps: int, batch_size: int, seed: int,
+                start: float, log) -> dict:
     log(f"fitting RVQ {system.rvq.num_quantizers}x{system.rvq.codebook_size} on {len(data.vectors)} CLAP embeddings")
     rvq = new_rvq(system.config)
     fit = rvq.fit(data.vectors, steps=steps, batch_size=batch_size, seed=seed, log=log)
@@ -200,8 +224,12 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     refuse_refit(token_system, "semantic_kmeans", overwrite)
     system = TokenSystem.load(writable_root(token_system))
     paths, sample = _select(folder, frames_per_track, max_vectors, max_tracks, seed, log)
-    data = extract(paths, system, SEMANTIC, plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
-                   max_vectors=max_vectors, seed=seed, log=log)
+    data = extract(paths, system, [SEMANTIC], plan, max_seconds=max_seconds, frames_per_track=frames_per_track,
+                   max_vectors={SEMANTIC: max_vectors}, seed=seed, log=log)[SEMANTIC]
+    return _fit_kmeans_on(system, data, sample, seed, start, log)
+
+
+def _fit_kmeans_on(system: TokenSystem, data: Extracted, sample: dict, seed: int, start: float, log) -> dict:
     k = system.config.hubert_kmeans_cfg.codebook_size
     log(f"fitting MiniBatchKMeans k={k} on {len(data.vectors)} feature frames")
     centers = fit_minibatch_kmeans(data.vectors, k, seed=seed)
@@ -218,11 +246,43 @@ def fit_kmeans(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
     return report
 
 
+def fit_quantizers(token_system: str | Path, folder: str | Path, plan: ActorPlan, *,
+                   parts: tuple[str, ...] = ("clap_rvq", "semantic_kmeans"), rvq_steps: int = 1000,
+                   rvq_batch_size: int = 2048, max_rvq_vectors: int = 200_000, frames_per_track: int = 100,
+                   max_frames: int = 1_000_000, max_tracks: int | None = None, max_seconds: float = 30.0,
+                   seed: int = 0, overwrite: bool = False, log=print) -> dict[str, dict]:
+    """``fit_rvq`` and ``fit_kmeans`` (the ``parts`` named, keys of ``PARTS``) in one pass over the audio: each
+    sampled track is decoded once and one actor gives its vectors for both (the sample is the larger of the two
+    each would draw: the same seeded draw). The same fits, files and reports as the two jobs; one start of the
+    encoder actors instead of two. Returns each part's report."""
+    start = time.time()
+    for part in parts:
+        refuse_refit(token_system, part, overwrite)
+    system = TokenSystem.load(writable_root(token_system))
+    kinds = {"clap_rvq": CLAP, "semantic_kmeans": SEMANTIC}
+    needs = {CLAP: (_clap_windows(system, max_seconds), max_rvq_vectors), SEMANTIC: (frames_per_track, max_frames)}
+    samples = [_select(folder, *needs[kinds[p]], max_tracks, seed, log=lambda m: None) for p in parts]
+    paths, sample = max(samples, key=lambda s: len(s[0]))
+    log(f"sampled {len(paths)} of {sample['files_in_folder']} files (seed {seed}) for "
+        f"{' and '.join(PARTS[p] for p in parts)}")
+    data = extract(paths, system, [kinds[p] for p in parts], plan, max_seconds=max_seconds,
+                   frames_per_track=frames_per_track, max_vectors={k: needs[k][1] for k in needs}, seed=seed, log=log)
+    def own(kind: str) -> dict:
+        return {**sample, "vectors_per_track_expected": needs[kind][0]}
+
+    reports = {}
+    if "clap_rvq" in parts:
+        reports["clap_rvq"] = _fit_rvq_on(system, data[CLAP], own(CLAP), rvq_steps, rvq_batch_size, seed, start, log)
+    if "semantic_kmeans" in parts:
+        reports["semantic_kmeans"] = _fit_kmeans_on(system, data[SEMANTIC], own(SEMANTIC), seed, start, log)
+    return reports
+
+
 def fit_local(system: TokenSystem, paths: list[str], *, rvq_steps: int = 20, kmeans_n_init: int = 1) -> TokenSystem:
     """Fit the RVQ and the k-means of ``system`` on whole files in this process, without Ray, and save it: for
     a handful of files (tests, benchmarks). ``fit_rvq`` / ``fit_kmeans`` are the jobs for real corpora."""
     def wave(path: str, kind: str, target_rate: int) -> np.ndarray:
-        return _decode_row({"path": path}, kind, target_rate, max_seconds=None)["audio"]
+        return _decode_row({"path": path}, {kind: target_rate}, max_seconds=None)[f"audio_{kind}"]
 
     emb = torch.cat([system.clap.audio_embeddings(wave(p, CLAP, system.clap.sample_rate)) for p in paths])
     rvq = new_rvq(system.config)

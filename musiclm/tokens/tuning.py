@@ -268,6 +268,7 @@ def fit(loop, run_dir: str, loop_cfg: dict, cfg: TuneSettings, train_ds, cached:
     """Run ``loop`` (a ``run_loop`` partial) on Ray Train in ``run_dir`` (resumed when it has a checkpoint).
     Returns the final weights, the scores before the first step and at the end, and the checkpoint's location."""
     import ray
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
@@ -287,7 +288,10 @@ def fit(loop, run_dir: str, loop_cfg: dict, cfg: TuneSettings, train_ds, cached:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1),
                              logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
+        # plain ExecutionOptions: Ray Train's default copies the DataContext's, setting a deprecated field with a
+        # warning in every run's output (this loop sets no Ray Data option of its own)
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions()))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_dir} ended without a checkpoint")
@@ -296,6 +300,30 @@ def fit(loop, run_dir: str, loop_cfg: dict, cfg: TuneSettings, train_ds, cached:
         state = load_file(os.path.join(d, WEIGHTS))
         after = json.loads(Path(d, STATE).read_text())
     return state, before, after, storage.join(run_dir, storage.name(result.checkpoint.path))
+
+
+def scores(metrics: dict) -> dict:
+    """The held-out scores (``valid/...``) of a loop's metrics."""
+    return {k: v for k, v in metrics.items() if k.startswith("valid/")}
+
+
+def run_report(kind: str, run_dir: str, checkpoint: str, source, train: list, valid: list, bad: dict, after: dict,
+               cfg: TuneSettings) -> dict:
+    """What every tuning report holds: the run, its corpus and tracks, the tracks skipped, steps and settings."""
+    return {"kind": kind, "run": run_dir, "checkpoint": checkpoint, "corpus": source.root,
+            "source_kind": source.kind, "tracks": {"train": len(train), "valid": len(valid)},
+            "skipped": {**after.get("skipped", {}), **bad}, "steps": after["step"], "config": to_dict(cfg)}
+
+
+def save_tuned(root: Path, key: str, state: dict[str, torch.Tensor], report: dict, name: str, start: float,
+               drop_rvq: bool = False, log=print) -> dict:
+    """``state`` written into the token system's encoder ``key`` (``write_encoder``, ``report``'s run as its history
+    entry), then ``report`` with the new fingerprint and the wall time into ``<root>/<name>``."""
+    entry = {k: report[k] for k in ("kind", "run", "checkpoint", "corpus", "tracks", "steps")}
+    system = write_encoder(root, key, state, entry, drop_rvq=drop_rvq, log=log)
+    report.update(fingerprint=system.fingerprint, wall_seconds=round(time.time() - start, 1))
+    storage.write_json(root / name, report)
+    return report
 
 
 def write_encoder(root: Path, key: str, state: dict[str, torch.Tensor], entry: dict, drop_rvq: bool = False,
@@ -336,4 +364,4 @@ def write_encoder(root: Path, key: str, state: dict[str, torch.Tensor], entry: d
 
 
 __all__ = ["TuneSettings", "Task", "run_loop", "fit", "split_tracks", "track_dataset", "held_out_rows",
-           "write_encoder"]
+           "write_encoder", "scores", "run_report", "save_tuned"]
