@@ -36,7 +36,7 @@ class PipelineSettings:
     rvq_steps: int = 200
     # fit-codec steps for the tiny preset's random EnCodec, so that tokens decode to audio of the corpus's kind
     # (0: it stays random; pretrained presets keep their EnCodec)
-    codec_steps: int = 60
+    codec_steps: int = 300  # ~1 min on 2 CPUs: rhythm comes through its codes by then (docs/tokens-and-data.md)
     train_steps: int = 30  # per stage
     num_workers: int = 2
     batch_size: int = 2  # per worker
@@ -145,7 +145,7 @@ class Pipeline:
         from .tokens.codec_training import CodecTrainConfig, fit_codec
 
         cfg = CodecTrainConfig(steps=self.s.codec_steps, batch_size=8, segment_seconds=0.5, segments_per_track=8,
-                               eval_every=self.s.codec_steps, seed=self.s.seed)
+                               eval_every=max(10, self.s.codec_steps // 3), seed=self.s.seed)  # a line a third
         fit_codec(self.ts, open_source(self.corpus), cfg, str(self.work / "runs" / "codec"),
                   float(self.resources.get("CPU", 1.0)), log=self.log)
 
