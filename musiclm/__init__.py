@@ -1,7 +1,8 @@
 """open-musiclm re-created on Ray. The folders follow the data's journey from audio to music:
 
     audio/       decoding, resampling and writing audio; MP3 frame parsing; the synthetic corpus
-    tokens/      the token system: CLAP + RVQ, MERT/HuBERT + k-means, EnCodec, and fitting them
+    tokens/      the token system: CLAP + RVQ, MERT/HuBERT + k-means, EnCodec; fitting the quantizers, training
+                 CLAP and the offline EnCodec
     data/        sources (a folder, FMA, the synthetic set), preprocessing on Ray Data, the token dataset
     models/      the stage decoder (layers, attention, decoding caches), the three stage layouts, sampling
     train/       one train function for every stage: Ray Train + DeepSpeed, checkpoints, metrics

@@ -14,7 +14,7 @@ codebooks the tokens use) -> decoder, with
 
 A random codec (the ``tiny`` preset's) is re-initialized from the corpus first (``init``): its latents barely move
 in time (their std over time is 3 % of their std: convolutions' biases outweigh the signal after a few layers of
-PyTorch's default initialization), and trained from there its codes collapse to about 1 % of each codebook while the
+PyTorch's default initialization), and trained from there its codes collapse to under 1 % of each codebook while the
 decoder learns the corpus's mean spectrum. ``data_init`` zeroes the encoder's biases, scales each convolution to
 unit-order output on a batch of training segments (layer-sequential unit variance, Mishkin & Matas 2016) and k-means
 the codebooks on the new latents. ``init="auto"`` does so only when the latents' variation over time is below

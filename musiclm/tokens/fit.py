@@ -253,8 +253,10 @@ def fit_quantizers(token_system: str | Path, folder: str | Path, plan: ActorPlan
                    seed: int = 0, overwrite: bool = False, log=print) -> dict[str, dict]:
     """``fit_rvq`` and ``fit_kmeans`` (the ``parts`` named, keys of ``PARTS``) in one pass over the audio: each
     sampled track is decoded once and one actor gives its vectors for both (the sample is the larger of the two
-    each would draw: the same seeded draw). The same fits, files and reports as the two jobs; one start of the
-    encoder actors instead of two. Returns each part's report."""
+    the jobs would draw, seeded as they seed it). The same fits, files and reports as the two jobs; one start of
+    the encoder actors instead of two. Returns each part's report (none when ``parts`` is empty)."""
+    if not parts:
+        return {}
     start = time.time()
     for part in parts:
         refuse_refit(token_system, part, overwrite)
