@@ -303,9 +303,9 @@ codec_loop = functools.partial(run_loop, CodecTask, CodecTrainConfig)
 def initialize(encodec: str, train_ds, bandwidth: float, held: np.ndarray, cfg: CodecTrainConfig,
                log) -> tuple[dict, dict | None]:
     """``cfg.init`` applied on the driver: what was measured and decided, and for "data", or "auto" with latents
-    that barely move in time (``latent_motion`` of ``INIT_SEGMENTS`` training segments below ``STATIC_LATENTS``),
-    ``data_init``'s weights for the workers (else None) and the held-out scores of the codec as it was
-    (``token_system_codec``)."""
+    that barely move in time (``latent_motion`` of ``INIT_SCALE_SEGMENTS`` training segments below
+    ``STATIC_LATENTS``), ``data_init``'s weights for the workers (else None) and the held-out scores of the codec
+    as it was (``token_system_codec``). A resumed run computes them again and loads its checkpoint instead."""
     from .encoders import load_encodec
 
     if cfg.init == "keep":
@@ -326,9 +326,10 @@ def initialize(encodec: str, train_ds, bandwidth: float, held: np.ndarray, cfg: 
     before = {"valid/log_mel_distance": distance, **_codes_used(codes, codec.config.codebook_size)}
     data_init(codec, audio, n_q, seed=cfg.seed)
     after = latent_motion(codec, audio[:INIT_SCALE_SEGMENTS])
-    log(f"fit-codec: the codec's latents hardly move in time ({motion:.3f} of their variation, below "
-        f"{STATIC_LATENTS}): encoder and codebooks re-initialized from {len(audio)} training segments "
-        f"(now {after:.3f}; init=keep to train it as it is)")
+    why = (f"the codec's latents hardly move in time ({motion:.3f} of their variation, below {STATIC_LATENTS})"
+           if motion < STATIC_LATENTS else f"--init data (its latents' motion was {motion:.3f})")
+    log(f"fit-codec: {why}: encoder and codebooks re-initialized from {len(audio)} training segments "
+        f"(now {after:.3f}; --init keep trains it as it is)")
     return {**out, "reinitialized": True, "latent_motion_after": round(after, 4), "segments": len(audio),
             "token_system_codec": before}, codec.state_dict()
 
