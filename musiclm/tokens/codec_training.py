@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from ..audio.io import AudioDecodeError, crop_or_pad, decode_audio
 from ..config_io import check
 from ..data.clips import stable_fraction
+from .kmeans import nearest
+from .rvq import ema_update
 from .system import encoder_source, read_meta, tokenizer_input, writable_root
 from .tuning import (Task, TuneSettings, fit, held_out_rows, run_loop, run_report, save_tuned, scores, split_tracks,
                      track_dataset)
@@ -131,7 +133,7 @@ class CodecAutoencoder(torch.nn.Module):
         for layer in self.codec.quantizer.layers[: self.num_quantizers]:
             book = layer.codebook
             r = residual.detach()
-            idx = torch.cdist(r, book.embed).argmin(dim=1)
+            idx = nearest(r, book.embed)
             if self.training:
                 self._ema(book, r, idx)
             q = book.embed[idx]
@@ -144,17 +146,9 @@ class CodecAutoencoder(torch.nn.Module):
 
     @torch.no_grad()
     def _ema(self, book, r: torch.Tensor, idx: torch.Tensor) -> None:
-        k = book.embed.shape[0]
-        counts = torch.bincount(idx, minlength=k).float()
-        sums = torch.zeros_like(book.embed).index_add_(0, idx, r)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(counts)
-            torch.distributed.all_reduce(sums)
-        book.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        book.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = book.cluster_size.sum()
-        smoothed = (book.cluster_size + 1e-5) / (n + k * 1e-5) * n
-        book.embed.copy_(book.embed_avg / smoothed[:, None])
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        ema_update(book.embed, book.cluster_size, book.embed_avg, r, idx, self.decay, 1e-5,
+                   reduce=torch.distributed.all_reduce if distributed else None)  # every worker's batch
         dead = book.cluster_size < self.threshold
         if dead.any():  # a code hardly used takes a latent of the batch (rank 0's: DDP broadcasts buffers)
             pick = torch.randint(0, len(r), (int(dead.sum()),), device=r.device)
@@ -191,8 +185,7 @@ def data_init(codec, audio: np.ndarray, num_quantizers: int, seed: int = 0, targ
     counted once, so that the first batches move them)."""
     from torch.nn.utils import parametrize
 
-    from .kmeans import nearest
-    from .rvq import ResidualVQ
+    from .encoders import kmeans_codebooks
 
     x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[:, None]
     convs = _encoder_convs(codec)
@@ -218,19 +211,9 @@ def data_init(codec, audio: np.ndarray, num_quantizers: int, seed: int = 0, targ
             conv.parametrizations.weight.original0.mul_(factor)
         else:
             conv.weight.mul_(factor)
-    latents = codec.encoder(x)
-    vectors = latents.transpose(1, 2).reshape(-1, latents.shape[1])
-    size = codec.config.codebook_size
-    rvq = ResidualVQ(num_quantizers=num_quantizers, codebook_size=size, dim=vectors.shape[1])
-    rvq.init_kmeans(vectors, iters=8, generator=torch.Generator().manual_seed(seed))
-    for q, layer in enumerate(codec.quantizer.layers[:num_quantizers]):
-        book, centers = layer.codebook, rvq.codebooks[q]
-        book.embed.copy_(centers)
-        book.embed_avg.copy_(centers)
-        book.cluster_size.fill_(1.0)
-        if hasattr(book, "inited"):
-            book.inited.fill_(1.0)
-        vectors = vectors - centers[nearest(vectors, centers)]
+    kmeans_codebooks(codec, codec.encoder(x), num_quantizers, seed)
+    for layer in codec.quantizer.layers[:num_quantizers]:
+        layer.codebook.cluster_size.fill_(1.0)
 
 
 def log_mel_distance(codec, audio: np.ndarray, bandwidth: float, device, batch: int = 16) -> tuple[float, np.ndarray]:

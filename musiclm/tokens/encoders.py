@@ -186,20 +186,28 @@ def build_tiny_encodec(seed: int = 0, bandwidth: float = 6.0, codebook_size: int
              for i in range(num_clips)]
     with torch.no_grad():
         latents = model.encoder(torch.from_numpy(np.stack(clips))[:, None])  # (B, D, T)
-    vectors = latents.transpose(1, 2).reshape(-1, latents.shape[1])
-    n_q = model.quantizer.get_num_quantizers_for_bandwidth(bandwidth)
-    rvq = ResidualVQ(num_quantizers=n_q, codebook_size=codebook_size, dim=vectors.shape[1])
-    rvq.init_kmeans(vectors, iters=8, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for q, layer in enumerate(model.quantizer.layers[:n_q]):
-            book = layer.codebook
-            book.embed.copy_(rvq.codebooks[q])
-            book.embed_avg.copy_(rvq.codebooks[q])
-            idx = nearest(vectors, rvq.codebooks[q])
-            book.cluster_size.copy_(torch.bincount(idx, minlength=codebook_size).float())
-            book.inited.fill_(1.0)
-            vectors = vectors - rvq.codebooks[q][idx]
+    kmeans_codebooks(model, latents, model.quantizer.get_num_quantizers_for_bandwidth(bandwidth), seed)
     return model
+
+
+@torch.no_grad()
+def kmeans_codebooks(model, latents: torch.Tensor, num_quantizers: int, seed: int = 0) -> None:
+    """The first ``num_quantizers`` codebooks of EncodecModel ``model`` fitted by k-means on the residuals of its
+    encoder's ``latents`` (B, D, T) (``ResidualVQ.init_kmeans``, 8 iterations, seeded), in place: each codebook's
+    ``embed`` and ``embed_avg`` are its centers, ``cluster_size`` the count of latents whose residual it
+    quantizes, and it is marked initialized."""
+    vectors = latents.transpose(1, 2).reshape(-1, latents.shape[1])
+    size = model.config.codebook_size
+    rvq = ResidualVQ(num_quantizers=num_quantizers, codebook_size=size, dim=vectors.shape[1])
+    rvq.init_kmeans(vectors, iters=8, generator=torch.Generator().manual_seed(seed))
+    for q, layer in enumerate(model.quantizer.layers[:num_quantizers]):
+        book, centers = layer.codebook, rvq.codebooks[q]
+        book.embed.copy_(centers)
+        book.embed_avg.copy_(centers)
+        idx = nearest(vectors, centers)
+        book.cluster_size.copy_(torch.bincount(idx, minlength=size).float())
+        book.inited.fill_(1.0)
+        vectors = vectors - centers[idx]
 
 
 def save_clap(model, processor, out: Path) -> None:

@@ -35,6 +35,26 @@ class RVQFitReport:
                 f"(per level {self.codes_used}); dead codes replaced {self.dead_codes_replaced}")
 
 
+@torch.no_grad()
+def ema_update(embed: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor, x: torch.Tensor,
+               idx: torch.Tensor, decay: float, eps: float, reduce=None) -> None:
+    """One exponential-moving-average step of a codebook ``embed`` (K, D) toward the rows of ``x`` assigned to it
+    (``idx``), its EMA counts ``cluster_size`` and sums ``embed_sum`` updated with it, all in place; Laplace
+    smoothing (``eps``) keeps rarely used codes finite. ``reduce``, when given, sums the batch's counts and sums
+    over workers first (in place)."""
+    k = embed.shape[0]
+    counts = torch.bincount(idx, minlength=k).to(x.dtype)
+    sums = torch.zeros_like(embed).index_add_(0, idx, x)
+    if reduce is not None:
+        reduce(counts)
+        reduce(sums)
+    cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+    embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + k * eps) * n
+    embed.copy_(embed_sum / smoothed[:, None])
+
+
 class ResidualVQ(nn.Module):
     def __init__(self, num_quantizers: int = 12, codebook_size: int = 1024, dim: int = 512,
                  decay: float = 0.95, dead_code_threshold: float = 0.5, eps: float = 1e-5):
@@ -94,13 +114,8 @@ class ResidualVQ(nn.Module):
         replaced = 0
         for q in range(self.num_quantizers):
             idx = nearest(residual, self.codebooks[q])
-            counts = torch.bincount(idx, minlength=self.codebook_size).to(residual.dtype)
-            sums = torch.zeros_like(self.codebooks[q]).index_add_(0, idx, residual)
-            self.cluster_size[q].mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.embed_sum[q].mul_(self.decay).add_(sums, alpha=1 - self.decay)
-            n = self.cluster_size[q].sum()  # Laplace smoothing keeps rarely used codes finite
-            smoothed = (self.cluster_size[q] + self.eps) / (n + self.codebook_size * self.eps) * n
-            self.codebooks[q] = self.embed_sum[q] / smoothed[:, None]
+            ema_update(self.codebooks[q], self.cluster_size[q], self.embed_sum[q], residual, idx, self.decay,
+                       self.eps)
             dead = self.cluster_size[q] < self.dead_code_threshold
             if dead.any():
                 fresh = sample_rows(residual, int(dead.sum()), generator)
