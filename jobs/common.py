@@ -234,11 +234,13 @@ def setup_worker() -> None:
     that way, and with another Ray on the machine (another job, a test session) it found two and printed a 'Found
     multiple active Ray instances' traceback for every run, its cleaning undone. And it quiets Ray Data's three INFO
     lines per dataset execution in the actors that run them, as ``connect`` does in the driver: a Ray Train job
-    that streams a dataset (fit-clap) printed them at every epoch from its split coordinator."""
+    that streams a dataset (fit-clap) printed them at every epoch from its split coordinator; and its warning that
+    progress bars are off (which the driver turned off on purpose), once from every such coordinator."""
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def wait_seconds(args: argparse.Namespace) -> float:

@@ -1,6 +1,7 @@
-"""The whole path in one run: corpus → token system → train its EnCodec (tiny) → fit RVQ and k-means →
-preprocess → train the three stages → generate → evaluate, each step skipped when its output exists and matches
-(a second run only checks). Needs a connected Ray; each step calls the same library code as its own job.
+"""The whole path in one run: corpus → token system → train its EnCodec and CLAP (tiny) → fit RVQ and k-means →
+preprocess → train the three stages (with conditioning dropout) → generate (with guidance) → evaluate → how well
+the music follows the prompt, each step skipped when its output exists and matches (a second run only checks).
+Needs a connected Ray; each step calls the same library code as its own job.
 
     WORK/corpus/              synthetic corpus (or --source: any audio folder / FMA, used as it is)
     WORK/token_system/        tiny (offline) or the preset's encoders
@@ -8,7 +9,10 @@ preprocess → train the three stages → generate → evaluate, each step skipp
     WORK/runs/<stage>/        training runs (checkpoints, tensorboard/, summary.json)
     WORK/models/{early,final}/  model sets: the first checkpoint of each stage, and the best
     WORK/generate/            the demo prompt's best WAV and report.json
-    WORK/evaluate/            early vs final on the prompt set: results.md / .csv, scores.png, tensorboard/
+    WORK/evaluate/            early vs final, unguided and guided, on the held-out tracks' captions (or
+                              ``prompts``): results.md / .csv, scores.png, tensorboard/
+    WORK/prompt_following.json  the prompt-following block (``evaluation.prompt_following``), also in
+                              pipeline.json
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from pathlib import Path
 
 from .config import STAGES, ConfigError
 
-DEMO_PROMPT = "an upbeat electronic track with a steady beat"
-DEMO_PROMPTS = ["a calm piano melody", "fast drums and bass", "a warm synthesizer pad"]
+DEMO_PROMPT = ("An upbeat electronic track at 128 BPM in A minor, with a sawtooth synth lead and four-on-the-floor "
+               "drums.")  # a caption of the synthetic corpus's kind
 
 
 @dataclass
@@ -31,12 +35,15 @@ class PipelineSettings:
     workdir: str = "demo_out"
     preset: str = "tiny"
     source: str | None = None  # an audio folder to use instead of the synthetic corpus
-    num_tracks: int = 16
+    num_tracks: int = 64  # fit-clap needs this many to learn the captions (12 held out: recall@1 0.08 -> 0.29)
     seconds: float = 12.0
     rvq_steps: int = 200
     # fit-codec steps for the tiny preset's random EnCodec, so that tokens decode to audio of the corpus's kind
     # (0: it stays random; pretrained presets keep their EnCodec)
     codec_steps: int = 300  # ~1 min on 2 CPUs: rhythm comes through its codes by then (docs/tokens-and-data.md)
+    # fit-clap steps for the tiny preset's random CLAP on the corpus' captions (0: it stays random, and every CLAP
+    # score is noise); pretrained presets keep their CLAP
+    clap_steps: int = 200
     train_steps: int = 30  # per stage
     num_workers: int = 2
     batch_size: int = 2  # per worker
@@ -45,19 +52,26 @@ class PipelineSettings:
     duration: float = 10.0  # seconds generated per candidate
     num_samples: int = 2
     prompt: str = DEMO_PROMPT
-    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    prompts: list[str] = field(default_factory=list)  # the evaluation's; none: the held-out tracks' captions
+    max_prompts: int = 8  # of the held-out captions
     eval_duration: float = 4.0
     seed: int = 0
     # k-means clusters of the semantic tokens; 0: the preset's (1024) for a --source corpus, and for the synthetic
-    # one a power of two giving each cluster at least FRAMES_PER_CLUSTER of its frames (128 for the demo's 16 x 12 s)
+    # one a power of two giving each cluster at least FRAMES_PER_CLUSTER of its frames (512 for the demo's 64 x 12 s)
     semantic_clusters: int = 0
-    cond_drop_prob: float = 0.0  # conditioning dropout of every stage's training (train.cond_drop_prob)
-    guidance: float = 1.0  # classifier-free guidance of every stage when generating and evaluating (1: none)
+    # codes per quantizer of the CLAP RVQ; 0: the preset's (1024) for a --source corpus, and for the synthetic one a
+    # power of two giving each code at least WINDOWS_PER_CODE of its CLAP windows (16 for the demo)
+    clap_codes: int = 0
+    cond_drop_prob: float = 0.2  # conditioning dropout of every stage's training (train.cond_drop_prob)
+    # classifier-free guidance of every stage when generating; the evaluation samples each set unguided and with it
+    # (1: none)
+    guidance: float = 3.0
 
     def __post_init__(self):
         if self.guidance != 1 and self.cond_drop_prob <= 0:
             raise ConfigError(f"guidance {self.guidance:g} needs stages that learned the null condition: train them "
-                              f"with conditioning dropout (--cond-drop-prob 0.2), or generate without guidance")
+                              f"with conditioning dropout (--cond-drop-prob 0.2), or generate without guidance "
+                              f"(--guidance-scale 1)")
 
     def clusters(self, kmeans) -> int:
         """The semantic k-means size, given the preset's ``HubertKmeansConfig``."""
@@ -68,12 +82,27 @@ class PipelineSettings:
         frames = self.num_tracks * self.seconds * kmeans.output_hz
         return int(min(kmeans.codebook_size, max(16, 2 ** math.floor(math.log2(frames / FRAMES_PER_CLUSTER)))))
 
+    def codes(self, rvq) -> int:
+        """The CLAP RVQ's codes per quantizer, given the preset's ``ClapRVQConfig``."""
+        if self.clap_codes:
+            return self.clap_codes
+        from .evaluation.quality import CLAP_WINDOW_SECONDS
+
+        if self.source is not None:
+            return rvq.codebook_size
+        windows = self.num_tracks * (max(0, math.floor((self.seconds - CLAP_WINDOW_SECONDS) / rvq.hop_seconds)) + 1)
+        return int(min(rvq.codebook_size, max(2, 2 ** math.floor(math.log2(max(1, windows // WINDOWS_PER_CODE))))))
+
 
 # Fewer frames per cluster and the clusters fit the corpus' tracks instead of the music: on the demo corpus with
 # 1024 clusters (~9 frames each) the semantic stage memorized its train tracks' ids (train loss 5.6) and stayed at
 # chance on the valid ones (7.0-7.3 against ln 1025 = 6.93).
 FRAMES_PER_CLUSTER = 64
+# The same for the conditioning: an RVQ with more codes than the corpus has CLAP windows gives every train track its
+# own first code, and the stages learn each track's (a held-out track's tokens are those of its nearest train track).
+WINDOWS_PER_CODE = 8
 QUANTIZERS = ("clap_rvq", "semantic_kmeans")  # the token system's fitted parts (token_system.json's "fitted")
+PROMPT_FOLLOWING = "prompt_following.json"
 
 
 class Pipeline:
@@ -106,6 +135,8 @@ class Pipeline:
         self.step("init-token-system", (self.ts / "token_system.json").exists(), self._init_token_system)
         self.step("fit-codec", self.s.preset != "tiny" or not self.s.codec_steps
                   or (self.ts / "fit_codec.report.json").exists(), self._fit_codec)
+        self.step("fit-clap", self.s.preset != "tiny" or not self.s.clap_steps
+                  or (self.ts / "fit_clap.report.json").exists(), self._fit_clap)
         self.step("fit-quantizers", all(self._fitted(p) for p in QUANTIZERS), self._fit_quantizers)
         self.step("preprocess", self._dataset_done(), self._preprocess)
         for stage in STAGES:
@@ -113,12 +144,14 @@ class Pipeline:
         self.step("model-sets", self._model_sets_done(), self._model_sets)
         self.step("generate", self._generated(), self._generate)
         self.step("evaluate", self._evaluated(), self._evaluate)
+        self.step("prompt-following", self._prompt_following_done(), self._prompt_following)
         summary = {"workdir": str(self.work), "seconds": round(time.time() - start, 1), "steps": self.timings,
                    "stages": {stage: self.stage_result(stage) for stage in STAGES},
                    "wavs": json.loads((self.work / "generate" / "report.json").read_text())["files"],
                    "report": str(self.work / "generate" / "report.json"),
                    "evaluation": str(self.work / "evaluate" / "results.md"),
                    "plot": str(self.work / "evaluate" / "scores.png"),
+                   "prompt_following": json.loads((self.work / PROMPT_FOLLOWING).read_text()),
                    "tensorboard": f"tensorboard --logdir {self.work} --host 127.0.0.1"}
         (self.work / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -149,13 +182,29 @@ class Pipeline:
         fit_codec(self.ts, open_source(self.corpus), cfg, str(self.work / "runs" / "codec"),
                   float(self.resources.get("CPU", 1.0)), log=self.log)
 
+    def _fit_clap(self) -> None:
+        """The tiny CLAP tuned contrastively on the corpus' captions (both towers; a fifth of the tracks held out
+        for its retrieval scores), before its RVQ is fitted and anything is tokenized with it."""
+        from .data.sources import open_source
+        from .tokens.clap_tuning import ClapTuneConfig, fit_clap
+
+        source = open_source(self.corpus)
+        cfg = ClapTuneConfig(steps=self.s.clap_steps, batch_size=16, lr=5e-4, warmup=10, windows_per_track=2,
+                             eval_every=max(10, self.s.clap_steps // 3), seed=self.s.seed)
+        held_out = min(cfg.valid_tracks, max(2, len(source.tracks) // 5))  # tuning.split_tracks'
+        cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, len(source.tracks) - held_out)))
+        fit_clap(self.ts, source, cfg, str(self.work / "runs" / "clap"), float(self.resources.get("CPU", 1.0)),
+                 log=self.log)
+
     def _model_config(self):
-        """The preset's model config with the semantic k-means size of ``settings.clusters``."""
+        """The preset's model config with the semantic k-means and CLAP RVQ sizes of ``settings.clusters`` and
+        ``settings.codes``."""
         from .config import model_preset
 
         cfg = model_preset(self.s.preset)
-        k = self.s.clusters(cfg.hubert_kmeans_cfg)
-        return dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k))
+        k, c = self.s.clusters(cfg.hubert_kmeans_cfg), self.s.codes(cfg.clap_rvq_cfg)
+        return dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k),
+                                   clap_rvq_cfg=dataclasses.replace(cfg.clap_rvq_cfg, codebook_size=c))
 
     def _fitted(self, part: str) -> bool:
         meta = self.ts / "token_system.json"
@@ -207,7 +256,8 @@ class Pipeline:
             f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5",
             f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
             f"train.cond_drop_prob={self.s.cond_drop_prob}",
-            f"model.hubert_kmeans_cfg.codebook_size={self._model_config().hubert_kmeans_cfg.codebook_size}"])
+            f"model.hubert_kmeans_cfg.codebook_size={self._model_config().hubert_kmeans_cfg.codebook_size}",
+            f"model.clap_rvq_cfg.codebook_size={self._model_config().clap_rvq_cfg.codebook_size}"])
 
     def _trained(self, stage: str) -> bool:
         from .train.checkpoint import read_stage
@@ -264,10 +314,10 @@ class Pipeline:
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
     # ------------------------------------------------------------------ generation and evaluation
-    def _generate_settings(self, duration: float):
+    def _generate_settings(self, duration: float, guidance: float | None = None):
         from .generation.generate import GenerateSettings
 
-        g = self.s.guidance
+        g = self.s.guidance if guidance is None else guidance
         return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed,
                                 semantic_guidance=g, coarse_guidance=g, fine_guidance=g)
 
@@ -293,18 +343,32 @@ class Pipeline:
         self.log(f"generate: {self.s.prompt!r}: scores {report['scores']}, real-time factor "
                  f"{report['timings']['real_time_factor']:.2f}")
 
+    def _scales(self) -> list[float]:
+        """The evaluation's guidance scales: unguided, and the pipeline's guidance when it has one."""
+        return [1.0] if self.s.guidance == 1 else [1.0, self.s.guidance]
+
+    def _eval_prompts(self) -> list[str]:
+        """The evaluation's prompts: ``prompts``, else the captions of the token dataset's held-out tracks (whose
+        stages never saw them), at most ``max_prompts``."""
+        from .evaluation.evaluate import dataset_prompts
+
+        return list(self.s.prompts) or [p.caption for p in dataset_prompts(str(self.tokens))][:self.s.max_prompts]
+
     def _evaluated(self) -> bool:
+        from .evaluation.evaluate import guided_name
         from .generation.batch import finished_report, prompt_folder
 
         out = self.work / "evaluate"
         if not (out / "results.csv").exists() or not (out / "scores.png").exists():
             return False
-        settings = self._generate_settings(self.s.eval_duration)
+        prompts = self._eval_prompts()
         for name in ("early", "final"):
             ids = self._checkpoint_ids(name)
-            if any(finished_report(prompt_folder(out / name, i, p), p, settings, ids) is None
-                   for i, p in enumerate(self.s.prompts)):
-                return False
+            for g in self._scales():
+                settings = self._generate_settings(self.s.eval_duration, g)
+                if any(finished_report(prompt_folder(out / guided_name(name, g), i, p), p, settings, ids) is None
+                       for i, p in enumerate(prompts)):
+                    return False
         return True
 
     def _evaluate(self) -> None:
@@ -312,10 +376,75 @@ class Pipeline:
         from .generation.generate import ModelSet
 
         sets = {name: ModelSet.from_dir(self.models / name) for name in ("early", "final")}
-        evaluate(self.s.prompts, sets, self._generate_settings(self.s.eval_duration), self.work / "evaluate",
-                 cluster_cpus=self.resources.get("CPU", 1), cluster_gpus=self.resources.get("GPU", 0),
-                 actors=self.actors, gpus_per_actor=self.gpus_per_actor, log=self.log)
+        evaluate(self._eval_prompts(), sets, self._generate_settings(self.s.eval_duration, 1.0),
+                 self.work / "evaluate", cluster_cpus=self.resources.get("CPU", 1),
+                 cluster_gpus=self.resources.get("GPU", 0), actors=self.actors, gpus_per_actor=self.gpus_per_actor,
+                 guidance_scales=self._scales(), log=self.log)
+
+    # ------------------------------------------------------------------ does the music follow the prompt?
+    def _prompt_following_done(self) -> bool:
+        path = self.work / PROMPT_FOLLOWING
+        return path.exists() and json.loads(path.read_text()).get("evaluation_sha256") == self._results_digest()
+
+    def _results_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256((self.work / "evaluate" / "results.csv").read_bytes()).hexdigest()
+
+    def _caption_tracks(self) -> list:
+        """The tracks the caption match scores: those fit-clap held out (the tuned CLAP never saw them), else the
+        token dataset's held-out ones."""
+        from .data.sources import open_source
+        from .evaluation.evaluate import dataset_prompts
+
+        report = self.ts / "fit_clap.report.json"
+        tracks = [t for t in open_source(self.corpus).tracks if t.caption and not t.problem_kind]
+        if report.exists():
+            held = set(json.loads(report.read_text())["held_out"])
+            return [t for t in tracks if t.id in held]
+        held = {Path(p.audio).resolve() for p in dataset_prompts(str(self.tokens))}
+        return [t for t in tracks if Path(t.path).resolve() in held]
+
+    def _prompt_following(self) -> None:
+        """How well the music follows the prompt (``evaluation.prompt_following``): the CLAP judge on held-out
+        real clips, what reranking and guidance buy in the evaluation, each stage's conditioning gains."""
+        import csv
+
+        from .audio.io import decode_audio
+        from .evaluation import prompt_following as pf
+        from .evaluation.evaluate import guided_name
+        from .generation.generate import resolve_checkpoint
+        from .tokens.system import TokenSystem
+
+        system = TokenSystem.load(self.ts)
+        tracks = self._caption_tracks()
+        clips = [decode_audio(t.path, system.clap.sample_rate, max_seconds=10.0)[0] for t in tracks]
+        block = {"held_out_tracks": len(tracks),
+                 "clap_caption_match": pf.caption_match(system, clips, [t.caption for t in tracks],
+                                                        system.clap.sample_rate)}
+        with (self.work / "evaluate" / "results.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        block["prompts"] = len({r["prompt"] for r in rows})
+        # the same match on what the final set generated: each prompt's best clip against its own prompt and the others
+        best = [r for r in rows if r["model_set"] == "final" and r["best_file"]]
+        if len(best) >= 2:
+            generated = [decode_audio(r["best_file"], system.clap.sample_rate)[0] for r in best]
+            block["generated_caption_match"] = pf.caption_match(system, generated, [r["prompt"] for r in best],
+                                                                system.clap.sample_rate)
+        block.update(pf.from_results(rows, "final", guided_name("final", self.s.guidance)
+                                     if self.s.guidance != 1 else None))
+        if "guidance_vs_unguided" in block:
+            block["guidance"] = self.s.guidance
+        for stage in STAGES:
+            gains = pf.conditioning_gains(resolve_checkpoint(self.runs / stage), self.tokens, stage,
+                                          self.s.batch_size)
+            block[f"conditioning_gain/{stage}"] = gains["conditioning_gain"]
+            block[f"null_condition_gain/{stage}"] = gains["null_condition_gain"]
+        block["evaluation_sha256"] = self._results_digest()
+        (self.work / PROMPT_FOLLOWING).write_text(json.dumps(block, indent=2) + "\n")
+        for line in pf.summary_lines(block):
+            self.log("prompt following:" + line[1:])
 
 
-__all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "DEMO_PROMPTS"]
+__all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "PROMPT_FOLLOWING"]
 

@@ -15,16 +15,33 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_quantizers_are_sized_to_the_synthetic_corpus_and_a_users_keep_the_presets():
+    """The demo's 64 x 12 s corpus: 38,400 semantic frames give 512 k-means clusters (at least 64 frames each) and
+    its 192 CLAP windows (3 per track at a 1 s hop) 16 RVQ codes a level (at least 8 windows each); with the
+    preset's 1024 codes every train track had a first code of its own. A --source corpus keeps the preset's sizes."""
+    from musiclm.config import model_preset
+    from musiclm.pipeline import PipelineSettings
+
+    cfg = model_preset("tiny")
+    demo = PipelineSettings()
+    assert (demo.num_tracks, demo.seconds) == (64, 12.0)
+    assert demo.clusters(cfg.hubert_kmeans_cfg) == 512 and demo.codes(cfg.clap_rvq_cfg) == 16
+    assert PipelineSettings(num_tracks=8).codes(cfg.clap_rvq_cfg) == 2  # the pipeline test's corpus
+    assert PipelineSettings(clap_codes=64).codes(cfg.clap_rvq_cfg) == 64
+    user = PipelineSettings(source="/data/fma")
+    assert user.clusters(cfg.hubert_kmeans_cfg) == user.codes(cfg.clap_rvq_cfg) == 1024
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(1500)
 def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_ray, tmp_path, capsys):
     from jobs.pipeline import main as pipeline
 
     work = tmp_path / "demo"
-    # `make demo` runs the defaults (4.3 min here); every step is the same code with fewer tracks, steps and
+    # `make demo` runs the defaults (8.5 min here); every step is the same code with fewer tracks, steps and
     # seconds, which is what this test checks: that each step runs, hands on to the next, and is skipped after.
     argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--codec-steps", "20",
-            "--train-steps", "10", "--num-workers", "1", "--duration", "2", "--eval-duration", "1",
+            "--clap-steps", "10", "--train-steps", "10", "--num-workers", "1", "--duration", "2", "--eval-duration", "1",
             "--num-samples", "1"]
     # the first run as `make demo` runs it: its own process and Ray, every worker's output reaching the terminal
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -44,7 +61,7 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     summary = json.loads((work / "pipeline.json").read_text())
     alarmed = {line.split()[1] for line in lines if line.startswith("WARNING: ") and "at chance level" in line}
     assert alarmed <= {stage for stage, r in summary["stages"].items() if r["at_chance"]}, (alarmed, summary["stages"])
-    assert first.count(": finished in ") == len(summary["steps"]) == 11  # every step ran
+    assert first.count(": finished in ") == len(summary["steps"]) == 13  # every step ran
     for wav in summary["wavs"]:
         info = sf.info(wav)
         assert info.samplerate == 24000 and info.frames == 2 * 24000
@@ -71,10 +88,34 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     assert km["frames"] > 4000 and rvq["embeddings"] == 8 * windows > 8
     assert km["clusters_used"] == 64 and km["fingerprint"] == json.loads(
         (work / "token_system" / "token_system.json").read_text())["fingerprint"]
+    # fit-clap tuned the random CLAP on the corpus' captions before the RVQ was fitted on it (its fingerprint is the
+    # one the RVQ fit saw); the stages learned the null condition, which guidance (3 by default) needs
+    clap = json.loads((work / "token_system" / "fit_clap.report.json").read_text())
+    assert clap["steps"] == 10 and len(clap["held_out"]) == clap["tracks"]["valid"] == 2
+    assert [h["kind"] for h in json.loads((work / "token_system" / "token_system.json").read_text())["history"]] == [
+        "encodec", "clap"]
     report = json.loads((work / "generate" / "report.json").read_text())
-    assert report["checkpoints"]["fine"]["step"] == 10
+    assert report["checkpoints"]["fine"]["step"] == 10 and report["settings"]["coarse_guidance"] == 3
+    # the evaluation generated the held-out tracks' captions with each set, unguided and guided
+    from musiclm.evaluation.evaluate import dataset_prompts
+
+    held_out = [p.caption for p in dataset_prompts(str(work / "tokens"))]
     table = (work / "evaluate" / "results.md").read_text()
-    assert "early best" in table and "final best" in table
+    assert all(f"{name} best" in table for name in ("early", "final", "early@g3", "final@g3"))
+    assert all(caption in table for caption in held_out)
+    # the prompt-following block, each difference with its noise over its items: the CLAP judge on fit-clap's
+    # held-out clips, reranking and guidance over the evaluation's prompts, each stage's gains over its valid batches
+    block = summary["prompt_following"]
+    assert block == json.loads((work / "prompt_following.json").read_text())
+    assert block["held_out_tracks"] == 2 and block["prompts"] == len(held_out) and block["guidance"] == 3
+    counts = {"clap_caption_match": 2, "generated_caption_match": len(held_out), "best_of_n_vs_random": len(held_out),
+              "guidance_vs_unguided": len(held_out)}
+    for name, e in block.items():
+        if isinstance(e, dict):
+            assert set(e) == {"value", "noise", "n", "clear"} and e["value"] is not None, (name, e)
+            assert e["n"] == counts.get(name, e["n"]) >= 2 and e["noise"] >= 0, (name, e)
+    assert {n.split("/")[1] for n in block if "/" in n} == {"semantic", "coarse", "fine"}
+    assert "prompt following (2 held-out tracks' clips" in first and "clap_caption_match: " in first
     assert (work / "evaluate" / "scores.png").exists()
     assert "generated: " in first and "tensorboard --logdir" in first
     # `musiclm train` by hand on the demo's dataset (its k-means is sized to the corpus: 128 codes for the demo's,
@@ -89,6 +130,9 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     check_token_layout(cfg, open_manifest(tokens), str(tokens))
     assert cfg.model.hubert_kmeans_cfg.codebook_size == open_manifest(tokens)["tokens"]["semantic"]["codebook_size"] \
         < 1024
+    # the CLAP RVQ is sized to the corpus too (8 tracks x 3 CLAP windows: 2 codes a level, not 1024, with which
+    # every train track had a first code of its own)
+    assert cfg.model.clap_rvq_cfg.codebook_size == open_manifest(tokens)["tokens"]["clap"]["codebook_size"] == 2
 
     pipeline(argv)
     second = capsys.readouterr().out

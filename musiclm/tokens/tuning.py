@@ -312,6 +312,7 @@ def run_report(kind: str, run_dir: str, checkpoint: str, source, train: list, va
     """What every tuning report holds: the run, its corpus and tracks, the tracks skipped, steps and settings."""
     return {"kind": kind, "run": run_dir, "checkpoint": checkpoint, "corpus": source.root,
             "source_kind": source.kind, "tracks": {"train": len(train), "valid": len(valid)},
+            "held_out": [t.id for t in valid],
             "skipped": {**after.get("skipped", {}), **bad}, "steps": after["step"], "config": to_dict(cfg)}
 
 

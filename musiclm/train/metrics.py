@@ -52,14 +52,19 @@ class ConditioningSums:
 
     def __init__(self):
         self.t = torch.zeros(6, dtype=torch.float64)  # own loss·n, shuffled loss·n, n; own loss·m, null loss·m, m
+        # this worker's gain of each batch, for the spread of the mean (evaluation.prompt_following)
+        self.gains: list[float] = []
+        self.null_gains: list[float] = []
 
     def add(self, own_loss: torch.Tensor, shuffled_loss: torch.Tensor, n_labels: int) -> None:
         self.t[:3] += torch.tensor([float(own_loss) * n_labels, float(shuffled_loss) * n_labels, n_labels],
                                    dtype=torch.float64)
+        self.gains.append(float(shuffled_loss) - float(own_loss))
 
     def add_null(self, own_loss: torch.Tensor, null_loss: torch.Tensor, n_labels: int) -> None:
         self.t[3:] += torch.tensor([float(own_loss) * n_labels, float(null_loss) * n_labels, n_labels],
                                    dtype=torch.float64)
+        self.null_gains.append(float(null_loss) - float(own_loss))
 
     def reduce(self, device: torch.device | str) -> dict[str, float]:
         """The sums over all workers (a collective: every worker calls it). The shuffled loss is left out when no

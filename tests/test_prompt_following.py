@@ -1,0 +1,58 @@
+"""The prompt-following block: each difference with its noise, from an evaluation's rows and a stage checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from musiclm.evaluation.prompt_following import conditioning_gains, estimate, from_results
+
+
+def test_a_difference_is_its_mean_with_the_standard_error_and_clear_only_beyond_two_errors():
+    values = [0.3, 0.1, 0.2, 0.4]
+    e = estimate(values)
+    assert e["value"] == pytest.approx(np.mean(values))
+    assert e["noise"] == pytest.approx(np.std(values, ddof=1) / 2) and e["n"] == 4 and e["clear"]
+    assert not estimate([0.3, -0.1, 0.2, -0.2])["clear"]  # positive mean, inside its noise
+    assert not estimate([-0.3, -0.1, -0.2, -0.4])["clear"]  # beyond its noise, but negative
+    assert not estimate([0.5])["clear"] and estimate([0.5])["noise"] == 0.0  # one item: no spread to judge by
+    assert estimate([]) == {"value": None, "noise": None, "n": 0, "clear": False}
+
+
+def test_reranking_and_guidance_come_from_the_evaluations_rows_prompt_by_prompt():
+    rows = [  # as results.csv holds them: strings, a failed prompt's scores empty
+        {"prompt": "a", "model_set": "final", "best_score": "0.30", "random_score": "0.10", "mean_score": "0.20"},
+        {"prompt": "b", "model_set": "final", "best_score": "0.50", "random_score": "0.50", "mean_score": "0.40"},
+        {"prompt": "c", "model_set": "final", "best_score": "", "random_score": "", "mean_score": ""},
+        {"prompt": "a", "model_set": "final@g3", "best_score": "0.40", "random_score": "0.30", "mean_score": "0.35"},
+        {"prompt": "b", "model_set": "final@g3", "best_score": "0.60", "random_score": "0.40", "mean_score": "0.50"},
+        {"prompt": "a", "model_set": "early", "best_score": "0.90", "random_score": "0.00", "mean_score": "0.50"},
+    ]
+    out = from_results(rows, "final", "final@g3")
+    assert out["best_of_n_vs_random"]["value"] == pytest.approx(0.1) and out["best_of_n_vs_random"]["n"] == 2
+    assert out["guidance_vs_unguided"]["value"] == pytest.approx(0.125)  # means: +0.15 and +0.10
+    assert out["guidance_vs_unguided"]["noise"] == pytest.approx(0.025) and out["guidance_vs_unguided"]["n"] == 2
+    assert "guidance_vs_unguided" not in from_results(rows, "final", None)
+
+
+def test_conditioning_gains_per_batch_average_to_the_training_loops_figures(tiny_model_set, token_dataset_dir):
+    """The block's per-batch gains of a checkpoint are the validation's own: their mean is the loop's
+    label-weighted valid/conditioning_gain and valid/null_condition_gain over the same rows and crops."""
+    from musiclm.data.shards import CropSpec, open_manifest, split_files
+    from musiclm.train.checkpoint import load_stage
+    from musiclm.train.data import HeldRows, _table
+    from musiclm.train.loop import validation_pass
+
+    stage = "semantic"
+    gains = conditioning_gains(tiny_model_set / stage, token_dataset_dir, stage, batch_size=1)
+    model, info = load_stage(tiny_model_set / stage)
+    spec = CropSpec.make(stage, info.model.global_cfg, open_manifest(token_dataset_dir))
+    held = HeldRows(_table(split_files(token_dataset_dir, "valid"), stage), spec, seed=0, fixed=True)
+    batches, counted = held.lockstep_batches(0, 1, 1)  # the fixture's dataset holds two valid rows
+    with torch.no_grad():
+        _, sums, _ = validation_pass(model.eval(), model, batches, torch.device("cpu"), counted)
+    loop = sums.reduce("cpu")
+    assert gains["conditioning_gain"]["n"] == len(batches) >= 2
+    assert gains["conditioning_gain"]["value"] == pytest.approx(loop["valid/conditioning_gain"], abs=1e-5)
+    assert gains["null_condition_gain"]["value"] == pytest.approx(loop["valid/null_condition_gain"], abs=1e-5)
+    assert gains["conditioning_gain"]["value"] != 0 and gains["conditioning_gain"]["noise"] > 0
