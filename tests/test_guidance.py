@@ -179,6 +179,9 @@ def test_the_pipeline_refuses_guidance_without_conditioning_dropout():
     from musiclm.config import ConfigError
     from musiclm.pipeline import PipelineSettings
 
-    assert PipelineSettings(cond_drop_prob=0.2, guidance=3.0).guidance == 3.0
-    with pytest.raises(ConfigError, match=r"guidance 3 needs stages that learned the null condition.*--cond-drop-prob"):
-        PipelineSettings(guidance=3.0)
+    demo = PipelineSettings()  # the demo trains with conditioning dropout and generates with guidance
+    assert (demo.cond_drop_prob, demo.guidance) == (0.2, 3.0)
+    assert PipelineSettings(cond_drop_prob=0.0, guidance=1.0).guidance == 1.0
+    with pytest.raises(ConfigError, match=r"guidance 3 needs stages that learned the null condition.*--cond-drop-prob"
+                                          r".*--guidance-scale 1"):
+        PipelineSettings(cond_drop_prob=0.0)
