@@ -186,13 +186,14 @@ class Pipeline:
         """The tiny CLAP tuned contrastively on the corpus' captions (both towers; a fifth of the tracks held out
         for its retrieval scores), before its RVQ is fitted and anything is tokenized with it."""
         from .data.sources import open_source
-        from .tokens.clap_tuning import ClapTuneConfig, fit_clap
+        from .tokens.clap_tuning import ClapTuneConfig, captioned, fit_clap
+        from .tokens.tuning import split_tracks
 
         source = open_source(self.corpus)
         cfg = ClapTuneConfig(steps=self.s.clap_steps, batch_size=16, lr=5e-4, warmup=10, windows_per_track=2,
                              eval_every=max(10, self.s.clap_steps // 3), seed=self.s.seed)
-        held_out = min(cfg.valid_tracks, max(2, len(source.tracks) // 5))  # tuning.split_tracks'
-        cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, len(source.tracks) - held_out)))
+        train, _ = split_tracks(captioned(source), cfg)  # a batch of 16, or of every train track when fewer
+        cfg = dataclasses.replace(cfg, batch_size=max(2, min(cfg.batch_size, len(train))))
         fit_clap(self.ts, source, cfg, str(self.work / "runs" / "clap"), float(self.resources.get("CPU", 1.0)),
                  log=self.log)
 
@@ -248,7 +249,7 @@ class Pipeline:
     def _train_config(self, stage: str):
         from .config import stage_config
 
-        every = max(1, self.s.train_steps // 2)
+        model, every = self._model_config(), max(1, self.s.train_steps // 2)
         return stage_config(stage, self.s.preset, None, [
             f"train.num_train_steps={self.s.train_steps}", f"train.num_workers={self.s.num_workers}",
             f"train.use_gpu={str(self.s.use_gpu).lower()}", f"train.save_model_every={every}",
@@ -256,8 +257,8 @@ class Pipeline:
             f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5",
             f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
             f"train.cond_drop_prob={self.s.cond_drop_prob}",
-            f"model.hubert_kmeans_cfg.codebook_size={self._model_config().hubert_kmeans_cfg.codebook_size}",
-            f"model.clap_rvq_cfg.codebook_size={self._model_config().clap_rvq_cfg.codebook_size}"])
+            f"model.hubert_kmeans_cfg.codebook_size={model.hubert_kmeans_cfg.codebook_size}",
+            f"model.clap_rvq_cfg.codebook_size={model.clap_rvq_cfg.codebook_size}"])
 
     def _trained(self, stage: str) -> bool:
         from .train.checkpoint import read_stage
@@ -396,9 +397,10 @@ class Pipeline:
         token dataset's held-out ones."""
         from .data.sources import open_source
         from .evaluation.evaluate import dataset_prompts
+        from .tokens.clap_tuning import captioned
 
         report = self.ts / "fit_clap.report.json"
-        tracks = [t for t in open_source(self.corpus).tracks if t.caption and not t.problem_kind]
+        tracks = captioned(open_source(self.corpus))
         if report.exists():
             held = set(json.loads(report.read_text())["held_out"])
             return [t for t in tracks if t.id in held]
@@ -442,8 +444,9 @@ class Pipeline:
             block[f"null_condition_gain/{stage}"] = gains["null_condition_gain"]
         block["evaluation_sha256"] = self._results_digest()
         (self.work / PROMPT_FOLLOWING).write_text(json.dumps(block, indent=2) + "\n")
-        for line in pf.summary_lines(block):
-            self.log("prompt following:" + line[1:])
+        clear = [name for name, e in block.items() if isinstance(e, dict) and e.get("clear")]
+        self.log(f"prompt following: {len(clear)} difference(s) clearly positive ({', '.join(clear) or 'none'}); "
+                 f"the block is in {self.work / PROMPT_FOLLOWING} and the closing lines")
 
 
 __all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "PROMPT_FOLLOWING"]

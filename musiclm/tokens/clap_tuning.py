@@ -188,10 +188,11 @@ def refuse_tuning(token_system: str | Path, overwrite: bool) -> None:
             f"(`musiclm fit-rvq`), re-make the token datasets (`musiclm preprocess`) and retrain the stages.")
 
 
-def _captioned(source, log) -> list:
+def captioned(source, log=None) -> list:
+    """The tracks of ``source`` that fit-clap can use: captioned and readable (the others counted in ``log``)."""
     tracks = [t for t in source.tracks if t.caption and not t.problem_kind]
     missing = len(source.tracks) - len(tracks)
-    if missing:
+    if missing and log:
         log(f"{missing} of {len(source.tracks)} tracks have no caption or cannot be read: left out")
     return tracks
 
@@ -207,7 +208,7 @@ def fit_clap(token_system: str | Path, source, cfg: ClapTuneConfig, run_dir: str
     refuse_tuning(token_system, overwrite)
     root = Path(token_system)
     _, ts_cfg = read_meta(root)
-    tracks = _captioned(source, log)
+    tracks = captioned(source, log)
     train, valid = split_tracks(tracks, cfg)
     if len(valid) < 2 or len(train) < cfg.batch_size:
         raise ValueError(f"fit-clap needs captioned tracks for a batch ({cfg.batch_size}) and at least 2 held-out "
@@ -237,4 +238,4 @@ def fit_clap(token_system: str | Path, source, cfg: ClapTuneConfig, run_dir: str
     return report
 
 
-__all__ = ["ClapTuneConfig", "ClapTask", "fit_clap", "refuse_tuning", "retrieval", "REPORT"]
+__all__ = ["ClapTuneConfig", "ClapTask", "captioned", "fit_clap", "refuse_tuning", "retrieval", "REPORT"]
