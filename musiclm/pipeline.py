@@ -44,7 +44,11 @@ class PipelineSettings:
     # fit-clap steps for the tiny preset's random CLAP on the corpus' captions (0: it stays random, and every CLAP
     # score is noise); pretrained presets keep their CLAP
     clap_steps: int = 200
-    train_steps: int = 30  # per stage
+    train_steps: int = 60  # per stage
+    # the semantic stage's steps (0: train_steps): the stage where the text decides what the music is, and the
+    # cheapest to train (a tenth of a second a step here, against a third for coarse and fine). On the demo's 47
+    # train tracks its valid loss is lowest near 150 (5.91 at 30, 4.40 at 150, 4.43 at 300)
+    semantic_steps: int = 150
     num_workers: int = 2
     batch_size: int = 2  # per worker
     lr: float = 2e-3
@@ -66,6 +70,11 @@ class PipelineSettings:
     # classifier-free guidance of every stage when generating; the evaluation samples each set unguided and with it
     # (1: none)
     guidance: float = 3.0
+    # the seed's experiment rehearsed: fine-tune the final model set on one genre of the corpus (FMA metadata's
+    # genres_all, e.g. "Rock") and evaluate it against the final set, unguided and guided, on held-out captions
+    # outside that genre (None: not run). shift_steps per stage; 0: train_steps
+    shift_genre: str | None = None
+    shift_steps: int = 0
 
     def __post_init__(self):
         if self.guidance != 1 and self.cond_drop_prob <= 0:
@@ -103,6 +112,7 @@ FRAMES_PER_CLUSTER = 64
 WINDOWS_PER_CODE = 8
 QUANTIZERS = ("clap_rvq", "semantic_kmeans")  # the token system's fitted parts (token_system.json's "fitted")
 PROMPT_FOLLOWING = "prompt_following.json"
+GENRE_SHIFT = "genre_shift.json"
 
 
 class Pipeline:
@@ -145,6 +155,8 @@ class Pipeline:
         self.step("generate", self._generated(), self._generate)
         self.step("evaluate", self._evaluated(), self._evaluate)
         self.step("prompt-following", self._prompt_following_done(), self._prompt_following)
+        if self.s.shift_genre:
+            self._run_shift()
         summary = {"workdir": str(self.work), "seconds": round(time.time() - start, 1), "steps": self.timings,
                    "stages": {stage: self.stage_result(stage) for stage in STAGES},
                    "wavs": json.loads((self.work / "generate" / "report.json").read_text())["files"],
@@ -153,6 +165,8 @@ class Pipeline:
                    "plot": str(self.work / "evaluate" / "scores.png"),
                    "prompt_following": json.loads((self.work / PROMPT_FOLLOWING).read_text()),
                    "tensorboard": f"tensorboard --logdir {self.work} --host 127.0.0.1"}
+        if self.s.shift_genre:
+            summary["genre_shift"] = json.loads((self._shift_dir() / GENRE_SHIFT).read_text())
         (self.work / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -173,12 +187,14 @@ class Pipeline:
 
     def _fit_codec(self) -> None:
         """The tiny EnCodec trained to reconstruct the corpus (half-second segments, 8 per track; a fifth of the
-        tracks held out for its report), before anything is tokenized with it."""
+        tracks, at most 12, held out for its report: each evaluation scores all their segments; with 32 of 256 tracks
+        fit-codec took 193 s, against 105 s for 12 of 64), before anything is tokenized with it."""
         from .data.sources import open_source
         from .tokens.codec_training import CodecTrainConfig, fit_codec
 
         cfg = CodecTrainConfig(steps=self.s.codec_steps, batch_size=8, segment_seconds=0.5, segments_per_track=8,
-                               eval_every=max(10, self.s.codec_steps // 3), seed=self.s.seed)  # a line a third
+                               valid_tracks=12, eval_every=max(10, self.s.codec_steps // 3),  # a line a third
+                               seed=self.s.seed)
         fit_codec(self.ts, open_source(self.corpus), cfg, str(self.work / "runs" / "codec"),
                   float(self.resources.get("CPU", 1.0)), log=self.log)
 
@@ -228,14 +244,14 @@ class Pipeline:
     def _fingerprint(self) -> str:
         return json.loads((self.ts / "token_system.json").read_text())["fingerprint"]
 
-    def _dataset_done(self) -> bool:
-        manifest = self.tokens / "manifest.json"
+    def _dataset_done(self, tokens: Path | None = None) -> bool:
+        manifest = (tokens or self.tokens) / "manifest.json"
         if not manifest.exists():
             return False
         m = json.loads(manifest.read_text())
         return m.get("status") == "complete" and m.get("fingerprint") == self._fingerprint()
 
-    def _preprocess(self) -> None:
+    def _preprocess(self, tokens: Path | None = None, source=None) -> None:
         from .config import DataConfig
         from .data.preprocess import prepare, run
         from .data.sources import open_source
@@ -243,30 +259,35 @@ class Pipeline:
         # 10 s crops (the semantic window) at 3 offsets per track: 3x the rows for training from a few tracks,
         # and fewer restarts of the data pipeline per epoch
         cfg = DataConfig(clip_seconds=10, crops=3, valid_frac=0.25, seed=self.s.seed, rows_per_shard=16)
-        job = prepare(open_source(self.corpus), self.ts, self.tokens, cfg, log=self.log)
+        job = prepare(source or open_source(self.corpus), self.ts, tokens or self.tokens, cfg, log=self.log)
         run(job, self._plan(), log=self.log)
 
-    def _train_config(self, stage: str):
+    def _stage_steps(self, stage: str) -> int:
+        return self.s.semantic_steps or self.s.train_steps if stage == "semantic" else self.s.train_steps
+
+    def _train_config(self, stage: str, steps: int | None = None):
         from .config import stage_config
 
-        model, every = self._model_config(), max(1, self.s.train_steps // 2)
+        steps = steps or self._stage_steps(stage)
+        model, every = self._model_config(), max(1, steps // 2)
         return stage_config(stage, self.s.preset, None, [
-            f"train.num_train_steps={self.s.train_steps}", f"train.num_workers={self.s.num_workers}",
+            f"train.num_train_steps={steps}", f"train.num_workers={self.s.num_workers}",
             f"train.use_gpu={str(self.s.use_gpu).lower()}", f"train.save_model_every={every}",
             f"train.save_results_every={every}", "train.valid_batches=1", f"train.seed={self.s.seed}",
-            f"train.lr_warmup={min(10, self.s.train_steps // 4)}", "train.log_every=5",
+            f"train.lr_warmup={min(10, steps // 4)}", "train.log_every=5",
             f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
             f"train.cond_drop_prob={self.s.cond_drop_prob}",
             f"model.hubert_kmeans_cfg.codebook_size={model.hubert_kmeans_cfg.codebook_size}",
             f"model.clap_rvq_cfg.codebook_size={model.clap_rvq_cfg.codebook_size}"])
 
-    def _trained(self, stage: str) -> bool:
+    def _trained(self, stage: str, runs: Path | None = None, steps: int | None = None) -> bool:
         from .train.checkpoint import read_stage
         from .train.run import latest_checkpoint
 
-        latest = latest_checkpoint(self.runs / stage)
+        latest = latest_checkpoint((runs or self.runs) / stage)
         info = read_stage(latest) if latest is not None else None
-        return info is not None and info.step >= self.s.train_steps and info.fingerprint == self._fingerprint()
+        return (info is not None and info.step >= (steps or self._stage_steps(stage))
+                and info.fingerprint == self._fingerprint())
 
     def stage_result(self, stage: str) -> dict:
         """How far below chance the stage's best checkpoint is on the valid split, and how much its loss rises
@@ -282,10 +303,12 @@ class Pipeline:
                 "at_chance": abs(loss - chance) <= CHANCE_TOLERANCE * chance,
                 "conditioning_gain": summary["metrics"].get("valid/conditioning_gain")}
 
-    def _train(self, stage: str) -> None:
+    def _train(self, stage: str, tokens: Path | None = None, runs: Path | None = None, steps: int | None = None,
+               init_from: Path | None = None) -> None:
         from .train.run import TrainRequest, train
 
-        req = TrainRequest(self._train_config(stage), str(self.tokens), stage, str(self.runs), None, str(self.ts))
+        req = TrainRequest(self._train_config(stage, steps), str(tokens or self.tokens), stage, str(runs or self.runs),
+                           str(init_from) if init_from else None, str(self.ts))
         summary = train(req, self.resources.get("CPU", 1), log=self.log)
         self.log(f"{stage}: best valid/loss {summary['best_valid_loss']} at {summary['best_checkpoint']}")
 
@@ -303,12 +326,12 @@ class Pipeline:
             targets[self.models / name / "token_system"] = self.ts
         return targets
 
-    def _model_sets_done(self) -> bool:
+    def _model_sets_done(self, targets: dict[Path, Path] | None = None) -> bool:
         return all(link.is_symlink() and link.resolve() == Path(target).resolve()
-                   for link, target in self._model_set_targets().items())
+                   for link, target in (targets or self._model_set_targets()).items())
 
-    def _model_sets(self) -> None:
-        for link, target in self._model_set_targets().items():
+    def _model_sets(self, targets: dict[Path, Path] | None = None) -> None:
+        for link, target in (targets or self._model_set_targets()).items():
             link.parent.mkdir(parents=True, exist_ok=True)
             if link.is_symlink() or link.exists():
                 link.unlink()
@@ -322,8 +345,9 @@ class Pipeline:
         return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed,
                                 semantic_guidance=g, coarse_guidance=g, fine_guidance=g)
 
-    def _checkpoint_ids(self, model_set: str) -> dict:
-        """What reports made by ``models/<model_set>`` must name to be current."""
+    def _checkpoint_ids(self, model_set: str | Path) -> dict:
+        """What reports made by ``models/<model_set>`` (or the model-set folder ``model_set``) must name to be
+        current."""
         from .generation.generate import ModelSet, check_model_set, checkpoint_ids
 
         return checkpoint_ids(check_model_set(ModelSet.from_dir(self.models / model_set)))
@@ -355,16 +379,22 @@ class Pipeline:
 
         return list(self.s.prompts) or [p.caption for p in dataset_prompts(str(self.tokens))][:self.s.max_prompts]
 
-    def _evaluated(self) -> bool:
+    def _eval_sets(self) -> dict[str, Path]:
+        return {name: self.models / name for name in ("early", "final")}
+
+    def _evaluated(self, out: Path | None = None, sets: dict[str, Path] | None = None,
+                   prompts: list[str] | None = None) -> bool:
+        """Whether ``out`` holds an evaluation of every model set of ``sets`` (name: folder) at every scale on
+        every prompt, by the sets' current checkpoints (default: the pipeline's evaluation)."""
         from .evaluation.evaluate import guided_name
         from .generation.batch import finished_report, prompt_folder
 
-        out = self.work / "evaluate"
+        out = out or self.work / "evaluate"
         if not (out / "results.csv").exists() or not (out / "scores.png").exists():
             return False
-        prompts = self._eval_prompts()
-        for name in ("early", "final"):
-            ids = self._checkpoint_ids(name)
+        prompts = self._eval_prompts() if prompts is None else prompts
+        for name, folder in (sets or self._eval_sets()).items():
+            ids = self._checkpoint_ids(folder)
             for g in self._scales():
                 settings = self._generate_settings(self.s.eval_duration, g)
                 if any(finished_report(prompt_folder(out / guided_name(name, g), i, p), p, settings, ids) is None
@@ -372,13 +402,15 @@ class Pipeline:
                     return False
         return True
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, out: Path | None = None, sets: dict[str, Path] | None = None,
+                  prompts: list[str] | None = None) -> None:
         from .evaluation.evaluate import evaluate
         from .generation.generate import ModelSet
 
-        sets = {name: ModelSet.from_dir(self.models / name) for name in ("early", "final")}
-        evaluate(self._eval_prompts(), sets, self._generate_settings(self.s.eval_duration, 1.0),
-                 self.work / "evaluate", cluster_cpus=self.resources.get("CPU", 1),
+        sets = {name: ModelSet.from_dir(folder) for name, folder in (sets or self._eval_sets()).items()}
+        evaluate(self._eval_prompts() if prompts is None else prompts, sets,
+                 self._generate_settings(self.s.eval_duration, 1.0), out or self.work / "evaluate",
+                 cluster_cpus=self.resources.get("CPU", 1),
                  cluster_gpus=self.resources.get("GPU", 0), actors=self.actors, gpus_per_actor=self.gpus_per_actor,
                  guidance_scales=self._scales(), log=self.log)
 
@@ -387,10 +419,10 @@ class Pipeline:
         path = self.work / PROMPT_FOLLOWING
         return path.exists() and json.loads(path.read_text()).get("evaluation_sha256") == self._results_digest()
 
-    def _results_digest(self) -> str:
+    def _results_digest(self, out: Path | None = None) -> str:
         import hashlib
 
-        return hashlib.sha256((self.work / "evaluate" / "results.csv").read_bytes()).hexdigest()
+        return hashlib.sha256(((out or self.work / "evaluate") / "results.csv").read_bytes()).hexdigest()
 
     def _caption_tracks(self) -> list:
         """The tracks the caption match scores: those fit-clap held out (the tuned CLAP never saw them), else the
@@ -440,8 +472,7 @@ class Pipeline:
         for stage in STAGES:
             gains = pf.conditioning_gains(resolve_checkpoint(self.runs / stage), self.tokens, stage,
                                           self.s.batch_size)
-            block[f"conditioning_gain/{stage}"] = gains["conditioning_gain"]
-            block[f"null_condition_gain/{stage}"] = gains["null_condition_gain"]
+            block.update({f"{name}/{stage}": gain for name, gain in gains.items()})
         block["evaluation_sha256"] = self._results_digest()
         (self.work / PROMPT_FOLLOWING).write_text(json.dumps(block, indent=2) + "\n")
         clear = [name for name, e in block.items() if isinstance(e, dict) and e.get("clear")]
@@ -449,5 +480,89 @@ class Pipeline:
                  f"the block is in {self.work / PROMPT_FOLLOWING} and the closing lines")
 
 
-__all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "PROMPT_FOLLOWING"]
+    # ------------------------------------------------------------------ the seed's experiment: a genre shift
+    def _shift_dir(self) -> Path:
+        import re
 
+        return self.work / ("shift-" + re.sub(r"[^a-z0-9]+", "-", self.s.shift_genre.lower()).strip("-"))
+
+    def _genre_source(self):
+        """The corpus' tracks of ``shift_genre`` (FMA metadata's genres_all), with their own captions."""
+        from .data.sources import open_source
+
+        source = open_source(self.corpus)
+        try:
+            ids = {t.id for t in open_source(self.corpus, kind="fma", genres=[self.s.shift_genre]).tracks}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--shift-genre {self.s.shift_genre!r}: {e}") from e
+        tracks = [t for t in source.tracks if t.id in ids]
+        if not tracks:
+            raise ConfigError(f"--shift-genre {self.s.shift_genre!r}: no track of {self.corpus} has that genre")
+        return dataclasses.replace(source, tracks=tracks, settings={**source.settings, "genres": [self.s.shift_genre]})
+
+    def _shift_sets(self) -> dict[str, Path]:
+        return {"final": self.models / "final", "shifted": self._shift_dir() / "models" / "shifted"}
+
+    def _shift_targets(self) -> dict[Path, Path]:
+        """models/shifted: each stage's last fine-tuning checkpoint (where the fine-tuning ended), with the token
+        system."""
+        from .train.run import stage_checkpoints
+
+        shifted = self._shift_sets()["shifted"]
+        targets = {shifted / stage: stage_checkpoints(self._shift_dir() / "runs" / stage)[-1] for stage in STAGES}
+        return {**targets, shifted / "token_system": self.ts}
+
+    def _shift_prompts(self) -> list[str]:
+        """The held-out captions of tracks outside the genre (none of them in its fine-tuning set)."""
+        from .evaluation.evaluate import dataset_prompts
+
+        inside = {Path(t.path).resolve() for t in self._genre_source().tracks}
+        outside = [p.caption for p in dataset_prompts(str(self.tokens)) if Path(p.audio).resolve() not in inside]
+        if len(outside) < 2:
+            raise ConfigError(f"--shift-genre {self.s.shift_genre!r}: {len(outside)} held-out track(s) outside the "
+                              f"genre to prompt with; the comparison needs at least 2 (a larger corpus, or another "
+                              f"genre)")
+        return outside[:self.s.max_prompts]
+
+    def _run_shift(self) -> None:
+        """Fine-tune the final set on the genre's tracks (tokenized with the same token system; every stage from
+        its final checkpoint) and evaluate final against shifted, unguided and guided, on prompts outside it."""
+        d = self._shift_dir()
+        tokens, runs, steps = d / "tokens", d / "runs", self.s.shift_steps or self.s.train_steps
+        self.step("shift-preprocess", self._dataset_done(tokens),
+                  lambda: self._preprocess(tokens, self._genre_source()))
+        for stage in STAGES:
+            self.step(f"shift-train-{stage}", self._trained(stage, runs, steps),
+                      lambda stage=stage: self._train(stage, tokens, runs, steps, self.models / "final" / stage))
+        self.step("shift-model-set", self._model_sets_done(self._shift_targets()),
+                  lambda: self._model_sets(self._shift_targets()))
+        out, sets, prompts = d / "evaluate", self._shift_sets(), self._shift_prompts()
+        self.step("shift-evaluate", self._evaluated(out, sets, prompts), lambda: self._evaluate(out, sets, prompts))
+        path = d / GENRE_SHIFT
+        done = path.exists() and json.loads(path.read_text()).get("evaluation_sha256") == self._results_digest(out)
+        self.step("genre-shift", done, self._genre_shift)
+
+    def _genre_shift(self) -> None:
+        import csv
+
+        from .evaluation import prompt_following as pf
+        from .evaluation.evaluate import guided_name
+
+        d = self._shift_dir()
+        with (d / "evaluate" / "results.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        counts = json.loads((d / "tokens" / "manifest.json").read_text())["counts"]
+        block = {"genre": self.s.shift_genre, "tracks": counts["tracks"], "rows": counts["rows"],
+                 "steps": self.s.shift_steps or self.s.train_steps, "prompts_outside": len({r["prompt"] for r in rows}),
+                 **pf.genre_shift(rows, "final", "shifted", (lambda name: guided_name(name, self.s.guidance))
+                                  if self.s.guidance != 1 else None)}
+        if self.s.guidance != 1:
+            block["guidance"] = self.s.guidance
+        block["evaluation_sha256"] = self._results_digest(d / "evaluate")
+        (d / GENRE_SHIFT).write_text(json.dumps(block, indent=2) + "\n")
+        change = pf.summary_lines({"alignment_change": block["alignment_change"]})[0].strip()
+        self.log(f"genre shift: fine-tuned on {counts['tracks'].get('train', 0)} {self.s.shift_genre} tracks; prompts "
+                 f"outside it: {change}; the block is in {d / GENRE_SHIFT}")
+
+
+__all__ = ["Pipeline", "PipelineSettings", "DEMO_PROMPT", "GENRE_SHIFT", "PROMPT_FOLLOWING"]

@@ -77,6 +77,28 @@ def _copy_task(model, batch, steps, generator, values=16):
     return cond, (target[..., 0] if q == 1 else target).contiguous()
 
 
+def test_opening_losses_score_the_first_frames_where_the_stage_loss_does():
+    """``opening_losses``: each example's cross-entropy over its first frames (every codebook of a frame), at the
+    positions ``stage_loss`` scores them: over all frames, with the eos label added back, they are its loss."""
+    from musiclm.models import opening_losses, stage_loss
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 10, (3, 4, 2), generator=gen)  # 3 examples, 4 frames x 2 codebooks
+    logits = torch.randn(3, 9, 11, generator=gen)  # 8 labels and the eos
+    whole = opening_losses(logits, target, frames=4)
+    eos = torch.nn.functional.cross_entropy(logits[:, -1], torch.full((3,), 10))
+    assert ((whole.sum() * 8 + eos * 3) / 27).item() == pytest.approx(stage_loss(logits, target).item(), rel=1e-6)
+    # the first frame is the first 2 labels; an example's opening is its own
+    first = opening_losses(logits, target, frames=1)
+    changed = logits.clone()
+    changed[1, 2:] = 0  # only example 1's later positions
+    assert torch.equal(opening_losses(changed, target, frames=1), first)
+    assert not torch.equal(opening_losses(changed, target, frames=2)[1], opening_losses(logits, target, frames=2)[1])
+    kept = opening_losses(logits, target, frames=2)[[0, 2]]
+    assert torch.equal(opening_losses(changed, target, frames=2)[[0, 2]], kept)
+    assert opening_losses(logits, target, frames=99).shape == (3,)  # at most the whole window
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_learns_a_task_determined_by_its_inputs(stage):
     torch.manual_seed(0)
@@ -236,7 +258,8 @@ def test_attention_mask_is_cast_once_to_the_autocast_dtype():
 def test_conditioning_gain_shows_whether_a_stage_uses_its_text_condition():
     """The validation pass of training (``loop.validation_pass``) scores each example again with the CLAP tokens of
     the example half the subset away: a model that learned the copy task above (its first tokens are the CLAP
-    tokens) loses much more with them swapped; the untrained one, nothing to speak of."""
+    tokens) loses much more with them swapped, most over each window's opening (``valid/..._opening``); the
+    untrained one, nothing to speak of."""
     from musiclm.train.loop import validation_pass
 
     torch.manual_seed(0)
@@ -250,9 +273,10 @@ def test_conditioning_gain_shows_whether_a_stage_uses_its_text_condition():
         sums, cond_sums, _ = validation_pass(m, m, batches, "cpu")
         out = {**sums.reduce("cpu"), **cond_sums.reduce("cpu")}
         assert out["valid/loss_cond_shuffled"] - out["valid/loss"] == pytest.approx(out["valid/conditioning_gain"])
-        return out["valid/conditioning_gain"]
+        assert len(cond_sums.opening_gains) == len(cond_sums.opening_null_gains) == 12  # one per example
+        return out["valid/conditioning_gain"], out["valid/conditioning_gain_opening"]
 
-    before = gain(model)
+    (before, before_opening) = gain(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99))
     model.train()
     gen = torch.Generator().manual_seed(1)
@@ -262,8 +286,10 @@ def test_conditioning_gain_shows_whether_a_stage_uses_its_text_condition():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = gain(model)
+    after, after_opening = gain(model)
     assert abs(before) < 0.05 and after > 1.0, (before, after)
+    # the first step is the condition's alone (the later ones the context tells too): the opening shows more
+    assert abs(before_opening) < 0.1 and after_opening > after, (before_opening, after_opening)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_memory_kept():

@@ -41,8 +41,8 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     # `make demo` runs the defaults (8.5 min here); every step is the same code with fewer tracks, steps and
     # seconds, which is what this test checks: that each step runs, hands on to the next, and is skipped after.
     argv = ["--workdir", str(work), "--num-tracks", "8", "--rvq-steps", "50", "--codec-steps", "20",
-            "--clap-steps", "10", "--train-steps", "10", "--num-workers", "1", "--duration", "2", "--eval-duration", "1",
-            "--num-samples", "1"]
+            "--clap-steps", "10", "--train-steps", "10", "--semantic-steps", "12", "--num-workers", "1",
+            "--duration", "2", "--eval-duration", "1", "--num-samples", "1"]
     # the first run as `make demo` runs it: its own process and Ray, every worker's output reaching the terminal
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "jobs.pipeline", *argv], cwd=ROOT, env=env, capture_output=True,
@@ -51,7 +51,7 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     assert done.returncode == 0, first[-3000:]
     # what the demo prints is its own: no library FutureWarning, no Ray Train bookkeeping (eight lines per worker
     # group), no line twice (the chance banner's frame aside), and the chance alarm only for a stage that ends at
-    # chance (these 10-step runs: the demo's 30 steps end below chance and raise none)
+    # chance (these 10-step runs: the demo's 60 and 150 steps end below chance and raise none)
     # as a terminal shows it: worker lines carry Ray's "(RayTrainWorker pid=N) " prefix, in colour
     lines = [re.sub(r"^\(\w+ pid=\d+\) ", "", re.sub(r"\x1b\[[0-9;]*m", "", line)) for line in first.splitlines()]
     lines = [line for line in lines if line.strip() and not line.startswith("!!!!")]
@@ -96,6 +96,7 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
         "encodec", "clap"]
     report = json.loads((work / "generate" / "report.json").read_text())
     assert report["checkpoints"]["fine"]["step"] == 10 and report["settings"]["coarse_guidance"] == 3
+    assert report["checkpoints"]["semantic"]["step"] == 12  # --semantic-steps
     # the evaluation generated the held-out tracks' captions with each set, unguided and guided
     from musiclm.evaluation.evaluate import dataset_prompts
 
@@ -133,6 +134,26 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     # the CLAP RVQ is sized to the corpus too (8 tracks x 3 CLAP windows: 2 codes a level, not 1024, with which
     # every train track had a first code of its own)
     assert cfg.model.clap_rvq_cfg.codebook_size == open_manifest(tokens)["tokens"]["clap"]["codebook_size"] == 2
+    # --shift-genre (the seed's experiment; run on the demo's corpus in benchmarks/RESULTS.md) fine-tunes on the
+    # corpus' tracks of a genre by FMA metadata's genres_all (Electronic takes in Ambient, its sub-genre) and
+    # prompts with the held-out captions outside it; a genre the corpus lacks is refused by name
+    from musiclm.audio import synth
+    from musiclm.config import ConfigError
+    from musiclm.pipeline import Pipeline, PipelineSettings
+
+    shift = Pipeline(PipelineSettings(workdir=str(work), num_tracks=8, shift_genre="electronic"), {"CPU": 2})
+    inside = {t.id: Path(t.path).resolve() for t in shift._genre_source().tracks}
+    assert set(inside) == {f"{i:06d}" for i in range(1, 9)
+                           if synth.sample_params(i, 0, 12.0).genre in ("Electronic", "Ambient")}
+    assert 0 < len(inside) < 8 and shift._shift_dir() == work / "shift-electronic"
+    outside = [p.caption for p in dataset_prompts(str(tokens)) if Path(p.audio).resolve() not in inside.values()]
+    if len(outside) >= 2:
+        assert shift._shift_prompts() == outside
+    else:
+        with pytest.raises(ConfigError, match="outside the genre to prompt with"):
+            shift._shift_prompts()
+    with pytest.raises(ConfigError, match="--shift-genre 'Polka': genre 'Polka' is not in genres.csv"):
+        Pipeline(PipelineSettings(workdir=str(work), num_tracks=8, shift_genre="Polka"), {"CPU": 2})._genre_source()
 
     pipeline(argv)
     second = capsys.readouterr().out

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from musiclm.evaluation.prompt_following import conditioning_gains, estimate, from_results
+from musiclm.evaluation.prompt_following import (conditioning_gains, estimate, from_results, genre_shift,
+                                                 summary_lines)
 
 
 def test_a_difference_is_its_mean_with_the_standard_error_and_clear_only_beyond_two_errors():
@@ -35,9 +36,36 @@ def test_reranking_and_guidance_come_from_the_evaluations_rows_prompt_by_prompt(
     assert "guidance_vs_unguided" not in from_results(rows, "final", None)
 
 
+def test_the_genre_shift_compares_the_sets_prompt_by_prompt_and_says_which_way_it_went():
+    """The seed's experiment from an evaluation of final and shifted (final fine-tuned on one genre) on prompts
+    outside the genre: what the fine-tuning did to prompt alignment, and what guidance does about it."""
+    def row(prompt, model_set, mean):
+        return {"prompt": prompt, "model_set": model_set, "best_score": "", "random_score": "", "mean_score": mean}
+
+    rows = [row("a", "final", "0.30"), row("b", "final", "0.40"), row("c", "final", "0.50"),
+            row("a", "shifted", "0.10"), row("b", "shifted", "0.21"), row("c", "shifted", "0.29"),
+            row("a", "final@g3", "0.35"), row("b", "final@g3", "0.45"), row("c", "final@g3", "0.55"),
+            row("a", "shifted@g3", "0.30"), row("b", "shifted@g3", ""), row("c", "shifted@g3", "0.52")]
+    out = genre_shift(rows, "final", "shifted", lambda name: f"{name}@g3")
+    assert out["alignment_change"]["value"] == pytest.approx(-0.2) and out["alignment_change"]["n"] == 3
+    assert out["lower_on"] == {"prompts": 3, "of": 3}
+    assert out["recovered_by_guidance"]["value"] == pytest.approx(0.01) and out["recovered_by_guidance"]["n"] == 2
+    assert out["alignment_change_guided"]["value"] == pytest.approx(-0.04)  # (-0.05 - 0.03) / 2
+    assert out["guidance_on_shifted"]["value"] == pytest.approx(0.215)  # (0.20 + 0.23) / 2: b failed guided
+    assert out["guidance_on_final"]["value"] == pytest.approx(0.05) and out["guidance_on_final"]["noise"] < 1e-9
+    assert out["mean_score/shifted"]["value"] == pytest.approx(0.2) and out["mean_score/shifted@g3"]["n"] == 2
+    lines = summary_lines(out)
+    assert "  alignment_change: -0.2000 ± 0.0058 (n 3; clearly negative)" in lines
+    assert any(line.startswith("  recovered_by_guidance: +0.0100") and "not beyond its noise" in line
+               for line in lines)
+    unguided = genre_shift(rows, "final", "shifted")
+    assert set(unguided) == {"alignment_change", "lower_on", "mean_score/final", "mean_score/shifted"}
+
+
 def test_conditioning_gains_per_batch_average_to_the_training_loops_figures(tiny_model_set, token_dataset_dir):
     """The block's per-batch gains of a checkpoint are the validation's own: their mean is the loop's
-    label-weighted valid/conditioning_gain and valid/null_condition_gain over the same rows and crops."""
+    label-weighted valid/conditioning_gain and valid/null_condition_gain over the same rows and crops; and so are
+    its per-example gains over each window's opening."""
     from musiclm.data.shards import CropSpec, open_manifest, split_files
     from musiclm.train.checkpoint import load_stage
     from musiclm.train.data import HeldRows, _table
@@ -56,3 +84,9 @@ def test_conditioning_gains_per_batch_average_to_the_training_loops_figures(tiny
     assert gains["conditioning_gain"]["value"] == pytest.approx(loop["valid/conditioning_gain"], abs=1e-5)
     assert gains["null_condition_gain"]["value"] == pytest.approx(loop["valid/null_condition_gain"], abs=1e-5)
     assert gains["conditioning_gain"]["value"] != 0 and gains["conditioning_gain"]["noise"] > 0
+    # the openings: one gain per example, averaging to the loop's example-weighted figures
+    examples = sum(len(b["id"]) for b, c in zip(batches, counted) if c)
+    for name in ("conditioning_gain", "null_condition_gain"):
+        assert gains[f"{name}_opening"]["n"] == examples
+        assert gains[f"{name}_opening"]["value"] == pytest.approx(loop[f"valid/{name}_opening"], abs=1e-5)
+    assert gains["conditioning_gain_opening"]["value"] != gains["conditioning_gain"]["value"]

@@ -13,6 +13,9 @@
 - ``conditioning_gain/<stage>``: each stage's validation loss with another held-out track's CLAP tokens minus
   with its own (``train.metrics.ConditioningSums``), per batch of the best checkpoint; and
   ``null_condition_gain/<stage>``, the null condition's loss minus its own: what guidance amplifies.
+- ``conditioning_gain_opening/<stage>`` and ``null_condition_gain_opening/<stage>``: the same two per example over
+  the first ``models.stages.OPENING_FRAMES`` frames of each window, where the condition is most of what the
+  stage knows of the track (further on, the window's own tokens tell it); where generation takes its direction.
 
 Each is ``{"value": mean, "noise": standard error, "n": items}``: the mean over its items (clips, prompts,
 batches) and the standard error of that mean, the spread a rerun with other items of the same kind would show.
@@ -40,6 +43,11 @@ def estimate(values) -> dict:
     return {"value": mean, "noise": se, "n": n, "clear": n > 1 and mean > CLEAR * se and mean > 0}
 
 
+def clearly_negative(e: dict) -> bool:
+    """An ``estimate`` below 0 by more than ``CLEAR`` standard errors (``clear`` is the positive side)."""
+    return e["n"] > 1 and e["value"] < -CLEAR * e["noise"]
+
+
 def caption_match(system, clips: list, captions: list[str], rate: int) -> dict:
     """Each clip's CLAP score for its own caption minus its mean score for the other clips' captions (half the
     spread of a single mismatched caption's on the demo's 12 held-out clips: 0.09 against 0.17)."""
@@ -57,28 +65,67 @@ def caption_match(system, clips: list, captions: list[str], rate: int) -> dict:
     return estimate(scores[i][i] - sum(scores[j][i] for j in range(n) if j != i) / (n - 1) for i in range(n))
 
 
-def from_results(rows: list[dict], unguided: str, guided: str | None) -> dict:
-    """``best_of_n_vs_random`` of set ``unguided`` and ``guidance_vs_unguided`` (``guided`` against it) from an
-    evaluation's rows (``results.csv``: prompt, model_set, best/random/mean scores; a failed prompt's are empty)."""
-    def score(r, k):
-        v = r.get(f"{k}_score")
-        return None if v in (None, "") else float(v)
+def _score(row: dict, kind: str) -> float | None:
+    v = row.get(f"{kind}_score")
+    return None if v in (None, "") else float(v)
 
+
+def paired_difference(rows: list[dict], a: str, b: str) -> dict:
+    """Per prompt, set ``a``'s mean candidate score minus set ``b``'s, over the prompts both scored (an
+    evaluation's rows, ``results.csv``: prompt, model_set, best/random/mean scores; a failed prompt's are
+    empty)."""
     cell = {(r["prompt"], r["model_set"]): r for r in rows}
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    base = [cell[p, unguided] for p in prompts if (p, unguided) in cell]
-    out = {"best_of_n_vs_random": estimate(score(r, "best") - score(r, "random") for r in base
-                                           if score(r, "best") is not None and score(r, "random") is not None)}
+    pairs = [(cell[p, a], cell[p, b]) for p in prompts if (p, a) in cell and (p, b) in cell]
+    return estimate(_score(x, "mean") - _score(y, "mean") for x, y in pairs
+                    if _score(x, "mean") is not None and _score(y, "mean") is not None)
+
+
+def from_results(rows: list[dict], unguided: str, guided: str | None) -> dict:
+    """``best_of_n_vs_random`` of set ``unguided`` and ``guidance_vs_unguided`` (``guided`` against it) from an
+    evaluation's rows."""
+    base = [r for r in rows if r["model_set"] == unguided]
+    out = {"best_of_n_vs_random": estimate(_score(r, "best") - _score(r, "random") for r in base
+                                           if _score(r, "best") is not None and _score(r, "random") is not None)}
     if guided:
-        pairs = [(cell[p, guided], cell[p, unguided]) for p in prompts if (p, guided) in cell and (p, unguided) in cell]
-        out["guidance_vs_unguided"] = estimate(score(g, "mean") - score(u, "mean") for g, u in pairs
-                                               if score(g, "mean") is not None and score(u, "mean") is not None)
+        out["guidance_vs_unguided"] = paired_difference(rows, guided, unguided)
+    return out
+
+
+def genre_shift(rows: list[dict], base: str, shifted: str, guided_name=None) -> dict:
+    """The seed's experiment (REFERENCE.md: prompt alignment fell after fine-tuning on FMA) from an evaluation of
+    ``base`` and ``shifted`` (``base`` fine-tuned on one genre) on prompts outside that genre; ``guided_name``
+    maps a set to its guided column (None: no guided columns).
+
+    - ``alignment_change``: per prompt, ``shifted``'s mean CLAP score minus ``base``'s, unguided: below 0 when
+      the fine-tuning cost prompt alignment;
+    - ``alignment_change_guided``: the same with both guided;
+    - ``recovered_by_guidance``: ``shifted`` guided minus ``base`` unguided: whether guidance gives it back;
+    - ``guidance_on_<set>``: each set guided minus unguided;
+    - ``lower_on``: on how many of the prompts both scored ``shifted`` scored lower (the seed's figure: 6 of 7);
+    - ``mean_score/<column>``: each column's mean over the prompts."""
+    mean = {(r["prompt"], r["model_set"]): _score(r, "mean") for r in rows}
+    both = [p for p in dict.fromkeys(r["prompt"] for r in rows)
+            if mean.get((p, base)) is not None and mean.get((p, shifted)) is not None]
+    out = {"alignment_change": paired_difference(rows, shifted, base),
+           "lower_on": {"prompts": sum(mean[p, shifted] < mean[p, base] for p in both), "of": len(both)}}
+    columns = [base, shifted]
+    if guided_name is not None:
+        out["alignment_change_guided"] = paired_difference(rows, guided_name(shifted), guided_name(base))
+        out["recovered_by_guidance"] = paired_difference(rows, guided_name(shifted), base)
+        for name in (base, shifted):
+            out[f"guidance_on_{name}"] = paired_difference(rows, guided_name(name), name)
+        columns += [guided_name(base), guided_name(shifted)]
+    for column in columns:
+        out[f"mean_score/{column}"] = estimate(_score(r, "mean") for r in rows
+                                               if r["model_set"] == column and _score(r, "mean") is not None)
     return out
 
 
 def conditioning_gains(checkpoint: str | Path, dataset: str | Path, stage: str, batch_size: int = 2) -> dict:
     """The ``conditioning_gain`` and ``null_condition_gain`` of a stage checkpoint over every valid row of a token
-    dataset, per batch (fixed crops; the swap is the training loop's own, ``validation_pass``)."""
+    dataset, per batch (fixed crops; the swap is the training loop's own, ``validation_pass``), and the same two
+    over each example's opening (``..._opening``, per example)."""
     import torch
 
     from ..data.shards import CropSpec, open_manifest, split_files
@@ -92,7 +139,9 @@ def conditioning_gains(checkpoint: str | Path, dataset: str | Path, stage: str, 
     batches, counted = held.lockstep_batches(0, 1, batch_size)
     with torch.no_grad():
         _, sums, _ = validation_pass(model.eval(), model, batches, torch.device("cpu"), counted)
-    return {"conditioning_gain": estimate(sums.gains), "null_condition_gain": estimate(sums.null_gains)}
+    return {"conditioning_gain": estimate(sums.gains), "null_condition_gain": estimate(sums.null_gains),
+            "conditioning_gain_opening": estimate(sums.opening_gains),
+            "null_condition_gain_opening": estimate(sums.opening_null_gains)}
 
 
 def summary_lines(block: dict) -> list[str]:
@@ -104,9 +153,11 @@ def summary_lines(block: dict) -> list[str]:
         if e["value"] is None:
             lines.append(f"  {name}: not measured")
             continue
-        verdict = "clearly positive" if e["clear"] else "not beyond its noise"
+        verdict = ("clearly positive" if e["clear"] else "clearly negative" if clearly_negative(e)
+                   else "not beyond its noise")
         lines.append(f"  {name}: {e['value']:+.4f} ± {e['noise']:.4f} (n {e['n']}; {verdict})")
     return lines
 
 
-__all__ = ["CLEAR", "caption_match", "conditioning_gains", "estimate", "from_results", "summary_lines"]
+__all__ = ["CLEAR", "caption_match", "clearly_negative", "conditioning_gains", "estimate", "from_results",
+           "genre_shift", "paired_difference", "summary_lines"]

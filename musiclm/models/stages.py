@@ -56,6 +56,21 @@ def stage_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), labels)
 
 
+# The frames at the start of a target window where the CLAP condition is most of what a stage knows of its track:
+# further on, the window's own tokens tell it (on a 256-track synthetic corpus the semantic stage's conditioning
+# gain was +0.031 ± 0.012 nats on its first 5 tokens and +0.002 ± 0.002 on tokens 5-25; over the window, +0.0003).
+OPENING_FRAMES = 5
+
+
+def opening_losses(logits: Tensor, target: Tensor, frames: int = OPENING_FRAMES) -> Tensor:
+    """(b,) each example's mean cross-entropy over the tokens of its first ``frames`` target frames (every
+    codebook of a frame), the positions ``stage_loss`` scores them at."""
+    b, q = target.shape[0], (target.shape[2] if target.dim() == 3 else 1)
+    k = min(frames * q, target[0].numel())
+    labels = target.reshape(b, -1)[:, :k]
+    return F.cross_entropy(logits[:, :k].float().transpose(1, 2), labels, reduction="none").mean(1)
+
+
 def token_hits(logits: Tensor, target: Tensor) -> Tensor:
     """(b, T, q) 1.0 where the most likely token (eos position excluded) is the target token."""
     b, q = target.shape[0], (target.shape[2] if target.dim() == 3 else 1)
@@ -74,5 +89,5 @@ def loss_and_metrics(logits: Tensor, target: Tensor, num_quantizers: int) -> tup
     return loss, metrics
 
 
-__all__ = ["stage_sequences", "build_stage", "split_batch", "chance_loss", "loss_and_metrics", "stage_loss",
-           "token_hits"]
+__all__ = ["OPENING_FRAMES", "stage_sequences", "build_stage", "split_batch", "chance_loss", "loss_and_metrics",
+           "opening_losses", "stage_loss", "token_hits"]

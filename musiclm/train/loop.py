@@ -25,7 +25,7 @@ import torch
 
 from ..config import Config, from_dict
 from ..data.clips import stable_fraction
-from ..models import build_stage, split_batch, stage_loss
+from ..models import build_stage, opening_losses, split_batch, stage_loss
 from ..models.transformer import model_flops
 from . import checkpoint as ckpt
 from .engine import deepspeed_config, make_optimizer, skip_inference_comm_op, training_attention, uses_bf16
@@ -271,15 +271,17 @@ def validation_pass(forward, model, batches: list[dict], device,
             swapped = [other if i == clap else c for i, c in enumerate(cond)]
         # a forward for every batch, also with nothing to swap (one example) or nothing to count (filler): under
         # ZeRO-3 a forward gathers parameters from every worker, so all must run as many
-        shuffled_loss = stage_loss(forward(swapped, tgt), tgt)
-        null_loss = stage_loss(forward(cond, tgt, 0.0, torch.ones(b, dtype=torch.bool, device=tgt.device)), tgt)
+        shuffled_logits = forward(swapped, tgt)
+        null_logits = forward(cond, tgt, 0.0, torch.ones(b, dtype=torch.bool, device=tgt.device))
         if not count:
             continue
         sums.add(loss, logits, tgt)
         labels = logits.shape[0] * logits.shape[1]
-        cond_sums.add_null(loss, null_loss, labels)
+        opening = opening_losses(logits, tgt)
+        cond_sums.add_null(loss, stage_loss(null_logits, tgt), labels, opening, opening_losses(null_logits, tgt))
         if n > 1:
-            cond_sums.add(loss, shuffled_loss, labels)
+            cond_sums.add(loss, stage_loss(shuffled_logits, tgt), labels, opening,
+                          opening_losses(shuffled_logits, tgt))
         first += b
         if example is None:
             example = {k: np.asarray(batch[k][0]) for k in batch if k != "id"}
@@ -437,8 +439,10 @@ def train_loop(loop_cfg: dict) -> None:
         state.valid_loss = out["valid/loss"]
         gain, null_gain = out.get("valid/conditioning_gain"), out.get("valid/null_condition_gain")
         log(f"step {state.step}: valid loss {out['valid/loss']:.4f} accuracy {out['valid/accuracy']:.4f}"
-            + (f" conditioning gain {gain:+.4f}" if gain is not None else "")
-            + (f", over the null condition {null_gain:+.4f}" if null_gain is not None and state.null_steps else ""))
+            + (f" conditioning gain {gain:+.4f} (opening {out['valid/conditioning_gain_opening']:+.4f})"
+               if gain is not None else "")
+            + (f", over the null condition {null_gain:+.4f} (opening {out['valid/null_condition_gain_opening']:+.4f})"
+               if null_gain is not None and state.null_steps else ""))
         tb.scalars(out, state.step)
         valid_losses.append(out["valid/loss"])
         if rank == 0 and state.step > tc.lr_warmup and stuck_at_chance(valid_losses, vocabulary,
@@ -542,7 +546,10 @@ def train_loop(loop_cfg: dict) -> None:
             if state.step % tc.save_model_every == 0 or done:
                 save(report)
                 last_saved = state.step
-            elif report is not None:
+            elif (report or {}).get("fresh_valid"):
+                # to Ray only what a validation measured (what Tune's scheduler and the checkpoint ranking read):
+                # a report is a barrier through Ray Train's controller, ~1.5 s each on 2 CPUs, where a tiny step
+                # takes 0.1 s. train/* reaches TensorBoard and the log every log_every steps without it
                 ray.train.report(report)
             if (report or {}).get("fresh_valid"):  # tokens/s measures training only
                 window_start, window_positions, window_flops = time.perf_counter(), 0, 0.0

@@ -48,35 +48,61 @@ class ConditioningSums:
     when it ignores it. (Two crops of one track in a batch share their CLAP tokens nearly, so it is a lower
     bound.) ``valid/null_condition_gain`` (null - own) is what the text buys over the null condition, the
     difference classifier-free guidance amplifies; it means something once the stage learned the null condition
-    (``train.cond_drop_prob``): before, the null condition is a prompt the stage never saw."""
+    (``train.cond_drop_prob``): before, the null condition is a prompt the stage never saw.
+
+    The same two over each window's opening (``models.stages.opening_losses``, per example):
+    ``valid/conditioning_gain_opening`` and ``valid/null_condition_gain_opening``. Over the whole window a
+    stage soon reads its track from the tokens before, and the condition's share is diluted 30- to 100-fold; the
+    opening is where generation takes the text's direction."""
 
     def __init__(self):
-        self.t = torch.zeros(6, dtype=torch.float64)  # own loss·n, shuffled loss·n, n; own loss·m, null loss·m, m
-        # this worker's gain of each batch, for the spread of the mean (evaluation.prompt_following)
+        # own loss·n, shuffled loss·n, n; own loss·m, null loss·m, m (labels); then the same over the openings,
+        # per example
+        self.t = torch.zeros(12, dtype=torch.float64)
+        # this worker's gain of each batch (of each example, over its opening), for the spread of the mean
+        # (evaluation.prompt_following)
         self.gains: list[float] = []
         self.null_gains: list[float] = []
+        self.opening_gains: list[float] = []
+        self.opening_null_gains: list[float] = []
 
-    def add(self, own_loss: torch.Tensor, shuffled_loss: torch.Tensor, n_labels: int) -> None:
-        self.t[:3] += torch.tensor([float(own_loss) * n_labels, float(shuffled_loss) * n_labels, n_labels],
-                                   dtype=torch.float64)
-        self.gains.append(float(shuffled_loss) - float(own_loss))
+    @staticmethod
+    def _add(t: torch.Tensor, own: torch.Tensor, other: torch.Tensor, n: int, gains: list[float]) -> None:
+        t += torch.tensor([float(own) * n, float(other) * n, n], dtype=torch.float64)
+        gains.append(float(other) - float(own))
 
-    def add_null(self, own_loss: torch.Tensor, null_loss: torch.Tensor, n_labels: int) -> None:
-        self.t[3:] += torch.tensor([float(own_loss) * n_labels, float(null_loss) * n_labels, n_labels],
-                                   dtype=torch.float64)
-        self.null_gains.append(float(null_loss) - float(own_loss))
+    @staticmethod
+    def _add_openings(t: torch.Tensor, own: torch.Tensor | None, other: torch.Tensor | None,
+                      gains: list[float]) -> None:
+        if own is None:
+            return
+        own, other = own.double().cpu(), other.double().cpu()
+        t += torch.stack([own.sum(), other.sum(), torch.tensor(float(len(own)), dtype=torch.float64)])
+        gains.extend((other - own).tolist())
+
+    def add(self, own_loss: torch.Tensor, shuffled_loss: torch.Tensor, n_labels: int,
+            own_opening: torch.Tensor | None = None, shuffled_opening: torch.Tensor | None = None) -> None:
+        """One batch: its mean losses over ``n_labels`` labels, and (optional) each example's opening losses."""
+        self._add(self.t[0:3], own_loss, shuffled_loss, n_labels, self.gains)
+        self._add_openings(self.t[6:9], own_opening, shuffled_opening, self.opening_gains)
+
+    def add_null(self, own_loss: torch.Tensor, null_loss: torch.Tensor, n_labels: int,
+                 own_opening: torch.Tensor | None = None, null_opening: torch.Tensor | None = None) -> None:
+        self._add(self.t[3:6], own_loss, null_loss, n_labels, self.null_gains)
+        self._add_openings(self.t[9:12], own_opening, null_opening, self.opening_null_gains)
 
     def reduce(self, device: torch.device | str) -> dict[str, float]:
         """The sums over all workers (a collective: every worker calls it). The shuffled loss is left out when no
         batch had two examples."""
         t = all_reduce_sum(self.t, device)
         out = {}
-        if t[2] > 0:
-            own, shuffled = float(t[0] / t[2]), float(t[1] / t[2])
-            out.update({"valid/loss_cond_shuffled": shuffled, "valid/conditioning_gain": shuffled - own})
-        if t[5] > 0:
-            own, null = float(t[3] / t[5]), float(t[4] / t[5])
-            out.update({"valid/loss_null_condition": null, "valid/null_condition_gain": null - own})
+        for at, name, other in ((0, "conditioning_gain", "loss_cond_shuffled"),
+                                (3, "null_condition_gain", "loss_null_condition")):
+            if t[at + 2] > 0:
+                own, shuffled = float(t[at] / t[at + 2]), float(t[at + 1] / t[at + 2])
+                out.update({f"valid/{other}": shuffled, f"valid/{name}": shuffled - own})
+            if t[at + 8] > 0:
+                out[f"valid/{name}_opening"] = float((t[at + 7] - t[at + 6]) / t[at + 8])
         return out
 
 
