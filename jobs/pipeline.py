@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic-clusters", type=int, default=d.semantic_clusters,
                    help="semantic k-means clusters (0: the preset's for --source; for the synthetic corpus a power of "
                         "two with at least 64 of its frames per cluster)")
+    p.add_argument("--clap-levels", type=int, default=d.clap_levels,
+                   help="levels of the CLAP RVQ: the CLAP tokens every stage is conditioned on (0: the preset's 12 for "
+                        "--source; 3 for the synthetic corpus)")
     p.add_argument("--clap-codes", type=int, default=d.clap_codes,
                    help="codes per quantizer of the CLAP RVQ (0: the preset's for --source; for the synthetic corpus a "
                         "power of two with at least 8 of its CLAP windows per code)")
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
                                 eval_duration=args.eval_duration, seed=args.seed,
                                 semantic_clusters=args.semantic_clusters, clap_codes=args.clap_codes,
+                                clap_levels=args.clap_levels,
                                 cond_drop_prob=args.cond_drop_prob, guidance=args.guidance_scale,
                                 shift_genre=args.shift_genre, shift_steps=args.shift_steps)
     resources = connect(args)

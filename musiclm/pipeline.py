@@ -66,6 +66,9 @@ class PipelineSettings:
     # codes per quantizer of the CLAP RVQ; 0: the preset's (1024) for a --source corpus, and for the synthetic one a
     # power of two giving each code at least WINDOWS_PER_CODE of its CLAP windows (16 for the demo)
     clap_codes: int = 0
+    # levels of the CLAP RVQ, the CLAP tokens every stage is conditioned on; 0: the preset's (12) for a --source
+    # corpus, and SYNTH_CLAP_LEVELS for the synthetic one
+    clap_levels: int = 0
     cond_drop_prob: float = 0.2  # conditioning dropout of every stage's training (train.cond_drop_prob)
     # classifier-free guidance of every stage when generating; the evaluation samples each set unguided and with it
     # (1: none)
@@ -91,6 +94,12 @@ class PipelineSettings:
         frames = self.num_tracks * self.seconds * kmeans.output_hz
         return int(min(kmeans.codebook_size, max(16, 2 ** math.floor(math.log2(frames / FRAMES_PER_CLUSTER)))))
 
+    def levels(self, rvq) -> int:
+        """The CLAP RVQ's levels, given the preset's ``ClapRVQConfig``."""
+        if self.clap_levels:
+            return self.clap_levels
+        return rvq.rq_num_quantizers if self.source is not None else SYNTH_CLAP_LEVELS
+
     def codes(self, rvq) -> int:
         """The CLAP RVQ's codes per quantizer, given the preset's ``ClapRVQConfig``."""
         if self.clap_codes:
@@ -110,6 +119,10 @@ FRAMES_PER_CLUSTER = 64
 # The same for the conditioning: an RVQ with more codes than the corpus has CLAP windows gives every train track its
 # own first code, and the stages learn each track's (a held-out track's tokens are those of its nearest train track).
 WINDOWS_PER_CODE = 8
+# 12 levels of 16 codes make each of the demo's 47 train tracks a condition of its own, an id the stages memorize;
+# with 3, the semantic stage uses a held-out track's CLAP tokens at each window's opening (benchmarks/RESULTS.md:
+# +0.125 ± 0.057 against -0.023 ± 0.037 with 12, same corpus and CLAP)
+SYNTH_CLAP_LEVELS = 3
 QUANTIZERS = ("clap_rvq", "semantic_kmeans")  # the token system's fitted parts (token_system.json's "fitted")
 PROMPT_FOLLOWING = "prompt_following.json"
 GENRE_SHIFT = "genre_shift.json"
@@ -220,8 +233,10 @@ class Pipeline:
 
         cfg = model_preset(self.s.preset)
         k, c = self.s.clusters(cfg.hubert_kmeans_cfg), self.s.codes(cfg.clap_rvq_cfg)
+        levels = self.s.levels(cfg.clap_rvq_cfg)
         return dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k),
-                                   clap_rvq_cfg=dataclasses.replace(cfg.clap_rvq_cfg, codebook_size=c))
+                                   clap_rvq_cfg=dataclasses.replace(cfg.clap_rvq_cfg, codebook_size=c,
+                                                                    rq_num_quantizers=levels))
 
     def _fitted(self, part: str) -> bool:
         meta = self.ts / "token_system.json"
@@ -278,7 +293,8 @@ class Pipeline:
             f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
             f"train.cond_drop_prob={self.s.cond_drop_prob}",
             f"model.hubert_kmeans_cfg.codebook_size={model.hubert_kmeans_cfg.codebook_size}",
-            f"model.clap_rvq_cfg.codebook_size={model.clap_rvq_cfg.codebook_size}"])
+            f"model.clap_rvq_cfg.codebook_size={model.clap_rvq_cfg.codebook_size}",
+            f"model.clap_rvq_cfg.rq_num_quantizers={model.clap_rvq_cfg.rq_num_quantizers}"])
 
     def _trained(self, stage: str, runs: Path | None = None, steps: int | None = None) -> bool:
         from .train.checkpoint import read_stage

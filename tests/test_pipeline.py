@@ -30,6 +30,16 @@ def test_the_quantizers_are_sized_to_the_synthetic_corpus_and_a_users_keep_the_p
     assert PipelineSettings(clap_codes=64).codes(cfg.clap_rvq_cfg) == 64
     user = PipelineSettings(source="/data/fma")
     assert user.clusters(cfg.hubert_kmeans_cfg) == user.codes(cfg.clap_rvq_cfg) == 1024
+    # the CLAP RVQ's levels, the CLAP tokens the token system makes and every stage is conditioned on: 3 for the
+    # synthetic corpus (12 levels of 16 codes made each train track a condition of its own), the preset's for a user's
+    from musiclm.pipeline import Pipeline
+
+    assert demo.levels(cfg.clap_rvq_cfg) == 3 and user.levels(cfg.clap_rvq_cfg) == 12
+    assert PipelineSettings(clap_levels=6).levels(cfg.clap_rvq_cfg) == 6
+    three = Pipeline(demo, {"CPU": 2})
+    assert three._model_config().token_system().clap_rvq_cfg.rq_num_quantizers == 3
+    assert three._train_config("coarse").model.clap_rvq_cfg.rq_num_quantizers == 3
+    assert Pipeline(user, {"CPU": 2})._train_config("fine").model.clap_rvq_cfg.rq_num_quantizers == 12
 
 
 @pytest.mark.ray
