@@ -528,11 +528,12 @@ class Pipeline:
         targets = {shifted / stage: stage_checkpoints(self._shift_dir() / "runs" / stage)[-1] for stage in STAGES}
         return {**targets, shifted / "token_system": self.ts}
 
-    def _shift_prompts(self) -> list[str]:
-        """The held-out captions of tracks outside the genre (none of them in its fine-tuning set)."""
+    def _shift_prompts(self, genre) -> list[str]:
+        """The held-out captions of tracks outside the genre (``genre``: ``_genre_source``; none of them in its
+        fine-tuning set)."""
         from .evaluation.evaluate import dataset_prompts
 
-        inside = {Path(t.path).resolve() for t in self._genre_source().tracks}
+        inside = {Path(t.path).resolve() for t in genre.tracks}
         outside = [p.caption for p in dataset_prompts(str(self.tokens)) if Path(p.audio).resolve() not in inside]
         if len(outside) < 2:
             raise ConfigError(f"--shift-genre {self.s.shift_genre!r}: {len(outside)} held-out track(s) outside the "
@@ -545,14 +546,15 @@ class Pipeline:
         its final checkpoint) and evaluate final against shifted, unguided and guided, on prompts outside it."""
         d = self._shift_dir()
         tokens, runs, steps = d / "tokens", d / "runs", self.s.shift_steps or self.s.train_steps
+        genre = self._genre_source()  # lists the corpus twice (its own kind and FMA's): once a run
         self.step("shift-preprocess", self._dataset_done(tokens),
-                  lambda: self._preprocess(tokens, self._genre_source()))
+                  lambda: self._preprocess(tokens, genre))
         for stage in STAGES:
             self.step(f"shift-train-{stage}", self._trained(stage, runs, steps),
                       lambda stage=stage: self._train(stage, tokens, runs, steps, self.models / "final" / stage))
         self.step("shift-model-set", self._model_sets_done(self._shift_targets()),
                   lambda: self._model_sets(self._shift_targets()))
-        out, sets, prompts = d / "evaluate", self._shift_sets(), self._shift_prompts()
+        out, sets, prompts = d / "evaluate", self._shift_sets(), self._shift_prompts(genre)
         self.step("shift-evaluate", self._evaluated(out, sets, prompts), lambda: self._evaluate(out, sets, prompts))
         path = d / GENRE_SHIFT
         done = path.exists() and json.loads(path.read_text()).get("evaluation_sha256") == self._results_digest(out)

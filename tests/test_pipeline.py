@@ -152,16 +152,17 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     from musiclm.pipeline import Pipeline, PipelineSettings
 
     shift = Pipeline(PipelineSettings(workdir=str(work), num_tracks=8, shift_genre="electronic"), {"CPU": 2})
-    inside = {t.id: Path(t.path).resolve() for t in shift._genre_source().tracks}
+    genre = shift._genre_source()
+    inside = {t.id: Path(t.path).resolve() for t in genre.tracks}
     assert set(inside) == {f"{i:06d}" for i in range(1, 9)
                            if synth.sample_params(i, 0, 12.0).genre in ("Electronic", "Ambient")}
     assert 0 < len(inside) < 8 and shift._shift_dir() == work / "shift-electronic"
     outside = [p.caption for p in dataset_prompts(str(tokens)) if Path(p.audio).resolve() not in inside.values()]
     if len(outside) >= 2:
-        assert shift._shift_prompts() == outside
+        assert shift._shift_prompts(genre) == outside
     else:
         with pytest.raises(ConfigError, match="outside the genre to prompt with"):
-            shift._shift_prompts()
+            shift._shift_prompts(genre)
     with pytest.raises(ConfigError, match="--shift-genre 'Polka': genre 'Polka' is not in genres.csv"):
         Pipeline(PipelineSettings(workdir=str(work), num_tracks=8, shift_genre="Polka"), {"CPU": 2})._genre_source()
 
