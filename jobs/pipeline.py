@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clap-codes", type=int, default=d.clap_codes,
                    help="codes per quantizer of the CLAP RVQ (0: the preset's for --source; for the synthetic corpus a "
                         "power of two with at least 8 of its CLAP windows per code)")
+    p.add_argument("--clap-from", choices=("audio", "caption"), default=d.clap_from,
+                   help="what the stages' CLAP tokens are made of: each window's audio (MusicLM's way) or the track's "
+                        "caption")
+    p.add_argument("--codec-codes", type=int, default=d.codec_codes,
+                   help="codes per codebook of the tiny EnCodec: the coarse and fine stages' vocabulary (0: the "
+                        "preset's 1024)")
     p.add_argument("--cond-drop-prob", type=float, default=d.cond_drop_prob,
                    help="conditioning dropout of every stage's training (train.cond_drop_prob; lets guidance work)")
     p.add_argument("--guidance-scale", type=float, default=d.guidance,
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                                 duration=args.duration, num_samples=args.num_samples, prompt=args.prompt,
                                 eval_duration=args.eval_duration, seed=args.seed,
                                 semantic_clusters=args.semantic_clusters, clap_codes=args.clap_codes,
-                                clap_levels=args.clap_levels,
+                                clap_levels=args.clap_levels, codec_codes=args.codec_codes,
+                                clap_from=args.clap_from,
                                 cond_drop_prob=args.cond_drop_prob, guidance=args.guidance_scale,
                                 shift_genre=args.shift_genre, shift_steps=args.shift_steps)
     resources = connect(args)

@@ -2,8 +2,9 @@
 
 Sources: FMA (audio folder + fma_metadata), a plain folder with an optional captions file, or the synthetic
 set. Re-running the same command resumes an interrupted run and does nothing once every track is done.
-Row settings (DataConfig): clip_seconds, crops, min_seconds, pad_to_seconds, valid_frac, seed, rows_per_shard;
-set them with --set KEY=VALUE or the data section of a --config JSON."""
+Row settings (DataConfig): clip_seconds, crops, min_seconds, pad_to_seconds, valid_frac, seed, rows_per_shard,
+clap_from (audio: the stages' CLAP tokens from each window's audio, MusicLM's way; caption: from the track's
+caption); set them with --set KEY=VALUE or the data section of a --config JSON."""
 from __future__ import annotations
 
 import argparse

@@ -336,10 +336,16 @@ class DataConfig:
     valid_frac: float = 0.05
     seed: int = 0  # seeds the train/valid split and the crop offsets
     rows_per_shard: int = 128
+    # what the CLAP tokens every stage is conditioned on are made of: "audio", each CLAP window's audio embedding
+    # (MusicLM and open-musiclm: no text needed, and a prompt's text embedding stands in for it when generating);
+    # "caption", the track's caption's text embedding for every window, for a corpus whose captions describe it
+    # (a prompt's tokens are then made as the training's were: no gap between CLAP's towers to cross)
+    clap_from: str = "audio"
 
     def __post_init__(self):
         check_finite(self)
         check(self.clip_seconds >= 1, "clip_seconds", "must be a whole number of seconds >= 1")
+        check(self.clap_from in ("audio", "caption"), "clap_from", "must be audio or caption")
         check(self.crops >= 1, "crops", "must be >= 1")
         check(0 < self.min_seconds <= self.clip_seconds, "min_seconds",
               f"must be > 0 and at most clip_seconds ({self.clip_seconds}): longer would make every track an error")

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import STAGES, ConfigError
+from .config import STAGES, TINY, ConfigError
 
 DEMO_PROMPT = ("An upbeat electronic track at 128 BPM in A minor, with a sawtooth synth lead and four-on-the-floor "
                "drums.")  # a caption of the synthetic corpus's kind
@@ -69,6 +69,13 @@ class PipelineSettings:
     # levels of the CLAP RVQ, the CLAP tokens every stage is conditioned on; 0: the preset's (12) for a --source
     # corpus, and SYNTH_CLAP_LEVELS for the synthetic one
     clap_levels: int = 0
+    # codes per codebook of the tiny EnCodec, the vocabulary of the coarse and fine stages (0: the preset's, 1024).
+    # With 64 the coarse and fine stages end far lower below chance, and the WAV is no closer to the corpus
+    # (benchmarks/RESULTS.md). A pretrained EnCodec keeps its own
+    codec_codes: int = 0
+    # what the stages' CLAP tokens are made of when tokenizing (DataConfig.clap_from): "audio" (MusicLM's way) or
+    # "caption" (the track's caption, for a corpus whose captions describe it)
+    clap_from: str = "audio"
     cond_drop_prob: float = 0.2  # conditioning dropout of every stage's training (train.cond_drop_prob)
     # classifier-free guidance of every stage when generating; the evaluation samples each set unguided and with it
     # (1: none)
@@ -99,6 +106,15 @@ class PipelineSettings:
         if self.clap_levels:
             return self.clap_levels
         return rvq.rq_num_quantizers if self.source is not None else SYNTH_CLAP_LEVELS
+
+    def acoustic_codes(self, encodec) -> int:
+        """The EnCodec's codes per codebook, given the preset's ``EncodecConfig`` (a pretrained one keeps its own)."""
+        if self.codec_codes:
+            if encodec.model_name != TINY:
+                raise ConfigError(f"codec_codes: the {self.preset} preset's EnCodec is pretrained, with "
+                                  f"{encodec.codebook_size} codes a codebook; leave --codec-codes at 0")
+            return self.codec_codes
+        return encodec.codebook_size
 
     def codes(self, rvq) -> int:
         """The CLAP RVQ's codes per quantizer, given the preset's ``ClapRVQConfig``."""
@@ -234,9 +250,18 @@ class Pipeline:
         cfg = model_preset(self.s.preset)
         k, c = self.s.clusters(cfg.hubert_kmeans_cfg), self.s.codes(cfg.clap_rvq_cfg)
         levels = self.s.levels(cfg.clap_rvq_cfg)
-        return dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k),
-                                   clap_rvq_cfg=dataclasses.replace(cfg.clap_rvq_cfg, codebook_size=c,
-                                                                    rq_num_quantizers=levels))
+        cfg = dataclasses.replace(cfg, hubert_kmeans_cfg=dataclasses.replace(cfg.hubert_kmeans_cfg, codebook_size=k),
+                                  clap_rvq_cfg=dataclasses.replace(cfg.clap_rvq_cfg, codebook_size=c,
+                                                                   rq_num_quantizers=levels))
+        codes = self.s.acoustic_codes(cfg.encodec_cfg)
+        if codes != cfg.encodec_cfg.codebook_size:
+            # as many codebooks as the stages read (coarse + fine), each of log2(codes) bits at the codec's rate
+            g = cfg.global_cfg
+            codebooks = g.num_coarse_quantizers + g.num_fine_quantizers
+            kbps = codebooks * cfg.encodec_cfg.output_hz * math.log2(codes) / 1000
+            cfg = dataclasses.replace(cfg, encodec_cfg=dataclasses.replace(cfg.encodec_cfg, codebook_size=codes,
+                                                                           bandwidth=round(kbps, 6)))
+        return cfg
 
     def _fitted(self, part: str) -> bool:
         meta = self.ts / "token_system.json"
@@ -273,7 +298,8 @@ class Pipeline:
 
         # 10 s crops (the semantic window) at 3 offsets per track: 3x the rows for training from a few tracks,
         # and fewer restarts of the data pipeline per epoch
-        cfg = DataConfig(clip_seconds=10, crops=3, valid_frac=0.25, seed=self.s.seed, rows_per_shard=16)
+        cfg = DataConfig(clip_seconds=10, crops=3, valid_frac=0.25, seed=self.s.seed, rows_per_shard=16,
+                         clap_from=self.s.clap_from)
         job = prepare(source or open_source(self.corpus), self.ts, tokens or self.tokens, cfg, log=self.log)
         run(job, self._plan(), log=self.log)
 
@@ -294,7 +320,9 @@ class Pipeline:
             f"train.cond_drop_prob={self.s.cond_drop_prob}",
             f"model.hubert_kmeans_cfg.codebook_size={model.hubert_kmeans_cfg.codebook_size}",
             f"model.clap_rvq_cfg.codebook_size={model.clap_rvq_cfg.codebook_size}",
-            f"model.clap_rvq_cfg.rq_num_quantizers={model.clap_rvq_cfg.rq_num_quantizers}"])
+            f"model.clap_rvq_cfg.rq_num_quantizers={model.clap_rvq_cfg.rq_num_quantizers}",
+            f"model.encodec_cfg.codebook_size={model.encodec_cfg.codebook_size}",
+            f"model.encodec_cfg.bandwidth={model.encodec_cfg.bandwidth}"])
 
     def _trained(self, stage: str, runs: Path | None = None, steps: int | None = None) -> bool:
         from .train.checkpoint import read_stage
@@ -469,9 +497,11 @@ class Pipeline:
         system = TokenSystem.load(self.ts)
         tracks = self._caption_tracks()
         clips = [decode_audio(t.path, system.clap.sample_rate, max_seconds=10.0)[0] for t in tracks]
+        captions = [t.caption for t in tracks]
         block = {"held_out_tracks": len(tracks),
-                 "clap_caption_match": pf.caption_match(system, clips, [t.caption for t in tracks],
-                                                        system.clap.sample_rate)}
+                 "clap_caption_match": pf.caption_match(system, clips, captions, system.clap.sample_rate)}
+        block.update({f"caption_tokens_match/{name}": e for name, e in
+                      pf.token_match(system, clips, captions, system.clap.sample_rate).items()})
         with (self.work / "evaluate" / "results.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         block["prompts"] = len({r["prompt"] for r in rows})

@@ -20,6 +20,10 @@ def test_retrieval_ranks_each_caption_against_every_held_out_track():
     assert perfect["valid/chance_recall@1"] == pytest.approx(1 / 3)
     swapped = retrieval(audio, text[[2, 2, 0, 3]], ids)  # a's and b's captions exchanged
     assert swapped["valid/text_to_audio/recall@1"] == pytest.approx(1 / 3)
+    # the mean cosine of each caption with its own track's audio: how far apart the towers put a pair
+    a = torch.nn.functional.normalize(audio[0] + torch.nn.functional.normalize(audio[1], dim=0), dim=0)
+    assert perfect["valid/caption_cosine"] == pytest.approx((a[0].item() + 2) / 3)
+    assert swapped["valid/caption_cosine"] == pytest.approx((a[1].item() + 0 + 1) / 3)
     # a CLAP that embeds every clip alike ranks nothing: ties count against the true pair
     alike = retrieval(torch.ones(4, 3), text, ids)
     assert alike["valid/text_to_audio/recall@1"] == 0.0 and alike["valid/text_to_audio/mean_rank"] == 3.0

@@ -40,6 +40,25 @@ def test_the_quantizers_are_sized_to_the_synthetic_corpus_and_a_users_keep_the_p
     assert three._model_config().token_system().clap_rvq_cfg.rq_num_quantizers == 3
     assert three._train_config("coarse").model.clap_rvq_cfg.rq_num_quantizers == 3
     assert Pipeline(user, {"CPU": 2})._train_config("fine").model.clap_rvq_cfg.rq_num_quantizers == 12
+    # the tiny EnCodec's codes per codebook (--codec-codes), the coarse and fine stages' vocabulary: the preset's
+    # 1024 unless given; 64 at the bandwidth that keeps the stages' 3 + 5 codebooks (6 bits at 75 Hz: 3.6 kbps),
+    # which the built codec accepts and encodes at; a pretrained EnCodec refuses another size
+    from musiclm.config import ConfigError
+    from musiclm.tokens import encoders
+    from musiclm.tokens.acoustic import AcousticCodec
+
+    assert three._model_config().encodec_cfg == cfg.encodec_cfg and cfg.encodec_cfg.codebook_size == 1024
+    small = Pipeline(PipelineSettings(codec_codes=64), {"CPU": 2})
+    enc = small._model_config().token_system().encodec_cfg
+    assert (enc.codebook_size, enc.bandwidth) == (64, 3.6)
+    assert small._train_config("fine").model.encodec_cfg == small._train_config("coarse").model.encodec_cfg == enc
+    codec = AcousticCodec(encoders.build_tiny_encodec(0, enc.bandwidth, enc.codebook_size, 2, 1.0), enc)
+    codes = codec.encode(np.sin(np.arange(24000) / 7).astype(np.float32))
+    assert codes.shape == (75, 8) and 0 <= codes.min() and codes.max() < 64
+    assert Pipeline(PipelineSettings(codec_codes=256), {"CPU": 2})._model_config().encodec_cfg.bandwidth == 4.8
+    assert PipelineSettings(preset="small").acoustic_codes(model_preset("small").encodec_cfg) == 1024
+    with pytest.raises(ConfigError, match="--codec-codes"):
+        Pipeline(PipelineSettings(preset="small", codec_codes=64), {"CPU": 2})._model_config()
 
 
 @pytest.mark.ray
@@ -120,12 +139,14 @@ def test_demo_pipeline_runs_end_to_end_and_a_second_run_skips_every_step(local_r
     assert block == json.loads((work / "prompt_following.json").read_text())
     assert block["held_out_tracks"] == 2 and block["prompts"] == len(held_out) and block["guidance"] == 3
     counts = {"clap_caption_match": 2, "generated_caption_match": len(held_out), "best_of_n_vs_random": len(held_out),
-              "guidance_vs_unguided": len(held_out)}
+              "guidance_vs_unguided": len(held_out), "caption_tokens_match/first_level": 2,
+              "caption_tokens_match/all_levels": 2}
+    assert set(counts) <= set(block), block
     for name, e in block.items():
         if isinstance(e, dict):
             assert set(e) == {"value", "noise", "n", "clear"} and e["value"] is not None, (name, e)
             assert e["n"] == counts.get(name, e["n"]) >= 2 and e["noise"] >= 0, (name, e)
-    assert {n.split("/")[1] for n in block if "/" in n} == {"semantic", "coarse", "fine"}
+    assert {n.split("/")[1] for n in block if "/" in n} == {"semantic", "coarse", "fine", "first_level", "all_levels"}
     assert "prompt following (2 held-out tracks' clips" in first and "clap_caption_match: " in first
     assert (work / "evaluate" / "scores.png").exists()
     assert "generated: " in first and "tensorboard --logdir" in first

@@ -2,6 +2,7 @@
 resume, fingerprint refusal."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -277,3 +279,51 @@ def test_a_tracks_tokens_do_not_depend_on_its_batch(corpus, tiny_system_dir, tmp
         assert all(len(tokens[c]) for c in layout.TOKEN_COLUMNS)
         for c in layout.TOKEN_COLUMNS:
             assert np.array_equal(tokens[c], first[rid][c]) and np.array_equal(tokens[c], last[rid][c]), (rid, c)
+
+
+def test_clap_tokens_from_captions_are_each_captions_own_and_a_track_without_one_is_an_error(corpus, tiny_system_dir,
+                                                                                            tmp_path):
+    """``clap_from=caption``: every CLAP window of a row carries its track's caption's CLAP text tokens (what a
+    prompt is turned into when generating), the other columns are those ``audio`` gives, a track without a caption
+    becomes an error row that says what to do, and the manifest records it: a dataset made one way is not resumed
+    the other."""
+    from musiclm.data.preprocess import Tokenizer, decode_local
+    from musiclm.tokens.system import TokenSystem
+
+    made = {}
+    for kind in ("audio", "caption"):
+        job = prepare(open_source(corpus), tiny_system_dir, tmp_path / kind, DataConfig(clip_seconds=11, crops=1,
+                      clap_from=kind), log=lambda m: None)
+        assert job.manifest["tokens"]["clap"]["from"] == kind
+        # the random tiny CLAP's text tower gives the corpus' captions one set of tokens: the second track gets a
+        # caption it tokenizes otherwise
+        tracks = [job.pending[0], dataclasses.replace(job.pending[1], caption="Piano solo, slow.")]
+        captions = {t.id: t.caption for t in tracks}
+        rows = [r for t in tracks for r in decode_local(job, t)]
+        tokenizer = Tokenizer(str(tiny_system_dir), job.manifest["fingerprint"], "cpu", threads=0, clap_from=kind)
+        made[kind] = tokenizer({c: [r[c] for r in rows] for c in rows[0]})
+    clap = TokenSystem.load(tiny_system_dir).clap
+    levels = clap.cfg.rq_num_quantizers
+    for i, track in enumerate(made["caption"]["track_id"]):
+        own = np.asarray(clap.text_tokens([captions[track]]))[0]
+        windows = made["caption"]["clap"][i].reshape(-1, levels)
+        assert len(windows) == len(made["audio"]["clap"][i]) // levels >= 2 and (windows == own).all(), track
+        for c in ("semantic", "coarse", "fine"):
+            assert np.array_equal(made["caption"][c][i], made["audio"][c][i])
+    assert not np.array_equal(made["caption"]["clap"][0], made["caption"]["clap"][1])  # two captions, two conditions
+    # a track without a caption: an error row naming the cure, no tokens
+    job = prepare(open_source(corpus), tiny_system_dir, tmp_path / "c2", DataConfig(clap_from="caption"),
+                  log=lambda m: None)
+    from musiclm.data.preprocess import decode_track, track_row
+
+    bare = dataclasses.replace(job.pending[0], caption="")
+    [error] = decode_track(track_row(bare), str(tiny_system_dir), dataclasses.asdict(job.cfg), job.rates)
+    assert error["kind"] == "no_caption" and "captions file" in error["message"]
+    # the way the tokens were made is part of what a resumed run must match
+    layout.write_manifest(job.out, {**job.manifest, "status": "in_progress"})
+    layout.write_shard(job.out, layout.ERRORS, pa.table({"id": ["000001"], "track_id": ["000001"],
+                                                          "kind": ["too_short"]}))
+    with pytest.raises(layout.DatasetError, match="tokens.clap.from: dataset has 'caption', this run 'audio'"):
+        prepare(open_source(corpus), tiny_system_dir, job.out, DataConfig(), log=lambda m: None)
+    with pytest.raises(ValueError, match="clap_from"):
+        DataConfig(clap_from="lyrics")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from musiclm.evaluation.prompt_following import (conditioning_gains, estimate, from_results, genre_shift,
-                                                 summary_lines)
+                                                 summary_lines, token_match)
 
 
 def test_a_difference_is_its_mean_with_the_standard_error_and_clear_only_beyond_two_errors():
@@ -36,6 +36,34 @@ def test_reranking_and_guidance_come_from_the_evaluations_rows_prompt_by_prompt(
     assert "guidance_vs_unguided" not in from_results(rows, "final", None)
 
 
+def test_the_token_match_sets_a_captions_clap_tokens_against_its_own_clips_and_the_others():
+    """Per clip: whether its caption's CLAP tokens are its audio's (1 or 0) minus the share of the other clips' audio
+    they equal; on the first code and on every code. The CLAP here is a table of tokens (the tokens are the input
+    of this arithmetic; the pipeline test runs it on the tuned CLAP)."""
+    text = {"a": [1, 2], "b": [3, 4], "c": [1, 5]}
+    audio = [[1, 2], [3, 0], [1, 5]]  # clip k's tokens, for its first window
+
+    class Clap:  # the token system's CLAP as token_match reads it
+        sample_rate = 100
+
+        def text_tokens(self, captions):
+            return np.array([text[c] for c in captions])
+
+        def audio_tokens(self, clip):
+            return np.array([audio[int(clip[0])]] * 3)  # one row per window
+
+    system = type("System", (), {"clap": Clap()})()
+    clips = [np.full(100, k, np.float32) for k in range(3)]
+    out = token_match(system, clips, ["a", "b", "c"], 100)
+    # first code: a 1 - (0 + 1) / 2, b 1 - 0, c 1 - (1 + 0) / 2; every code: a 1 - 0, b 0 - 0, c 1 - 0
+    assert out["first_level"]["value"] == pytest.approx(2 / 3) and out["first_level"]["n"] == 3
+    assert out["first_level"]["noise"] == pytest.approx(np.std([0.5, 1, 0.5], ddof=1) / np.sqrt(3))
+    assert out["all_levels"]["value"] == pytest.approx(2 / 3)
+    assert out["all_levels"]["noise"] == pytest.approx(np.std([1, 0, 1], ddof=1) / np.sqrt(3))
+    with pytest.raises(ValueError, match="at least 2"):
+        token_match(system, clips[:1], ["a"], 100)
+
+
 def test_the_genre_shift_compares_the_sets_prompt_by_prompt_and_says_which_way_it_went():
     """The seed's experiment from an evaluation of final and shifted (final fine-tuned on one genre) on prompts
     outside the genre: what the fine-tuning did to prompt alignment, and what guidance does about it."""
@@ -58,6 +86,9 @@ def test_the_genre_shift_compares_the_sets_prompt_by_prompt_and_says_which_way_i
     assert "  alignment_change: -0.2000 ± 0.0058 (n 3; clearly negative)" in lines
     assert any(line.startswith("  recovered_by_guidance: +0.0100") and "not beyond its noise" in line
                for line in lines)
+    # a difference in the last digits is shown in them, not as +0.0000 beside its verdict
+    tiny = summary_lines({"best_of_n_vs_random": estimate([3e-5, 2e-5, 4e-5, 3e-5])})
+    assert tiny == ["  best_of_n_vs_random: +3.0e-05 ± 4.1e-06 (n 4; clearly positive)"], tiny
     unguided = genre_shift(rows, "final", "shifted")
     assert set(unguided) == {"alignment_change", "lower_on", "mean_score/final", "mean_score/shifted"}
 

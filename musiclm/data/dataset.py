@@ -104,6 +104,10 @@ def check_compatible(root: str | Path, existing: dict, wanted: dict) -> None:
     diffs = [f"{section}.{k}: dataset has {existing.get(section, {}).get(k)!r}, this run {v!r}"
              for section in ("settings", "source") for k, v in wanted[section].items()
              if existing.get(section, {}).get(k) != v]
+    # what the CLAP tokens are made of (a dataset from before the setting was recorded made them from audio)
+    made, making = (m.get("tokens", {}).get("clap", {}).get("from", "audio") for m in (existing, wanted))
+    if made != making:
+        diffs.append(f"tokens.clap.from: dataset has {made!r}, this run {making!r}")
     if diffs:
         raise DatasetError(f"{root} was made with other settings; resuming would mix two kinds of rows: "
                            + "; ".join(diffs) + ". Run with the same settings, or write to a new --out.")

@@ -81,7 +81,7 @@ def prepare(source: Source, token_system: str | Path, out: str | Path, cfg: Data
                     "clip_seconds": cfg.clip_seconds, "pad_to_seconds": cfg.pad_to_seconds},
         "tokens": {  # arrays are flattened time-major with the codebook fastest
             "clap": {"codebooks": tcfg.clap_rvq_cfg.rq_num_quantizers, "codebook_size": tcfg.clap_rvq_cfg.codebook_size,
-                     "per": "CLAP window"},
+                     "per": "CLAP window", "from": cfg.clap_from},
             "semantic": {"codebooks": 1, "codebook_size": tcfg.hubert_kmeans_cfg.codebook_size,
                          "hz": tcfg.hubert_kmeans_cfg.output_hz},
             "coarse": {"codebooks": tcfg.num_coarse_quantizers, "codebook_size": tcfg.encodec_cfg.codebook_size,
@@ -158,6 +158,9 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
     cfg = DataConfig(**cfg)
     if row.get("problem_kind"):  # listed, but there is no file to read (missing, a directory, a broken link)
         return [_error_row(row, "list", row["problem_kind"], row["problem"])]
+    if cfg.clap_from == "caption" and not str(row.get("caption") or "").strip():
+        return [_error_row(row, "list", "no_caption", "the track has no caption, and the CLAP tokens are made from "
+                           "captions (clap_from=caption): give it one in the captions file, or use clap_from=audio")]
     try:
         audio, rate = decode_audio(row["path"])
     except AudioDecodeError as e:
@@ -187,7 +190,7 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
 class Tokenizer:
     """Ray Data actor: holds the token system's models; turns decoded clips into token arrays."""
 
-    def __init__(self, token_system: str, fingerprint: str, device: str, threads: int):
+    def __init__(self, token_system: str, fingerprint: str, device: str, threads: int, clap_from: str = "audio"):
         import torch
 
         from ..tokens.system import CONFIG_FILE, TokenSystem, TokenSystemError
@@ -202,11 +205,15 @@ class Tokenizer:
         c = self.system.config
         self.n_coarse, self.n_fine = c.num_coarse_quantizers, c.num_fine_quantizers
         self.semantic_hz, self.acoustic_hz = c.hubert_kmeans_cfg.output_hz, c.encodec_cfg.output_hz
+        self.clap_from = clap_from
 
     def tokens(self, row: dict) -> dict[str, np.ndarray]:
         s = self.system
-        feats = np.asarray(row["clap_features"], np.float32).reshape(tuple(int(d) for d in row["clap_shape"]))
-        clap = s.clap.tokens(s.clap.embed_features(feats))
+        shape = tuple(int(d) for d in row["clap_shape"])
+        if self.clap_from == "caption":  # the caption's tokens for each of the clip's CLAP windows
+            clap = np.repeat(s.clap.text_tokens([str(row["caption"])]), shape[0], axis=0)
+        else:
+            clap = s.clap.tokens(s.clap.embed_features(np.asarray(row["clap_features"], np.float32).reshape(shape)))
         semantic = s.semantic.tokens(np.asarray(row["audio_semantic"], np.float32))
         acoustic = s.acoustic.encode(np.asarray(row["audio_acoustic"], np.float32))
         seconds = int(row["seconds"])
@@ -333,7 +340,8 @@ def run(job: PreprocessJob, plan: ActorPlan, *, tracks_per_task: int = 4, tokeni
                             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                             fn_constructor_kwargs={"token_system": str(job.token_system),
                                                    "fingerprint": job.manifest["fingerprint"],
-                                                   "device": plan.device, "threads": plan.threads_per_actor})
+                                                   "device": plan.device, "threads": plan.threads_per_actor,
+                                                   "clap_from": job.cfg.clap_from})
     writer = ray.remote(num_cpus=0.05)(ShardWriter).remote(str(job.out), frozenset(job.scan.partial_rows),
                                                             job.cfg.rows_per_shard)
     # rows go to the writer as the tokenizers finish them (the tokenizer encodes row by row; a batch of one
@@ -375,8 +383,8 @@ def run_local(job: PreprocessJob, *, batch_rows: int = 16, log=print) -> dict:
     job.created = job.created or time.strftime("%Y-%m-%dT%H:%M:%S")
     ds_layout.write_manifest(job.out, {**job.manifest, "created": job.created, "status": "in_progress",
                                        "counts": job.scan.counts()})
-    tokenizer = Tokenizer(str(job.token_system), job.manifest["fingerprint"], "cpu", threads=0) \
-        if job.pending else None
+    tokenizer = Tokenizer(str(job.token_system), job.manifest["fingerprint"], "cpu", threads=0,
+                          clap_from=job.cfg.clap_from) if job.pending else None
     rows = [r for t in job.pending for r in decode_local(job, t)]
     writer = ShardWriter(str(job.out), frozenset(job.scan.partial_rows), job.cfg.rows_per_shard)
     for i in range(0, len(rows), batch_rows):

@@ -3,6 +3,9 @@
 - ``clap_caption_match``: the CLAP that scores everything, on held-out real clips: each clip's score for its own
   caption minus its mean score for the other held-out tracks' captions. About 0 for a CLAP that embeds every clip
   alike (the random tiny one); without it, none of the scores below mean anything.
+- ``caption_tokens_match/first_level`` and ``/all_levels``: on the same clips, whether a caption's CLAP tokens
+  (what a prompt conditions the stages on) are its own audio's rather than another clip's (``token_match``): the
+  step between the judge and the stages, where CLAP's modality gap can lose the prompt.
 - ``generated_caption_match``: the same on what the final model set generated for the held-out captions: each
   prompt's best clip scored for its own prompt minus for the others. The measure of prompt-following itself; the
   rest say where it is lost.
@@ -63,6 +66,31 @@ def caption_match(system, clips: list, captions: list[str], rate: int) -> dict:
     audio = torch.stack([audio_embedding(system, clip, rate) for clip in clips])
     scores = (text @ audio.T).tolist()  # [caption][clip]
     return estimate(scores[i][i] - sum(scores[j][i] for j in range(n) if j != i) / (n - 1) for i in range(n))
+
+
+def token_match(system, clips: list, captions: list[str], rate: int) -> dict:
+    """The CLAP tokens a caption conditions the stages on (its text embedding through the RVQ), against those of
+    its own clip's audio (its first 10 s window, what the stages trained on) and the other clips': per clip, whether
+    its caption's tokens equal its audio's, minus the fraction of the other clips' audio they equal. Two estimates:
+    ``first_level`` (the first code) and ``all_levels`` (every code). About 0 when the prompts' tokens are not their
+    music's: the RVQ is fitted on audio embeddings, and a text embedding far from them (CLAP's modality gap)
+    quantizes to codes no audio has, so generation conditions the stages on tokens they never trained on."""
+    import numpy as np
+
+    from ..audio.io import resample
+
+    n = len(clips)
+    if n < 2:
+        raise ValueError(f"{n} held-out clips: the token match needs at least 2")
+    text = np.asarray(system.clap.text_tokens(list(captions)))
+    audio = np.stack([system.clap.audio_tokens(resample(clip, rate, system.clap.sample_rate))[0] for clip in clips])
+
+    def agreement(levels: int) -> dict:
+        same = (text[:, None, :levels] == audio[None, :, :levels]).all(-1)  # [caption][clip]
+        return estimate(float(same[i, i]) - sum(float(same[i, j]) for j in range(n) if j != i) / (n - 1)
+                        for i in range(n))
+
+    return {"first_level": agreement(1), "all_levels": agreement(text.shape[1])}
 
 
 def _score(row: dict, kind: str) -> float | None:
@@ -144,6 +172,12 @@ def conditioning_gains(checkpoint: str | Path, dataset: str | Path, stage: str, 
             "null_condition_gain_opening": estimate(sums.opening_null_gains)}
 
 
+def _number(v: float, sign: str = "") -> str:
+    """4 decimals, or 2 significant digits below 0.001: a clear +0.00003 (best-of-N is never below the random
+    candidate, so a few prompts whose candidates differ in the last digits make it clear) must not read as +0.0000."""
+    return f"{v:{sign}.4f}" if abs(v) < 1e-9 or abs(v) >= 1e-3 else f"{v:{sign}.1e}"
+
+
 def summary_lines(block: dict) -> list[str]:
     """The block as the pipeline's closing lines: one per difference, value ± noise and whether it is clear."""
     lines = []
@@ -155,9 +189,9 @@ def summary_lines(block: dict) -> list[str]:
             continue
         verdict = ("clearly positive" if e["clear"] else "clearly negative" if clearly_negative(e)
                    else "not beyond its noise")
-        lines.append(f"  {name}: {e['value']:+.4f} ± {e['noise']:.4f} (n {e['n']}; {verdict})")
+        lines.append(f"  {name}: {_number(e['value'], '+')} ± {_number(e['noise'])} (n {e['n']}; {verdict})")
     return lines
 
 
 __all__ = ["CLEAR", "caption_match", "clearly_negative", "conditioning_gains", "estimate", "from_results",
-           "genre_shift", "paired_difference", "summary_lines"]
+           "genre_shift", "paired_difference", "summary_lines", "token_match"]

@@ -99,6 +99,7 @@ def retrieval(audio: torch.Tensor, text: torch.Tensor, ids: list[str]) -> dict[s
     for k in ("recall@1", "recall@5", "mean_rank"):
         metrics[f"valid/{k}"] = (out[f"text_to_audio/{k}"] + out[f"audio_to_text/{k}"]) / 2
     metrics["valid/chance_recall@1"] = 1 / len(order)
+    metrics["valid/caption_cosine"] = sim.diag().mean().item()  # each track's caption against its own audio
     metrics["valid/tracks"] = float(len(order))
     return metrics
 

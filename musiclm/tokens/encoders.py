@@ -179,8 +179,10 @@ def build_tiny_encodec(seed: int = 0, bandwidth: float = 6.0, codebook_size: int
 
     _quiet_transformers()
     torch.manual_seed(seed)
+    # the bandwidth a codebook size needs for a given count of codebooks is one of the model's own (encode asks it)
+    bandwidths = sorted({1.5, 3.0, 6.0, 12.0, 24.0, float(bandwidth)})
     model = EncodecModel(EncodecConfig(num_filters=8, hidden_size=32, codebook_dim=32, num_lstm_layers=1,
-                                       codebook_size=codebook_size)).eval()
+                                       codebook_size=codebook_size, target_bandwidths=bandwidths)).eval()
     rate = model.config.sampling_rate
     clips = [resample(synth.render(synth.sample_params(i, seed, clip_seconds)).mean(axis=1), synth.SAMPLE_RATE, rate)
              for i in range(num_clips)]
