@@ -115,3 +115,25 @@ def test_fit_clap_raises_held_out_retrieval_and_writes_the_token_system(local_ra
     assert tokens["clap"].shape == (1, 12)
     with pytest.raises(TokenSystemError, match="already fitted.*--overwrite"):
         fit_rvq.main(rvq_args)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_the_tuning_rows_come_in_the_tracks_order_whatever_finishes_first(local_ray):
+    """fit-clap's and fit-codec's train rows reach the loop in the tracks' order, not in the order their decoding
+    tasks finish: the loop's seeded shuffle buffer then gives one seed the same batches (two fit-clap runs of one
+    seed trained different weights before; the same weights since, checked by hand)."""
+    from types import SimpleNamespace
+
+    from musiclm.tokens.tuning import TuneSettings, track_dataset
+
+    def slow_rows(row: dict, delay: float) -> list[dict]:  # nested: Ray's workers get it by value
+        import time
+
+        time.sleep(delay * (8 - int(row["id"])))  # the first tracks finish last
+        return [{"id": row["id"], "window": w} for w in range(2)]
+
+    tracks = [SimpleNamespace(id=str(i), path=f"/x/{i}.mp3", caption="") for i in range(8)]
+    ds, cached = track_dataset(tracks, slow_rows, {"delay": 0.05}, TuneSettings(), row_bytes=1)
+    assert cached
+    assert [(r["id"], r["window"]) for r in ds.iter_rows()] == [(str(i), w) for i in range(8) for w in range(2)]

@@ -67,6 +67,9 @@ def track_dataset(tracks: list, rows_of, fn_kwargs: dict, cfg: TuneSettings, row
 
     items = [{"id": t.id, "path": t.path, "caption": t.caption} for t in tracks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    # rows in the tracks' order, not as the decoding tasks finish: the loop's seeded shuffle buffer then gives the
+    # same batches for the same seed (two fit-clap runs of one seed trained different weights before)
+    ds.context.execution_options.preserve_order = True
     ds = ds.flat_map(rows_of, fn_kwargs=fn_kwargs)
     if len(tracks) * row_bytes <= cfg.cache_gb * 2 ** 30:
         return ds.materialize(), True
