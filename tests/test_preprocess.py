@@ -290,7 +290,7 @@ def test_clap_tokens_from_captions_are_each_captions_own_and_a_track_without_one
     from musiclm.data.preprocess import Tokenizer, decode_local
     from musiclm.tokens.system import TokenSystem
 
-    made = {}
+    made, decoded = {}, {}
     for kind in ("audio", "caption"):
         job = prepare(open_source(corpus), tiny_system_dir, tmp_path / kind, DataConfig(clip_seconds=11, crops=1,
                       clap_from=kind), log=lambda m: None)
@@ -299,7 +299,7 @@ def test_clap_tokens_from_captions_are_each_captions_own_and_a_track_without_one
         # caption it tokenizes otherwise
         tracks = [job.pending[0], dataclasses.replace(job.pending[1], caption="Piano solo, slow.")]
         captions = {t.id: t.caption for t in tracks}
-        rows = [r for t in tracks for r in decode_local(job, t)]
+        rows = decoded[kind] = [r for t in tracks for r in decode_local(job, t)]
         tokenizer = Tokenizer(str(tiny_system_dir), job.manifest["fingerprint"], "cpu", threads=0, clap_from=kind)
         made[kind] = tokenizer({c: [r[c] for r in rows] for c in rows[0]})
     clap = TokenSystem.load(tiny_system_dir).clap
@@ -311,6 +311,14 @@ def test_clap_tokens_from_captions_are_each_captions_own_and_a_track_without_one
         for c in ("semantic", "coarse", "fine"):
             assert np.array_equal(made["caption"][c][i], made["audio"][c][i])
     assert not np.array_equal(made["caption"]["clap"][0], made["caption"]["clap"][1])  # two captions, two conditions
+    # the decode tasks skip CLAP's features there and count the windows: as many as the features would have had
+    from musiclm.tokens.system import load_clap_featurizer
+
+    featurizer = load_clap_featurizer(str(tiny_system_dir))
+    for samples in (featurizer.window // 3, featurizer.window, featurizer.window + 3 * featurizer.hop + 7):
+        assert featurizer.window_count(samples) == len(featurizer.windows(np.zeros(samples, np.float32))), samples
+    assert all(len(r["clap_features"]) == 0 for r in decoded["caption"])
+    assert all(len(r["clap_features"]) > 0 for r in decoded["audio"])
     # a track without a caption: an error row naming the cure, no tokens
     job = prepare(open_source(corpus), tiny_system_dir, tmp_path / "c2", DataConfig(clap_from="caption"),
                   log=lambda m: None)

@@ -174,12 +174,17 @@ def decode_track(row: dict, token_system: str, cfg: dict, rates: dict) -> list[d
     try:
         clips = list(track_clips(audio, rate, cfg, row["track_id"], rates))
         out = []
+        featurizer = _featurizer(token_system)
         for k, (start, length, seconds, at) in enumerate(clips):
-            feats = _featurizer(token_system)(at["clap"])
+            if cfg.clap_from == "caption":  # the caption's tokens stand for every window: only their count is needed
+                shape, feats = np.array([featurizer.window_count(len(at["clap"])), 0, 0, 0]), np.zeros(0, np.float32)
+            else:
+                feats = featurizer(at["clap"])
+                shape = np.array(feats.shape)
             out.append({**_base_row(row), "id": row_id(row["track_id"], k, len(clips)),
                         "split": split_of(row["track_id"], cfg.valid_frac, cfg.seed),
                         "start_seconds": start / rate, "audio_seconds": min(length, len(audio) - start) / rate,
-                        "seconds": seconds, "rows_in_track": len(clips), "clap_shape": np.array(feats.shape),
+                        "seconds": seconds, "rows_in_track": len(clips), "clap_shape": shape,
                         "clap_features": feats.reshape(-1), "audio_semantic": at["semantic"],
                         "audio_acoustic": at["acoustic"]})
         return out
@@ -210,7 +215,7 @@ class Tokenizer:
     def tokens(self, row: dict) -> dict[str, np.ndarray]:
         s = self.system
         shape = tuple(int(d) for d in row["clap_shape"])
-        if self.clap_from == "caption":  # the caption's tokens for each of the clip's CLAP windows
+        if self.clap_from == "caption":  # the caption's tokens for each of the clip's CLAP windows (no features)
             clap = np.repeat(s.clap.text_tokens([str(row["caption"])]), shape[0], axis=0)
         else:
             clap = s.clap.tokens(s.clap.embed_features(np.asarray(row["clap_features"], np.float32).reshape(shape)))

@@ -24,6 +24,10 @@ class ClapFeaturizer:
         self.window = int(round(window_seconds * cfg.sample_rate))
         self.hop = int(round(cfg.hop_seconds * cfg.sample_rate))
 
+    def window_count(self, samples: int) -> int:
+        """How many windows ``windows`` cuts from ``samples`` of 48 kHz audio."""
+        return len(window_starts(samples, self.window, self.hop))
+
     def windows(self, audio: np.ndarray) -> np.ndarray:
         """(n_windows, window) crops of 48 kHz audio every ``hop``; audio shorter than a window gives one."""
         if audio.shape[-1] < self.window:  # CLAP's own "repeatpad" fills a short window by repetition
