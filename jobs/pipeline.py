@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                         "power of two with at least 8 of its CLAP windows per code)")
     p.add_argument("--clap-from", choices=("audio", "caption"), default=d.clap_from,
                    help="what the stages' CLAP tokens are made of: each window's audio (MusicLM's way) or the track's "
-                        "caption")
+                        "caption (default: audio for --source, caption for the synthetic corpus)")
     p.add_argument("--codec-codes", type=int, default=d.codec_codes,
                    help="codes per codebook of the tiny EnCodec: the coarse and fine stages' vocabulary (0: the "
                         "preset's 1024)")

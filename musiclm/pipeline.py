@@ -74,8 +74,9 @@ class PipelineSettings:
     # (benchmarks/RESULTS.md). A pretrained EnCodec keeps its own
     codec_codes: int = 0
     # what the stages' CLAP tokens are made of when tokenizing (DataConfig.clap_from): "audio" (MusicLM's way) or
-    # "caption" (the track's caption, for a corpus whose captions describe it)
-    clap_from: str = "audio"
+    # "caption" (the track's caption, for a corpus whose captions describe it); None: "audio" for a --source corpus,
+    # "caption" for the synthetic one (tokens_from)
+    clap_from: str | None = None
     cond_drop_prob: float = 0.2  # conditioning dropout of every stage's training (train.cond_drop_prob)
     # classifier-free guidance of every stage when generating; the evaluation samples each set unguided and with it
     # (1: none)
@@ -115,6 +116,16 @@ class PipelineSettings:
                                   f"{encodec.codebook_size} codes a codebook; leave --codec-codes at 0")
             return self.codec_codes
         return encodec.codebook_size
+
+    def tokens_from(self) -> str:
+        """What the stages' CLAP tokens are made of (``DataConfig.clap_from``). The synthetic corpus's captions
+        describe its audio, and the tiny CLAP tuned on them does not place a caption where its audio is (CLAP's
+        modality gap: a held-out caption's tokens were its clip's on none of 12 clips, benchmarks/RESULTS.md), so
+        stages trained on audio tokens are prompted with tokens they never saw; trained on caption tokens, they
+        are prompted with the kind they learned from."""
+        if self.clap_from is not None:
+            return self.clap_from
+        return "audio" if self.source is not None else "caption"
 
     def codes(self, rvq) -> int:
         """The CLAP RVQ's codes per quantizer, given the preset's ``ClapRVQConfig``."""
@@ -289,7 +300,13 @@ class Pipeline:
         if not manifest.exists():
             return False
         m = json.loads(manifest.read_text())
-        return m.get("status") == "complete" and m.get("fingerprint") == self._fingerprint()
+        done = m.get("status") == "complete" and m.get("fingerprint") == self._fingerprint()
+        made_from = m.get("tokens", {}).get("clap", {}).get("from", "audio")  # before DataConfig.clap_from: audio
+        if done and made_from != self.s.tokens_from():
+            raise ConfigError(f"{manifest.parent}: its CLAP tokens are made from {made_from}, and this run's would be "
+                              f"from {self.s.tokens_from()} (--clap-from; the synthetic corpus's default is caption): "
+                              f"give --clap-from {made_from} to go on with it, or another --workdir")
+        return done
 
     def _preprocess(self, tokens: Path | None = None, source=None) -> None:
         from .config import DataConfig
@@ -299,7 +316,7 @@ class Pipeline:
         # 10 s crops (the semantic window) at 3 offsets per track: 3x the rows for training from a few tracks,
         # and fewer restarts of the data pipeline per epoch
         cfg = DataConfig(clip_seconds=10, crops=3, valid_frac=0.25, seed=self.s.seed, rows_per_shard=16,
-                         clap_from=self.s.clap_from)
+                         clap_from=self.s.tokens_from())
         job = prepare(source or open_source(self.corpus), self.ts, tokens or self.tokens, cfg, log=self.log)
         run(job, self._plan(), log=self.log)
 
@@ -382,12 +399,17 @@ class Pipeline:
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
     # ------------------------------------------------------------------ generation and evaluation
-    def _generate_settings(self, duration: float, guidance: float | None = None):
+    def _generate_settings(self, duration: float, guidance: float | None = None, top: int = 1):
         from .generation.generate import GenerateSettings
 
         g = self.s.guidance if guidance is None else guidance
-        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=1, seed=self.s.seed,
+        return GenerateSettings(duration=duration, num_samples=self.s.num_samples, top=top, seed=self.s.seed,
                                 semantic_guidance=g, coarse_guidance=g, fine_guidance=g)
+
+    def _eval_settings(self, guidance: float):
+        """The evaluation's: every candidate kept, so that the prompt-following block can score those reranking did
+        not choose (``generated_caption_match``)."""
+        return self._generate_settings(self.s.eval_duration, guidance, top=self.s.num_samples)
 
     def _checkpoint_ids(self, model_set: str | Path) -> dict:
         """What reports made by ``models/<model_set>`` (or the model-set folder ``model_set``) must name to be
@@ -440,7 +462,7 @@ class Pipeline:
         for name, folder in (sets or self._eval_sets()).items():
             ids = self._checkpoint_ids(folder)
             for g in self._scales():
-                settings = self._generate_settings(self.s.eval_duration, g)
+                settings = self._eval_settings(g)
                 if any(finished_report(prompt_folder(out / guided_name(name, g), i, p), p, settings, ids) is None
                        for i, p in enumerate(prompts)):
                     return False
@@ -453,7 +475,7 @@ class Pipeline:
 
         sets = {name: ModelSet.from_dir(folder) for name, folder in (sets or self._eval_sets()).items()}
         evaluate(self._eval_prompts() if prompts is None else prompts, sets,
-                 self._generate_settings(self.s.eval_duration, 1.0), out or self.work / "evaluate",
+                 self._eval_settings(1.0), out or self.work / "evaluate",
                  cluster_cpus=self.resources.get("CPU", 1),
                  cluster_gpus=self.resources.get("GPU", 0), actors=self.actors, gpus_per_actor=self.gpus_per_actor,
                  guidance_scales=self._scales(), log=self.log)
@@ -467,6 +489,11 @@ class Pipeline:
         import hashlib
 
         return hashlib.sha256(((out or self.work / "evaluate") / "results.csv").read_bytes()).hexdigest()
+
+    @staticmethod
+    def _candidate_files(row: dict) -> list[str]:
+        """Every candidate the evaluation wrote for one row of results.csv (its prompt's report, beside the best)."""
+        return json.loads((Path(row["best_file"]).parent / "report.json").read_text())["files"]
 
     def _caption_tracks(self) -> list:
         """The tracks the caption match scores: those fit-clap held out (the tuned CLAP never saw them), else the
@@ -500,17 +527,25 @@ class Pipeline:
         captions = [t.caption for t in tracks]
         block = {"held_out_tracks": len(tracks),
                  "clap_caption_match": pf.caption_match(system, clips, captions, system.clap.sample_rate)}
-        block.update({f"caption_tokens_match/{name}": e for name, e in
-                      pf.token_match(system, clips, captions, system.clap.sample_rate).items()})
+        if self.s.tokens_from() == "audio":  # stages trained on caption tokens are prompted with their own kind
+            block.update({f"caption_tokens_match/{name}": e for name, e in
+                          pf.token_match(system, clips, captions, system.clap.sample_rate).items()})
         with (self.work / "evaluate" / "results.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         block["prompts"] = len({r["prompt"] for r in rows})
-        # the same match on what the final set generated: each prompt's best clip against its own prompt and the others
-        best = [r for r in rows if r["model_set"] == "final" and r["best_file"]]
-        if len(best) >= 2:
-            generated = [decode_audio(r["best_file"], system.clap.sample_rate)[0] for r in best]
-            block["generated_caption_match"] = pf.caption_match(system, generated, [r["prompt"] for r in best],
-                                                                system.clap.sample_rate)
+        # the same match on what the final set generated, as `generate` makes it (at the pipeline's guidance) and
+        # unguided: each prompt's candidates (all of them: the best alone would count reranking's gain) against its
+        # own prompt and the others'
+        columns = {"generated_caption_match": guided_name("final", self.s.guidance)}
+        if self.s.guidance != 1:
+            columns["generated_caption_match_unguided"] = "final"
+        for name, column in columns.items():
+            done = [r for r in rows if r["model_set"] == column and r["best_file"]]
+            if len(done) >= 2:
+                generated = [[decode_audio(f, system.clap.sample_rate)[0] for f in self._candidate_files(r)]
+                             for r in done]
+                block[name] = pf.caption_match(system, generated, [r["prompt"] for r in done],
+                                               system.clap.sample_rate)
         block.update(pf.from_results(rows, "final", guided_name("final", self.s.guidance)
                                      if self.s.guidance != 1 else None))
         if "guidance_vs_unguided" in block:

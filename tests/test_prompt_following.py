@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from musiclm.evaluation.prompt_following import (conditioning_gains, estimate, from_results, genre_shift,
-                                                 summary_lines, token_match)
+from musiclm.evaluation.prompt_following import (caption_match, conditioning_gains, estimate, from_results,
+                                                 genre_shift, summary_lines, token_match)
 
 
 def test_a_difference_is_its_mean_with_the_standard_error_and_clear_only_beyond_two_errors():
@@ -34,6 +34,39 @@ def test_reranking_and_guidance_come_from_the_evaluations_rows_prompt_by_prompt(
     assert out["guidance_vs_unguided"]["value"] == pytest.approx(0.125)  # means: +0.15 and +0.10
     assert out["guidance_vs_unguided"]["noise"] == pytest.approx(0.025) and out["guidance_vs_unguided"]["n"] == 2
     assert "guidance_vs_unguided" not in from_results(rows, "final", None)
+
+
+def test_the_caption_match_compares_each_captions_scores_of_its_own_clips_and_the_others():
+    """Per caption: its score of its own clip (the mean over its clips when it has several: every candidate
+    generated for it) minus its mean score of the other captions' clips. Scores are compared within a caption, so
+    captions that score every clip higher or lower (a text's own offset, larger than what the clips change) add no
+    noise. The CLAP here is a table of unit embeddings (the pipeline test runs it on the tuned CLAP)."""
+    text = {"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [0.6, 0.8]}
+    audio = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]  # clip k's embedding; scores [caption][clip] = text . audio
+
+    class Clap:  # the token system's CLAP as caption_match reads it
+        sample_rate = 100
+
+        def text_embeddings(self, captions):
+            return torch.tensor([text[c] for c in captions])
+
+        def audio_embeddings(self, clip):
+            return torch.tensor([audio[int(clip[0])]] * 2)  # one row per window
+
+    system = type("System", (), {"clap": Clap()})()
+    clip = [np.full(100, k, np.float32) for k in range(3)]
+    out = caption_match(system, clip, ["a", "b", "c"], 100)
+    # a: 1 - (0 + 0.6) / 2; b: 1 - (0 + 0.8) / 2; c: 1 - (0.6 + 0.8) / 2
+    assert out["value"] == pytest.approx(0.5333, abs=1e-4) and out["n"] == 3
+    assert out["noise"] == pytest.approx(np.std([0.7, 0.6, 0.3], ddof=1) / np.sqrt(3))
+    # several clips a caption: a's own are clips 0 and 1 (its mean score 0.5; b's 0.5, c's 0.7 of the pair)
+    out = caption_match(system, [[clip[0], clip[1]], clip[1], clip[2]], ["a", "b", "c"], 100)
+    assert out["value"] == pytest.approx(np.mean([0.5 - 0.3, 1 - (0.5 + 0.8) / 2, 1 - (0.7 + 0.8) / 2]))
+    # every caption's clip the same: nothing follows a caption, whatever each caption's offset (a's 1, b's 0)
+    same = caption_match(system, [clip[0]] * 3, ["a", "b", "c"], 100)
+    assert same["value"] == pytest.approx(0) and same["noise"] == pytest.approx(0, abs=1e-7)
+    with pytest.raises(ValueError, match="at least 2"):
+        caption_match(system, clip[:1], ["a"], 100)
 
 
 def test_the_token_match_sets_a_captions_clap_tokens_against_its_own_clips_and_the_others():
