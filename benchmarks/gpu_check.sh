@@ -36,6 +36,13 @@
 #   step time against every layer compiled apart). TRAIN_ARGS: more options of train_step_gpu.py.
 #   DECODE_COMPILE=1 runs benchmarks/decode_compile.py on the large coarse stage (bf16, batch 4).
 #   PROMPTS=4 adds to 2. four prompts one at a time vs together (what a Ray prompt worker does with its batches).
+#   WORLD=1 runs issue 41's offline world at a size 2 CPUs cannot: `musiclm pipeline --use-gpu` on WORLD_TRACKS
+#                                    (1024) synthetic tracks, the semantic stage WORLD_SEMANTIC_STEPS (1000), coarse
+#                                    and fine WORLD_STEPS (500), 48 held-out prompts; its prompt-following block to
+#                                    $OUT/world_prompt_following.json. Never timed on a GPU: on 2 CPUs 256 tracks took
+#                                    15 minutes and made the music follow its prompt on one seed of two
+#                                    (RESULTS.md, 2026-12-06); past WORLD_TIMEOUT (560 s) rerun with the same
+#                                    WORLD_DIR and every finished step is skipped.
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -89,4 +96,12 @@ fi
 if [ -n "${SMOKE:-}" ]; then
   timeout "${SMOKE_TIMEOUT:-150}" $PY benchmarks/gpu_smoke.py --workdir /tmp/gpu_smoke --sizes "${SMOKE_SIZES:-tiny}" \
     --steps 30 --batch-size 8 ${SMOKE_SET:+--set $SMOKE_SET} 2>&1 | tee "$OUT/gpu_smoke.txt"
+fi
+if [ -n "${WORLD:-}" ]; then  # issue 41: does the music follow the prompt in a world of 1024 tracks?
+  WORLD_DIR=${WORLD_DIR:-/tmp/world}
+  timeout "${WORLD_TIMEOUT:-560}" $PY -m jobs.pipeline --workdir "$WORLD_DIR" --use-gpu \
+    --num-tracks "${WORLD_TRACKS:-1024}" --semantic-steps "${WORLD_SEMANTIC_STEPS:-1000}" \
+    --train-steps "${WORLD_STEPS:-500}" --max-prompts 48 2>&1 | tee "$OUT/world.txt"
+  cp "$WORLD_DIR/prompt_following.json" "$OUT/world_prompt_following.json" 2>/dev/null
+  cp "$WORLD_DIR/pipeline.json" "$OUT/world_pipeline.json" 2>/dev/null
 fi
