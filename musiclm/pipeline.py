@@ -493,7 +493,9 @@ class Pipeline:
     @staticmethod
     def _candidate_files(row: dict) -> list[str]:
         """Every candidate the evaluation wrote for one row of results.csv (its prompt's report, beside the best)."""
-        return json.loads((Path(row["best_file"]).parent / "report.json").read_text())["files"]
+        from .generation.generate import REPORT
+
+        return json.loads((Path(row["best_file"]).parent / REPORT).read_text())["files"]
 
     def _caption_tracks(self) -> list:
         """The tracks the caption match scores: those fit-clap held out (the tuned CLAP never saw them), else the
