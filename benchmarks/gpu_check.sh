@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 17 and 20 in one run, sized for a 15-minute GPU lease (about 8 minutes on an H100):
+# The GPU checks of issues 17, 20, 41, 43 and 44 (each item sized for one 10-minute call; items 1 and 2 together take
+# about 8 minutes on an H100):
 #   1. benchmarks/train_step_gpu.py  plain PyTorch bf16 step of the large stages at their real windows, dense mask
 #                                    vs FlexAttention (loss and gradients compared first): step time, MFU, memory
 #                                    (TRAIN_COMPILE=1 also times them compiled: minutes more)
@@ -43,6 +44,17 @@
 #                                    15 minutes and made the music follow its prompt on one seed of two
 #                                    (RESULTS.md, 2026-12-06); past WORLD_TIMEOUT (560 s) rerun with the same
 #                                    WORLD_DIR and every finished step is skipped.
+#   MFU=1 (issue 43) times the large stages' bf16 training step in plain PyTorch at micro-batches MFU_BATCHES (8,16,32)
+#                                    with the feed-forward's real width and padded to 64 (train.ff_align), dense
+#                                    attention, eager (MFU_COMPILE=1: compiled too, about 80 s more per stage and
+#                                    batch; MFU_STAGES, default semantic,coarse,fine): MFU and memory against
+#                                    micro-batch, every path checked against float32 first. The real path's
+#                                    train/mfu: SMOKE=1 SMOKE_SIZES=large SMOKE_BATCH=32 SMOKE_SET="train.ff_align=64"
+#   TOKENIZE=1 (issue 44) times tokenizing at the released sizes (benchmarks/tokenize_gpu.py: HTSAT-tiny CLAP, a
+#                                    MERT-v0-sized HuBERT, EnCodec 24 kHz, random weights, TOKENIZE_TRACKS (256)
+#                                    synthetic 30 s MP3s): decode, waveforms and CLAP features per core, each model on
+#                                    the GPU one track at a time and in batches, and `musiclm preprocess` end to end
+#                                    with the GPU's utilization; which part bounds it
 # Each writes its output to $OUT (default gpu_check_out). Needs the project's packages: on a machine without them,
 # put their wheels in .whl/ (`python benchmarks/gpu_wheels.py`) and they are installed under /tmp/site.
 #     bash benchmarks/gpu_check.sh
@@ -93,9 +105,18 @@ if [ -n "${DECODE_MODE:-}" ]; then  # a 10th of each window: the default compile
       | tee -a "$OUT/decode_modes.txt"
   done
 fi
+if [ -n "${MFU:-}" ]; then  # issue 43: MFU against micro-batch, feed-forward real and aligned (plain PyTorch, bf16)
+  timeout "${MFU_TIMEOUT:-420}" $PY benchmarks/train_step_gpu.py --preset large --stages "${MFU_STAGES:-semantic,coarse,fine}" \
+    --attentions dense --batch-sizes "${MFU_BATCHES:-8,16,32}" --ff-aligns 1,64 --steps 8 --warmup 3 \
+    ${MFU_COMPILE:+--compile} 2>&1 | tee "$OUT/train_mfu.txt"
+fi
 if [ -n "${SMOKE:-}" ]; then
   timeout "${SMOKE_TIMEOUT:-150}" $PY benchmarks/gpu_smoke.py --workdir /tmp/gpu_smoke --sizes "${SMOKE_SIZES:-tiny}" \
-    --steps 30 --batch-size 8 ${SMOKE_SET:+--set $SMOKE_SET} 2>&1 | tee "$OUT/gpu_smoke.txt"
+    --steps 30 --batch-size "${SMOKE_BATCH:-8}" ${SMOKE_SET:+--set $SMOKE_SET} 2>&1 | tee "$OUT/gpu_smoke.txt"
+fi
+if [ -n "${TOKENIZE:-}" ]; then  # issue 44: tokenizing at the released sizes, what bounds it
+  timeout "${TOKENIZE_TIMEOUT:-560}" $PY benchmarks/tokenize_gpu.py --device cuda --workdir /tmp/tokenize_gpu \
+    --tracks "${TOKENIZE_TRACKS:-256}" --timed 24 --batches 1,8,32 --timeout 300 2>&1 | tee "$OUT/tokenize_gpu.txt"
 fi
 if [ -n "${WORLD:-}" ]; then  # issue 41: does the music follow the prompt in a world of 1024 tracks?
   WORLD_DIR=${WORLD_DIR:-/tmp/world}

@@ -16,7 +16,11 @@ the largest relative gradient error over parameters (max |g - g_fp32| / max |g_f
 with the table copied per query row modulo 128.
 ``--compile`` also times each path with the stage compiled (``train.compile``), its first steps (the compile)
 excluded; ``--profile N`` prints the N kernels with the most GPU time in one forward/backward.
+``--batch-sizes 8,16,32`` times each path at each micro-batch size (issue 43: MFU against micro-batch);
+``--ff-aligns 1,64`` with the feed-forward's inner width real and padded to a multiple of 64 (``train.ff_align``:
+zero weights, the same function; checked against float32 like every path).
     python benchmarks/train_step_gpu.py [--preset large --batch-size 8 --steps 20 --peak-tflops 989]
+    python benchmarks/train_step_gpu.py --stages coarse --attentions dense --batch-sizes 8,16,32 --ff-aligns 1,64
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="large")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated micro-batch sizes, each timed (default: "
+                                                        "--batch-size); the gradient check uses the first")
+    p.add_argument("--ff-aligns", default="1", help="comma-separated train.ff_align values, each path checked and "
+                                                    "timed with each (1: open-musiclm's inner width)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda")
@@ -117,18 +125,21 @@ def main() -> None:
 
     bias_rows = ([int(r) for r in args.flex_bias_rows.split(",")] if args.flex_bias_rows
                  else [attention_module.FLEX_BIAS_ROWS])
-    paths = [(a, r) for a in attentions for r in (bias_rows if a == "flex" else [None])]
+    paths = [(a, r, f) for a in attentions for r in (bias_rows if a == "flex" else [None])
+             for f in (int(x) for x in args.ff_aligns.split(","))]
+    batch_sizes = [int(b) for b in (args.batch_sizes or str(args.batch_size)).split(",")]
     for stage in args.stages.split(","):
         torch.manual_seed(0)
         model = build_stage(stage, model_preset(args.preset)).to(device).train()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        *cond, target = stage_inputs(model, args.batch_size, device)
+        *cond, target = stage_inputs(model, batch_sizes[0], device)
         seq = model.positions(cond, target[0].numel())
         # the reference: dense attention in float32 (what bf16 is an approximation of, whichever kernel)
         ref_loss, ref_grads = gradients(model, "dense", cond, target, bf16=False)
         if on_gpu and args.precision == "bf16":
             model.to(torch.bfloat16)  # load_state_dict(initial) now rounds the float32 weights into it
-        for attention, rows in paths:
+        for attention, rows, align in paths:
+            model.set_ff_align(align)
             if rows is not None:
                 attention_module.FLEX_BIAS_ROWS = rows
             if attention == "flex" and on_gpu:
@@ -149,37 +160,48 @@ def main() -> None:
             grad_err, worst = error(grads, ref_grads)
             check = {"loss_vs_fp32": round(loss - ref_loss, 5), "grad_rel_err_vs_fp32": grad_err, "worst": worst}
             del grads
-            for compiled in (False, True) if args.compile else (False,):
+            for batch, compiled in ((b, c) for b in batch_sizes for c in ((False, True) if args.compile else (False,))):
+                *b_cond, b_target = stage_inputs(model, batch, device)  # the check's inputs stay
                 model.load_state_dict(initial)
-                runner = torch.compile(model) if compiled else model  # a wrapper: `model` itself stays eager
+                # a wrapper (`model` itself stays eager), one graph per batch size (no dynamic batch dimension)
+                runner = torch.compile(model, dynamic=False) if compiled else model
                 opt, _ = make_optimizer(model, TrainConfig(stage=stage), on_gpu=on_gpu)
                 if on_gpu:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 times = []
-                for i in range(args.steps):
+                try:
+                    for i in range(args.steps):
+                        if on_gpu:
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        opt.zero_grad(set_to_none=True)
+                        forward_backward(runner, b_cond, b_target, seed=i)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                        opt.step()
+                        if on_gpu:
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - start)
+                except torch.OutOfMemoryError:  # a micro-batch too big: say so, and go on with the others
+                    print(json.dumps({"stage": stage, "attention": attention, "ff_align": align, "batch": batch,
+                                      "compiled": compiled, "out_of_memory": True}), flush=True)
+                    del opt, runner
+                    opt = runner = None
                     if on_gpu:
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    opt.zero_grad(set_to_none=True)
-                    forward_backward(runner, cond, target, seed=i)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                    opt.step()
-                    if on_gpu:
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
+                        torch.cuda.empty_cache()
+                    continue
                 if args.profile:
-                    profile(lambda r=runner: forward_backward(r, cond, target), f"{stage} {attention} "
+                    profile(lambda r=runner: forward_backward(r, b_cond, b_target), f"{stage} {attention} "
                             f"{'compiled' if compiled else 'eager'}", args.profile)
                 step = sum(times[args.warmup:]) / max(1, len(times) - args.warmup)
-                tokens_per_s = args.batch_size * seq / step
+                tokens_per_s = batch * seq / step
                 flops = model_flops(model, seq, target[0].numel() + 1) / seq * tokens_per_s  # + eos
                 print(json.dumps({
                     "stage": stage, "preset": args.preset, "device": name, "attention": attention,
-                    **({"flex_bias_rows": rows} if rows is not None else {}),
+                    **({"flex_bias_rows": rows} if rows is not None else {}), "ff_align": align,
                     "precision": args.precision if on_gpu else "float32",
                     "compiled": compiled, "params_M": round(count_parameters(model) / 1e6, 1),
-                    "batch": args.batch_size, "seq_len": seq, "step_ms": round(step * 1000, 1),
+                    "batch": batch, "seq_len": seq, "step_ms": round(step * 1000, 1),
                     "first_steps_s": round(sum(times[:args.warmup]), 1),
                     "tokens_per_s": round(tokens_per_s), "model_tflops": round(flops / 1e12, 1),
                     "mfu": round(flops / peak, 3) if peak else None,

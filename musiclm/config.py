@@ -235,6 +235,10 @@ class TrainConfig:
     # block mask; needs a GPU for the backward), auto: dense until flex is measured on the GPU (docs/training.md)
     attention: Literal["auto", "dense", "flex"] = "auto"
     compile: bool = False  # torch.compile the stage (DeepSpeed's engine.compile): first steps compile (minutes)
+    # Pad the feed-forward's inner width (2,730 at dim 1,024: rows not whole multiples of 16 bytes) to a multiple of
+    # this in each training forward, with zero weights: the same function, and checkpoints keep open-musiclm's shapes
+    # (models.layers.FeedForward). 1: the real width. For GPU GEMM kernels; benchmarks/train_step_gpu.py --ff-aligns
+    ff_align: int = 1
     # Keep each block's input only and recompute its activations in the backward (same gradients). A large stage's
     # fine window (1,217 positions) keeps 6.4 GiB of activations per example on a CPU (dense attention: 16 heads x
     # 1,217^2 per layer), 1.4 GiB with it (benchmarks/train_memory.py; docs/training.md).
@@ -273,6 +277,7 @@ class TrainConfig:
         check(self.max_failures >= 0, "max_failures", "must be >= 0")
         check(self.cache_train_mb >= 0, "cache_train_mb", "must be >= 0 (0 = always stream)")
         check(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = by the GPU's name)")
+        check(self.ff_align >= 1, "ff_align", "must be >= 1 (1: the feed-forward's real inner width; 64 aligns it)")
         check(self.attention in ("auto", "dense", "flex"), "attention", "must be auto, dense or flex")
         # ZeRO-3 gathers a partitioned parameter when the code reads it outside its module's forward (the start
         # tokens, output weights, position-bias MLP, convolution weights) only in eager mode: under torch.compile

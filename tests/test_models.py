@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from musiclm.config import STAGES, model_preset
+from musiclm.config import STAGES, ConfigError, model_preset
 from musiclm.models import build_stage, chance_loss, count_parameters, loss_and_metrics
 from musiclm.train import checkpoint as ckpt
 
@@ -322,6 +322,51 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_me
     with torch.no_grad():  # evaluation and decoding never checkpoint
         model.eval()
         assert torch.equal(model(cond, target), model(cond, target))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_feed_forward_padded_to_an_aligned_width_is_the_same_function_and_parameters(stage):
+    """train.ff_align pads the feed-forward's inner width (170 at the tiny preset's dim 64) with zero weights in a
+    training forward: the same loss and the same gradients of the same parameters (forgetful mask included), while
+    the matmuls really run at the padded width; decoding with a cache keeps the real width."""
+    cfg = model_preset("tiny")
+    cfg = dataclasses.replace(cfg, **{f"{stage}_cfg": dataclasses.replace(cfg.stage(stage), ff_dropout=0.0)})
+    torch.manual_seed(0)
+    model = build_stage(stage, cfg).train()
+    keys = {n: p.shape for n, p in model.state_dict().items()}
+    shapes = {"clap": (12,), "semantic": (9,), "coarse": (4, 3), "fine": (3, 5)}
+    *cond, target = [torch.randint(0, s.codebook_size, (2, *shapes[s.name])) for s in model.sequences]
+    widths = []
+    model.layers[0].ff.proj_out.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[-1]))
+    hook = torch.nn.functional.linear
+
+    def run(align: int):
+        model.set_ff_align(align).zero_grad()
+        torch.manual_seed(1)
+        loss, _ = loss_and_metrics(model(cond, target, key_drop=0.15), target, model.target.num_quantizers)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = run(1)
+    seen = []
+    torch.nn.functional.linear = lambda x, w, *a: seen.append(w.shape) or hook(x, w, *a)
+    try:
+        padded = run(64)
+    finally:
+        torch.nn.functional.linear = hook
+    inner = model.layers[0].ff.inner
+    assert inner % 64 and (2 * 192, 64) in seen and (64, 192) in seen, (inner, seen)  # the padded matmuls ran
+    assert widths == [inner]  # the real width's proj_out module ran once (align 1), not in the padded forward
+    assert {n: p.shape for n, p in model.state_dict().items()} == keys
+    assert torch.allclose(plain[0], padded[0], atol=1e-6) and plain[1].keys() == padded[1].keys()
+    for name, grad in plain[1].items():
+        assert torch.allclose(grad, padded[1][name], atol=1e-6, rtol=1e-4), name
+    with torch.no_grad():  # a cache: the real width whatever the setting
+        model.eval()
+        logits, cache = model.start(cond, target[:, :1])
+        assert cache.conv[0].shape[-1] == 2 * inner
+    with pytest.raises(ConfigError, match="ff_align"):
+        model.set_ff_align(0)
 
 
 @pytest.mark.parametrize("stage", STAGES)

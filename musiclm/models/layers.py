@@ -85,13 +85,28 @@ def causal_depthwise_conv(padded: Tensor, weight: Tensor) -> Tensor:
     return _CausalDepthwiseConv.apply(padded, weight[:, 0].to(padded.dtype))
 
 
+def find_multiple(n: int, k: int) -> int:
+    """``n`` rounded up to a multiple of ``k``."""
+    return n if n % k == 0 else n + k - n % k
+
+
 class FeedForward(nn.Module):
     """GEGLU feed-forward; with ``conv`` a causal depthwise convolution over time before the gate (an
-    ``nn.Conv1d`` holds its weight, as in open-musiclm's checkpoints; ``causal_depthwise_conv`` applies it)."""
+    ``nn.Conv1d`` holds its weight, as in open-musiclm's checkpoints; ``causal_depthwise_conv`` applies it).
+
+    ``align`` > 1 (``TokenConditionedTransformer.set_ff_align``): full forwards (training, validation) pad the inner
+    width to a multiple of ``align`` with zero weights, so that the two big matmuls' rows are whole multiples of 16
+    bytes, which the fastest GPU GEMM kernels need (open-musiclm's 2,730 at dim 1,024 is not:
+    ``benchmarks/ff_align.py``). The same function: the padded channels stay exactly zero through the convolution
+    and the gate, and the inner LayerNorm takes its statistics over the real width. The parameters keep their real
+    shapes (the padding is made from them in each forward and its gradient sliced back), so checkpoints, DeepSpeed's
+    partitions and imports are unchanged. Decoding (a cache) keeps the real width: a step's matmuls have one row
+    per sequence."""
 
     def __init__(self, dim: int, dropout: float, conv: bool = True, mult: int = 4):
         super().__init__()
-        inner = int(dim * 2 * mult / 3) if conv else dim * mult
+        self.inner = inner = int(dim * 2 * mult / 3) if conv else dim * mult
+        self.align = 1
         self.norm = LayerNorm(dim)
         self.proj_in = nn.Linear(dim, 2 * inner, bias=False)
         self.conv = nn.Conv1d(2 * inner, 2 * inner, CONV_KERNEL, groups=2 * inner, bias=False) if conv else None
@@ -100,6 +115,9 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: Tensor, cache: "KVCache | LayerSlots | None" = None, layer: int = 0) -> Tensor:
+        pad = find_multiple(self.inner, self.align) - self.inner if cache is None else 0
+        if pad:
+            return self._padded(x, pad)
         h = self.proj_in(self.norm(x))
         if self.conv is not None:
             if cache is None:
@@ -110,5 +128,20 @@ class FeedForward(nn.Module):
         a, gate = h.chunk(2, dim=-1)
         return self.proj_out(self.dropout(self.norm_inner(F.gelu(gate) * a)))
 
+    def _padded(self, x: Tensor, pad: int) -> Tensor:
+        """``forward`` without a cache at the inner width ``inner + pad``: each half of ``proj_in`` (and of the
+        convolution) gains ``pad`` zero rows, ``proj_out`` as many zero columns."""
+        inner, dim = self.inner, x.shape[-1]
+        w_in = F.pad(self.proj_in.weight.view(2, inner, dim), (0, 0, 0, pad)).view(2 * (inner + pad), dim)
+        h = F.linear(self.norm(x), w_in)
+        if self.conv is not None:
+            w_conv = F.pad(self.conv.weight.view(2, inner, 1, CONV_KERNEL), (0, 0, 0, 0, 0, pad))
+            padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
+            h = causal_depthwise_conv(padded, w_conv.view(2 * (inner + pad), 1, CONV_KERNEL))
+        a, gate = h.chunk(2, dim=-1)
+        g = F.gelu(gate) * a  # zero in the padded channels
+        g = F.pad(F.layer_norm(g[..., :inner], (inner,), self.norm_inner.weight), (0, pad))
+        return F.linear(self.dropout(g), F.pad(self.proj_out.weight, (0, pad)))
 
-__all__ = ["CONV_KERNEL", "LayerNorm", "RelativePositionBias", "causal_depthwise_conv", "FeedForward"]
+
+__all__ = ["CONV_KERNEL", "LayerNorm", "RelativePositionBias", "causal_depthwise_conv", "find_multiple", "FeedForward"]

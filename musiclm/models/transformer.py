@@ -115,6 +115,15 @@ class TokenConditionedTransformer(nn.Module):
         self.attention = kind
         return self
 
+    def set_ff_align(self, multiple: int) -> "TokenConditionedTransformer":
+        """Full forwards pad every feed-forward's inner width to a multiple of ``multiple`` with zero weights (the
+        same function, the same parameters: ``FeedForward``); 1: the real width. ``train.ff_align``."""
+        if multiple < 1:
+            raise ConfigError(f"ff_align: {multiple} must be >= 1 (1: the feed-forward's real inner width)")
+        for block in self.layers:
+            block.ff.align = multiple
+        return self
+
     @property
     def target(self) -> TokenSequence:
         return self.sequences[-1]

@@ -356,6 +356,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     torch.manual_seed(tc.seed)
     model = build_stage(stage, cfg.model).set_attention(training_attention(tc, on_gpu, cfg.model.stage(stage)))
+    model.set_ff_align(tc.ff_align)
     model.checkpoint_blocks = tc.activation_checkpointing
     resume = ray.train.get_checkpoint()
     if resume is None and loop_cfg.get("init_from"):
@@ -405,7 +406,8 @@ def train_loop(loop_cfg: dict) -> None:
     if tc.compile:
         engine.compile()  # in place (module.compile): parameter names, hence checkpoints, stay as they are
     log(f"attention: {model.attention}{', compiled' if tc.compile else ''}"
-        f"{', activation checkpointing' if tc.activation_checkpointing else ''}")
+        f"{', activation checkpointing' if tc.activation_checkpointing else ''}"
+        f"{f', feed-forward padded to a multiple of {tc.ff_align}' if tc.ff_align > 1 else ''}")
     if resume is not None:
         if state.world_size != world:
             saved_by = state.world_size
