@@ -11,9 +11,9 @@ writes the released files and imports them: HTSAT-tiny CLAP + RVQ, a HuBERT of M
   models    the tokenizer actor's work (``Tokenizer.tokens``) on the device, one track at a time as preprocess runs
             it, split into CLAP (tower + RVQ), semantic (encoder + k-means) and EnCodec, with each one's FLOPs per
             track (torch's FlopCounterMode: what any device needs, hence the ceiling at the GPU's peak); and each of
-            the three over
-            BATCH tracks at once (``--batches``: what batching across tracks would give; preprocess does not, so
-            that a track's tokens never depend on its neighbours), with the share of tokens equal to one-at-a-time
+            the three over BATCH tracks at once (``--batches``: what batching across tracks would give; preprocess
+            does not, so that a track's tokens never depend on its neighbours) at each of ``--precisions`` (float32,
+            TF32, bf16 autocast), with the share of tokens equal to the per-track float32 ones
   pipeline  ``musiclm preprocess`` as a user runs it (its own local Ray on every CPU, one tokenizer actor per GPU)
             over the whole corpus: tracks/s end to end, and the GPU's utilization (nvidia-smi, every 0.5 s)
 
@@ -21,11 +21,12 @@ and prints, per part, tracks/s with the machine's cores (decode and prepare scal
 GPU) and which part bounds it. The goal (issue 44): the GPU side at least as fast as 16 cores decode.
 
     python benchmarks/tokenize_gpu.py --device cuda [--tracks 96 --workdir /tmp/tokenize_gpu --batches 1,8,32]
-    python benchmarks/tokenize_gpu.py --device cpu --tiny --tracks 6 --batches 1,2   # the script on CPUs
+    python benchmarks/tokenize_gpu.py --device cpu --tiny --tracks 6 --batches 1,2 --precisions fp32,bf16  # on CPUs
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -78,8 +79,10 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.device, batches: list[int]) -> dict:
-    """Per-track seconds of each model as the tokenizer actor runs it, then batched."""
+def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.device, batches: list[int],
+           precisions: list[str]) -> dict:
+    """Per-track seconds of each model as the tokenizer actor runs it, then batched at each precision, with the share
+    of tokens equal to the per-track float32 ones."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from musiclm.data.preprocess import Tokenizer
@@ -110,26 +113,48 @@ def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.
            "gflop_per_track": {k: round(v / 1e9, 1) for k, v in flops.items()},
            "per_track_ms": {k: round(v * 1e3, 1) for k, v in single.items()},
            "tokens_call_ms": round(whole * 1e3, 1), "tracks_per_s": round(1 / whole, 2), "batched": []}
-    for b in batches:
-        if b > len(rows):
-            continue
-        idx = range(b)
-        batched = {"clap": lambda: s.clap.tokens(s.clap.embed_features(np.concatenate([clap[i] for i in idx]))),
-                   "semantic": lambda: s.semantic.tokens(np.stack([rows[i]["audio_semantic"] for i in idx])),
-                   "acoustic": lambda: s.acoustic.encode(np.stack([rows[i]["audio_acoustic"] for i in idx]))}
-        row = {"batch": b}
-        try:
-            for name, fn in batched.items():
-                fn()  # warm-up at this shape
-                got, t = timed(fn, device)
-                ref = np.concatenate([ones[name][i] for i in idx]).reshape(-1)
-                row[f"{name}_tracks_per_s"] = round(b / t, 2)
-                row[f"{name}_same_tokens"] = round(float(np.mean(np.asarray(got).reshape(-1) == ref)), 4)
-        except torch.OutOfMemoryError:
-            row["out_of_memory"] = True
-            torch.cuda.empty_cache()
-        out["batched"].append(row)
+    windows = int(clap[0].shape[0])
+    for precision in precisions:
+        for b in batches:
+            if b > len(rows):
+                continue
+            idx = range(b)
+            batched = {"clap": lambda: s.clap.tokens(s.clap.embed_features(np.concatenate([clap[i] for i in idx]))),
+                       "semantic": lambda: s.semantic.tokens(np.stack([rows[i]["audio_semantic"] for i in idx])),
+                       "acoustic": lambda: s.acoustic.encode(np.stack([rows[i]["audio_acoustic"] for i in idx]))}
+            row = {"precision": precision, "batch": b}
+            s.clap.batch_size = max(16, windows * b)  # every window of the batch's tracks in one CLAP call
+            try:
+                with numerics(precision, device):
+                    for name, fn in batched.items():
+                        fn()  # warm-up at this shape
+                        got, t = timed(fn, device)
+                        ref = np.concatenate([ones[name][i] for i in idx]).reshape(-1)
+                        row[f"{name}_tracks_per_s"] = round(b / t, 2)
+                        row[f"{name}_same_tokens"] = round(float(np.mean(np.asarray(got).reshape(-1) == ref)), 4)
+            except torch.OutOfMemoryError:
+                row["out_of_memory"] = True
+                torch.cuda.empty_cache()
+            except RuntimeError as e:  # a kernel without this precision: say so and go on
+                row["failed"] = str(e)[-200:]
+            finally:
+                s.clap.batch_size = 16
+            out["batched"].append(row)
+            emit(row)
     return out
+
+
+@contextlib.contextmanager
+def numerics(precision: str, device: torch.device):
+    """fp32: torch's defaults (float32 matmuls; cuDNN's convolutions may use TF32, its default); tf32: matmuls in TF32
+    too; bf16: autocast to bfloat16."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32" or before
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
@@ -174,6 +199,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny token system instead of the released sizes")
     p.add_argument("--batches", default="1,8,32", help="tracks per batch for the models' batched timings")
+    p.add_argument("--precisions", default="fp32,tf32,bf16",
+                   help="the batched timings at each: fp32 (torch's defaults), tf32 (matmuls too), bf16 (autocast)")
     p.add_argument("--no-pipeline", action="store_true", help="skip `musiclm preprocess` over the corpus")
     p.add_argument("--timeout", type=float, default=400, help="seconds allowed for `musiclm preprocess`")
     args = p.parse_args()
@@ -214,15 +241,16 @@ def main() -> None:
     if bad:
         raise SystemExit(f"decode failed: {bad[0]['kind']}: {bad[0]['message']}")
     decode_s, prepare_s = per["decode"], per["waveforms"] + per["clap_features"]
-    m = models(rows, root, job.manifest["fingerprint"], device, [int(b) for b in args.batches.split(",")])
-    emit(m)
+    m = models(rows, root, job.manifest["fingerprint"], device, [int(b) for b in args.batches.split(",")],
+               args.precisions.split(","))
+    emit({k: v for k, v in m.items() if k != "batched"})  # the batched rows were printed as they came
     tasks = "decode tasks (decode, waveforms, CLAP features)"
     bounds = {"decode": cores / decode_s, tasks: cores / (decode_s + prepare_s),
               "models, one track at a time": m["tracks_per_s"]}
     for b in m["batched"]:
-        if "out_of_memory" not in b:
-            bounds[f"models, {b['batch']} tracks a batch"] = 1 / sum(1 / b[f"{k}_tracks_per_s"]
-                                                                    for k in ("clap", "semantic", "acoustic"))
+        if all(f"{k}_tracks_per_s" in b for k in ("clap", "semantic", "acoustic")):
+            bounds[f"models, {b['batch']} tracks a batch, {b['precision']}"] = 1 / sum(
+                1 / b[f"{k}_tracks_per_s"] for k in ("clap", "semantic", "acoustic"))
     gflop = sum(m["gflop_per_track"].values())
     peak = peak_flops(device)
     emit({"models_gflop_per_track": round(gflop, 1), "tracks_per_s_at_640_needs_tflops": round(640 * gflop / 1e3),
