@@ -116,7 +116,7 @@ if [ -n "${SMOKE:-}" ]; then
 fi
 if [ -n "${TOKENIZE:-}" ]; then  # issue 44: tokenizing at the released sizes, what bounds it
   timeout "${TOKENIZE_TIMEOUT:-560}" $PY benchmarks/tokenize_gpu.py --device cuda --workdir /tmp/tokenize_gpu \
-    --tracks "${TOKENIZE_TRACKS:-256}" --timed 24 --batches 1,8,32 --timeout 300 2>&1 | tee "$OUT/tokenize_gpu.txt"
+    --tracks "${TOKENIZE_TRACKS:-256}" --timed 32 --batches 1,8,32 --timeout 300 2>&1 | tee "$OUT/tokenize_gpu.txt"
 fi
 if [ -n "${WORLD:-}" ]; then  # issue 41: does the music follow the prompt in a world of 1024 tracks?
   WORLD_DIR=${WORLD_DIR:-/tmp/world}

@@ -117,6 +117,7 @@ def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.
     for precision in precisions:
         for b in batches:
             if b > len(rows):
+                emit({"precision": precision, "batch": b, "skipped": f"only {len(rows)} rows were timed (--timed)"})
                 continue
             idx = range(b)
             batched = {"clap": lambda: s.clap.tokens(s.clap.embed_features(np.concatenate([clap[i] for i in idx]))),
