@@ -148,14 +148,17 @@ def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.
 @contextlib.contextmanager
 def numerics(precision: str, device: torch.device):
     """fp32: torch's defaults (float32 matmuls; cuDNN's convolutions may use TF32, its default); tf32: matmuls in TF32
-    too; bf16: autocast to bfloat16."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32" or before
+    too; bf16: autocast to bfloat16. On a CPU, bf16 runs without oneDNN: its bf16 convolution gave EnCodec's strided
+    layer (kernel 8, stride 4) 112 % wrong outputs on the development machine's Xeon (torch 2.13; PyTorch issues
+    163347, 169688), the same layer 0.3 % off without it."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32" or before[0]
+    torch.backends.mkldnn.enabled = before[1] and not (precision == "bf16" and device.type == "cpu")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled = before
 
 
 def gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
@@ -199,6 +202,8 @@ def main() -> None:
     p.add_argument("--timed", type=int, default=24, help="tracks the parts are timed on (the pipeline takes all)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny token system instead of the released sizes")
+    p.add_argument("--token-system", type=Path, default=None,
+                   help="a fitted token system to use instead (e.g. a demo's trained tiny one: demo_out/token_system)")
     p.add_argument("--batches", default="1,8,32", help="tracks per batch for the models' batched timings")
     p.add_argument("--precisions", default="fp32,tf32,bf16",
                    help="the batched timings at each: fp32 (torch's defaults), tf32 (matmuls too), bf16 (autocast)")
@@ -219,7 +224,7 @@ def main() -> None:
     start = time.perf_counter()
     if not (corpus / "captions.jsonl").exists():
         synth.write_corpus(corpus, args.tracks, 30.0, seed=0)
-    root = token_system(work, args.tiny, corpus)
+    root = args.token_system.resolve() if args.token_system else token_system(work, args.tiny, corpus)
     cores = os.cpu_count() or 1
     emit({"setup_s": round(time.perf_counter() - start, 1), "token_system": str(root), "cores": cores,
           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__})
