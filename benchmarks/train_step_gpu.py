@@ -185,8 +185,7 @@ def main() -> None:
                 except torch.OutOfMemoryError:  # a micro-batch too big: say so, and go on with the others
                     print(json.dumps({"stage": stage, "attention": attention, "ff_align": align, "batch": batch,
                                       "compiled": compiled, "out_of_memory": True}), flush=True)
-                    del opt, runner
-                    opt = runner = None
+                    opt = runner = None  # freed before the cache is emptied
                     if on_gpu:
                         torch.cuda.empty_cache()
                     continue

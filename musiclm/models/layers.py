@@ -120,13 +120,18 @@ class FeedForward(nn.Module):
             return self._padded(x, pad)
         h = self.proj_in(self.norm(x))
         if self.conv is not None:
-            if cache is None:
-                padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
-            else:
-                padded = cache.conv_input(layer, h)
-            h = causal_depthwise_conv(padded, self.conv.weight)
+            h = self._convolve(h, self.conv.weight, cache, layer)
         a, gate = h.chunk(2, dim=-1)
         return self.proj_out(self.dropout(self.norm_inner(F.gelu(gate) * a)))
+
+    @staticmethod
+    def _convolve(h: Tensor, weight: Tensor, cache: "KVCache | LayerSlots | None", layer: int) -> Tensor:
+        """The causal convolution over ``h``, preceded by zeros (a full forward) or the cache's last inputs."""
+        if cache is None:
+            padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
+        else:
+            padded = cache.conv_input(layer, h)
+        return causal_depthwise_conv(padded, weight)
 
     def _padded(self, x: Tensor, pad: int) -> Tensor:
         """``forward`` without a cache at the inner width ``inner + pad``: each half of ``proj_in`` (and of the
@@ -136,8 +141,7 @@ class FeedForward(nn.Module):
         h = F.linear(self.norm(x), w_in)
         if self.conv is not None:
             w_conv = F.pad(self.conv.weight.view(2, inner, 1, CONV_KERNEL), (0, 0, 0, 0, 0, pad))
-            padded = torch.cat((h.new_zeros(h.shape[0], CONV_KERNEL - 1, h.shape[2]), h), dim=1)
-            h = causal_depthwise_conv(padded, w_conv.view(2 * (inner + pad), 1, CONV_KERNEL))
+            h = self._convolve(h, w_conv.view(2 * (inner + pad), 1, CONV_KERNEL), None, 0)
         a, gate = h.chunk(2, dim=-1)
         g = F.gelu(gate) * a  # zero in the padded channels
         g = F.pad(F.layer_norm(g[..., :inner], (inner,), self.norm_inner.weight), (0, pad))
