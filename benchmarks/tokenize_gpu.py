@@ -109,11 +109,11 @@ def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.
         with FlopCounterMode(display=False) as counter:
             fn(0)
         flops[name] = counter.get_total_flops()
-    out = {"part": "models", "device": str(device), "windows_per_track": int(clap[0].shape[0]),
+    windows, clap_batch = int(clap[0].shape[0]), s.clap.batch_size
+    out = {"part": "models", "device": str(device), "windows_per_track": windows,
            "gflop_per_track": {k: round(v / 1e9, 1) for k, v in flops.items()},
            "per_track_ms": {k: round(v * 1e3, 1) for k, v in single.items()},
            "tokens_call_ms": round(whole * 1e3, 1), "tracks_per_s": round(1 / whole, 2), "batched": []}
-    windows = int(clap[0].shape[0])
     for precision in precisions:
         for b in batches:
             if b > len(rows):
@@ -139,7 +139,7 @@ def models(rows: list[dict], system_root: Path, fingerprint: str, device: torch.
             except RuntimeError as e:  # a kernel without this precision: say so and go on
                 row["failed"] = str(e)[-200:]
             finally:
-                s.clap.batch_size = 16
+                s.clap.batch_size = clap_batch
             out["batched"].append(row)
             emit(row)
     return out
